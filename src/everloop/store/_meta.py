@@ -1,0 +1,130 @@
+"""Metadata tables (SQLAlchemy Core): SQLite in the project folder by default, any SQLAlchemy URL otherwise."""
+
+from __future__ import annotations
+
+import time
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+FORMAT_VERSION = "1"
+
+metadata = sa.MetaData()
+
+
+def _now_column() -> sa.Column:
+    return sa.Column("created_at", sa.Float, nullable=False, default=time.time)
+
+
+meta = sa.Table(
+    "everloop_meta", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+schemas = sa.Table(
+    "schemas", metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("body", sa.JSON, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+)
+
+datasets = sa.Table(
+    "datasets", metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("content_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("artifact", sa.String(64), nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("columns", sa.Integer, nullable=False),
+    sa.Column("schema_version", sa.Integer, nullable=False),
+    sa.Column("parent", sa.Integer, nullable=True),
+    sa.Column("warnings", sa.JSON, nullable=False),
+)
+
+models = sa.Table(
+    "models", metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("dataset_version", sa.Integer, nullable=False),
+    sa.Column("artifact", sa.String(64), nullable=False),
+    sa.Column("manifest", sa.JSON, nullable=False),
+    sa.Column("metric", sa.String(32), nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+)
+
+aliases = sa.Table(
+    "aliases", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False, default=time.time),
+)
+
+# Append-only: every move of every alias, so what served at any past moment can be answered.
+alias_history = sa.Table(
+    "alias_history", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("alias", sa.String(64), nullable=False),
+    sa.Column("from_version", sa.Integer, nullable=True),
+    sa.Column("to_version", sa.Integer, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("forced", sa.Boolean, nullable=False, default=False),
+)
+
+predictions = sa.Table(
+    "predictions", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(32), nullable=False, unique=True),
+    _now_column(),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("features", sa.JSON, nullable=False),
+    sa.Column("prediction", sa.JSON, nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Index("ix_predictions_created_at", "created_at"),
+)
+
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("prediction_id", sa.String(32), primary_key=True),
+    _now_column(),
+    sa.Column("label", sa.JSON, nullable=False),
+)
+
+monitor_runs = sa.Table(
+    "monitor_runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("model_version", sa.Integer, nullable=True),
+    sa.Column("result", sa.JSON, nullable=False),
+)
+
+# The loop's audit trail: every decision with its evidence.
+loop_events = sa.Table(
+    "loop_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("evidence", sa.JSON, nullable=False),
+)
+
+
+def make_engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record):  # WAL lets the server log while the CLI reads
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)

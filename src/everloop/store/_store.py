@@ -1,0 +1,62 @@
+"""The store: one metadata database plus one artifact folder, opened from the project folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from everloop.errors import StoreError
+from everloop.store import _meta
+from everloop.store._artifacts import ArtifactStore
+
+STORE_DIR = ".everloop"
+DB_URL_ENV = "EVERLOOP_DB_URL"
+
+
+class Store:
+    """Metadata (SQLAlchemy) + content-addressed artifacts. Stages talk to each other only through it."""
+
+    tables = _meta
+
+    def __init__(self, root: str | Path, db_url: str | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.artifacts = ArtifactStore(self.root / "artifacts")
+        self.db_url = db_url or os.environ.get(DB_URL_ENV) or f"sqlite:///{self.root / 'meta.db'}"
+        try:
+            self.engine = _meta.make_engine(self.db_url)
+            _meta.metadata.create_all(self.engine)
+            self._check_format()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"metadata database {_redact(self.db_url)} cannot be opened: {exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0]}") from None
+
+    @classmethod
+    def for_project(cls, project_dir: str | Path, db_url: str | None = None) -> "Store":
+        return cls(Path(project_dir) / STORE_DIR, db_url)
+
+    def _check_format(self) -> None:
+        table = _meta.meta
+        with self.engine.begin() as conn:
+            found = conn.execute(sa.select(table.c.value).where(table.c.key == "format")).scalar()
+            if found is None:
+                conn.execute(table.insert().values(key="format", value=_meta.FORMAT_VERSION))
+            elif found != _meta.FORMAT_VERSION:
+                raise StoreError(f"store format {found} is not supported by this everloop (format {_meta.FORMAT_VERSION})")
+
+    def put_json(self, obj: Any) -> str:
+        return self.artifacts.put(json.dumps(obj, sort_keys=True, default=str).encode())
+
+    def get_json(self, digest: str) -> Any:
+        return json.loads(self.artifacts.get(digest))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _redact(url: str) -> str:
+    return sa.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
