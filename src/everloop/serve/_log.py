@@ -1,0 +1,83 @@
+"""The prediction log writer: a bounded queue drained by a background thread in batches."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from everloop.store import Store
+
+log = logging.getLogger("everloop.serve")
+
+
+class PredictionLog:
+    """Requests put rows here and return at once; a thread writes them to the store in batches.
+    When the queue is full a row is dropped and counted (never silently)."""
+
+    def __init__(self, store: Store, max_queue: int = 100_000, batch: int = 2000, interval: float = 0.2):
+        self.store = store
+        self.queue: queue.Queue[dict[str, Any]] = queue.Queue(max_queue)
+        self.batch = batch
+        self.interval = interval
+        self.dropped = 0
+        self.written = 0
+        self.failed = 0
+        self.enqueued = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="everloop-prediction-log", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put_many(self, rows: list[dict[str, Any]]) -> int:
+        """Enqueue rows; returns how many were dropped because the queue was full."""
+        dropped = 0
+        for row in rows:
+            try:
+                self.queue.put_nowait(row)
+                self.enqueued += 1
+            except queue.Full:
+                dropped += 1
+        self.dropped += dropped
+        return dropped
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written."""
+        target = self.enqueued
+        deadline = time.monotonic() + timeout
+        while self.written + self.failed < target:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._drain()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._drain():
+                self._stop.wait(self.interval)
+
+    def _drain(self) -> bool:
+        rows: list[dict[str, Any]] = []
+        while len(rows) < self.batch:
+            try:
+                rows.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        if not rows:
+            return False
+        try:
+            with self.store.engine.begin() as conn:
+                conn.execute(self.store.tables.predictions.insert(), rows)
+            self.written += len(rows)
+        except Exception as exc:  # counted and logged: the service keeps answering
+            self.failed += len(rows)
+            log.error("prediction log: %d rows could not be written: %s", len(rows), exc)
+        return True

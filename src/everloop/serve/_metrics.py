@@ -1,0 +1,54 @@
+"""Prometheus metrics of the service, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.process_collector import ProcessCollector
+
+KNOWN_PATHS = {"/predict", "/feedback", "/health", "/ready", "/metrics", "/model", "/admin/reload"}
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process CPU seconds, resident memory, open fds
+        self.requests = Counter("everloop_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("everloop_request_latency_seconds", "HTTP request latency", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("everloop_inflight_requests", "requests being served now", registry=r)
+        self.model_version = Gauge("everloop_model_version", "version of the model being served", registry=r)
+        self.reload_failures = Counter("everloop_model_reload_failures", "new models refused at load", registry=r)
+        self.predictions = Counter("everloop_predictions", "predicted rows by predicted class", ["prediction"],
+                                   registry=r)
+        self.predicted_value = Histogram("everloop_predicted_value", "predicted values (regression)", registry=r)
+        self.log_queue = Gauge("everloop_prediction_log_queue", "rows waiting to be written to the log", registry=r)
+        self.log_dropped = Gauge("everloop_prediction_log_dropped", "rows dropped: the log queue was full", registry=r)
+        self.log_failed = Gauge("everloop_prediction_log_failed", "rows the store refused to write", registry=r)
+
+    def bind_log(self, prediction_log: Any) -> None:
+        if prediction_log is None:
+            return
+        self.log_queue.set_function(prediction_log.queue.qsize)
+        self.log_dropped.set_function(lambda: prediction_log.dropped)
+        self.log_failed.set_function(lambda: prediction_log.failed)
+
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        endpoint = path if path in KNOWN_PATHS else "other"  # bounded label cardinality
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def observe_predictions(self, outputs: list[dict[str, Any]]) -> None:
+        if outputs and "probabilities" in outputs[0]:
+            counts: dict[str, int] = {}
+            for o in outputs:
+                key = str(o["prediction"])
+                counts[key] = counts.get(key, 0) + 1
+            for key, n in counts.items():
+                self.predictions.labels(key).inc(n)
+        else:
+            for o in outputs:
+                self.predicted_value.observe(o["prediction"])
