@@ -1,5 +1,6 @@
 """The HTTP prediction service: validation, hot swap, the prediction log writer, metrics."""
 
 from everloop.serve._app import create_app
+from everloop.serve._process import ServerProcess, free_port
 
-__all__ = ["create_app"]
+__all__ = ["ServerProcess", "create_app", "free_port"]

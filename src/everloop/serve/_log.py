@@ -27,6 +27,7 @@ class PredictionLog:
         self.failed = 0
         self.enqueued = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by flush(), so a waiting caller is not held for a whole interval
         self._thread = threading.Thread(target=self._run, name="everloop-prediction-log", daemon=True)
 
     def start(self) -> None:
@@ -47,6 +48,7 @@ class PredictionLog:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written."""
         target = self.enqueued
+        self._wake.set()
         deadline = time.monotonic() + timeout
         while self.written + self.failed < target:
             if time.monotonic() > deadline:
@@ -56,13 +58,15 @@ class PredictionLog:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=10)
         self._drain()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self._drain():
-                self._stop.wait(self.interval)
+                self._wake.wait(self.interval)
+                self._wake.clear()
 
     def _drain(self) -> bool:
         rows: list[dict[str, Any]] = []

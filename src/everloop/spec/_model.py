@@ -86,6 +86,10 @@ class DriftSpec(_Strict):
 
 class PerformanceSpec(_Strict):
     min_metric: float | None = Field(None, description="decay when the labelled metric of a window falls below this")
+    max_drop: float = Field(
+        0.05, ge=0, description="decay when the labelled metric of a window is worse than the model's evaluation "
+        "metric by more than this"
+    )
 
 
 class MonitoringSpec(_Strict):
@@ -98,6 +102,17 @@ class MonitoringSpec(_Strict):
 class RetrainDataSpec(_Strict):
     recent_rows: int = Field(50000, gt=0, description="the latest N labelled predictions are the new training data")
     include_reference: bool = Field(True, description="also train on the production model's own training data")
+    recent_weight: float | Literal["balanced"] = Field(
+        "balanced",
+        description="weight of each recent row when training on reference + recent rows; 'balanced' makes the "
+        "recent rows weigh as much in total as the reference rows, so a changed relationship is learned",
+    )
+
+    @model_validator(mode="after")
+    def _positive_weight(self) -> "RetrainDataSpec":
+        if isinstance(self.recent_weight, float) and self.recent_weight <= 0:
+            raise ValueError(f"recent_weight must be positive or 'balanced', got {self.recent_weight}")
+        return self
 
 
 class RetrainingSpec(_Strict):

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from sklearn.base import is_classifier
+from sklearn.utils.validation import has_fit_parameter
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
@@ -89,30 +90,43 @@ def make_estimator(spec: ProjectSpec, task: str) -> Any:
     return estimator
 
 
-def split(frame: pd.DataFrame, schema: Schema, spec: ProjectSpec, task: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split(frame: pd.DataFrame, schema: Schema, spec: ProjectSpec, task: str,
+          recent_from_row: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Training and evaluation rows. The holdout is drawn only from rows at positions >= `recent_from_row`:
+    a model retrained on old + recent data is judged on the world it will serve, not the one that passed."""
+    older, pool = frame.iloc[:recent_from_row], frame.iloc[recent_from_row:]
     holdout = spec.evaluation.split.holdout
     if spec.evaluation.split.by_time:
-        ordered = frame.sort_values(spec.data.timestamp, kind="stable")
+        ordered = pool.sort_values(spec.data.timestamp, kind="stable")
         cut = int(round(len(ordered) * (1 - holdout)))
-        return ordered.iloc[:cut], ordered.iloc[cut:]
-    target = frame[schema.target.name]
-    stratify = target if task == "classification" and target.value_counts().min() >= 2 else None
-    return train_test_split(frame, test_size=holdout, random_state=spec.model.seed, stratify=stratify)
+        fit_rows, eval_rows = ordered.iloc[:cut], ordered.iloc[cut:]
+    else:
+        target = pool[schema.target.name]
+        stratify = target if task == "classification" and target.value_counts().min() >= 2 else None
+        fit_rows, eval_rows = train_test_split(pool, test_size=holdout, random_state=spec.model.seed,
+                                               stratify=stratify)
+    return pd.concat([older, fit_rows]), eval_rows
 
 
-def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *, reason: str = "") -> TrainResult:
-    """Fit the spec's pipeline on a dataset version (the latest by default) and register a model version."""
+def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *, reason: str = "",
+          recent_from_row: int = 0, recent_weight: float | str = 1.0) -> TrainResult:
+    """Fit the spec's pipeline on a dataset version (the latest by default) and register a model version.
+
+    `recent_from_row` marks where the rows of the current world start (the loop appends recent rows
+    after the old reference data): evaluation and the monitor's drift reference use only those rows,
+    and in training each of them weighs `recent_weight` ('balanced': as much in total as the older rows)."""
     started = time.perf_counter()
     dataset = get_dataset(store, dataset_version)
     schema = get_schema(store, dataset.schema_version)
-    frame = load_frame(store, dataset)
+    frame = load_frame(store, dataset).reset_index(drop=True)  # positions == index, for recent_from_row
     task = task_of(schema)
     metric = spec.evaluation.metric or ("roc_auc" if task == "classification" else "rmse")
     if (metric in ("rmse", "mae", "r2")) != (task == "regression"):
         raise TrainError(f"evaluation.metric {metric!r} does not suit a {task} target")
-    if len(frame) < 20:
-        raise TrainError(f"dataset v{dataset.version} has {len(frame)} rows; at least 20 are needed to train and evaluate")
-    train_rows, eval_rows = split(frame, schema, spec, task)
+    if len(frame) - recent_from_row < 20:
+        raise TrainError(f"dataset v{dataset.version} has {len(frame) - recent_from_row} rows to evaluate on; "
+                         "at least 20 are needed to train and evaluate")
+    train_rows, eval_rows = split(frame, schema, spec, task, recent_from_row)
     features = schema.feature_names
     target = schema.target.name
     y_train = as_labels(train_rows[target]) if task == "classification" else train_rows[target].to_numpy()
@@ -121,7 +135,11 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
         raise TrainError(f"the target {target!r} has one class in the training rows; nothing to learn", column=target)
 
     pipeline = Pipeline([("features", build_features(schema, spec)), ("model", make_estimator(spec, task))])
-    pipeline.fit(train_rows[features], y_train)
+    weights = _recent_weights(train_rows, recent_from_row, recent_weight)
+    if weights is not None and not has_fit_parameter(pipeline.named_steps["model"], "sample_weight"):
+        raise TrainError(f"model.estimator {spec.model.estimator} does not accept sample_weight; "
+                         "set retraining.data.recent_weight: 1 or include_reference: false")
+    pipeline.fit(train_rows[features], y_train, **({"model__sample_weight": weights} if weights is not None else {}))
     metrics, classes = _evaluate(pipeline, task, eval_rows[features], y_eval)
     baseline_model = (DummyClassifier(strategy="prior") if task == "classification" else DummyRegressor()).fit(
         train_rows[features], y_train)
@@ -148,6 +166,8 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
         "dataset_hash": dataset.content_hash,
         "schema_version": dataset.schema_version,
         "eval_artifact": eval_artifact,
+        "recent_from_row": recent_from_row,
+        "recent_weight": recent_weight,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
         "spec_hash": hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest(),
@@ -164,6 +184,15 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
             value=metrics[metric], reason=reason)).inserted_primary_key[0]
     return TrainResult(version, metric, metrics[metric], baseline[metric], metrics, dataset.version,
                        time.perf_counter() - started)
+
+
+def _recent_weights(train_rows: pd.DataFrame, recent_from_row: int, recent_weight: float | str) -> np.ndarray | None:
+    recent = np.asarray(train_rows.index) >= recent_from_row
+    older = int((~recent).sum())
+    if not recent_from_row or not older or recent_weight == 1.0:
+        return None
+    weight = max(1.0, older / max(int(recent.sum()), 1)) if recent_weight == "balanced" else float(recent_weight)
+    return np.where(recent, weight, 1.0)
 
 
 def _evaluate(model: Any, task: str, features: pd.DataFrame, y: np.ndarray) -> tuple[dict[str, float], list | None]:

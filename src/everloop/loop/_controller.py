@@ -1,0 +1,164 @@
+"""The loop controller: monitor, decide by the spec's triggers, retrain, gate, promote, record why."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+
+from everloop.data import get_dataset, ingest_frame, load_frame
+from everloop.errors import EverloopError
+from everloop.monitor import MonitorResult, monitor
+from everloop.registry import PRODUCTION, check_gate, get_model, set_alias
+from everloop.spec import ProjectSpec
+from everloop.store import Store
+from everloop.train import train
+
+CANDIDATE = "candidate"
+
+
+@dataclass
+class LoopDecision:
+    action: str  # idle, cooldown, promoted, kept_candidate, failed
+    reason: str
+    triggers: list[str] = field(default_factory=list)
+    monitor: dict[str, Any] | None = None
+    model_version: int | None = None
+    gate: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def run_once(store: Store, spec: ProjectSpec) -> LoopDecision:
+    """One turn of the loop. Every outcome, including doing nothing, is recorded with its evidence."""
+    result = monitor(store, spec)
+    summary = _monitor_summary(result)
+    fired = _triggers(store, spec, result)
+    if not fired:
+        return _record(store, LoopDecision("idle", f"no trigger fired (status: {result.status})", [], summary))
+    last = _last_retrain(store)
+    cooldown = spec.retraining.cooldown_minutes * 60
+    if last is not None and time.time() - last < cooldown:
+        wait = (cooldown - (time.time() - last)) / 60
+        return _record(store, LoopDecision("cooldown", f"{', '.join(fired)} fired, but the last retraining was "
+                                           f"less than {spec.retraining.cooldown_minutes:g} min ago "
+                                           f"({wait:.1f} min to wait)", fired, summary))
+    try:
+        version, dataset_version, rows = _retrain(store, spec, fired)
+    except EverloopError as exc:
+        return _record(store, LoopDecision("failed", f"retraining failed: {exc}", fired, summary))
+    gate = check_gate(store, spec, version)
+    trained_on = f"dataset v{dataset_version} ({rows} rows)"
+    if gate.passed:
+        set_alias(store, PRODUCTION, version, actor="everloop loop",
+                  reason=f"retrained on {trained_on} after {', '.join(fired)}; passed the gate")
+        return _record(store, LoopDecision("promoted", f"{', '.join(fired)} fired; model v{version} trained on "
+                                           f"{trained_on} passed the gate and is in production", fired, summary,
+                                           version, gate.to_dict()))
+    set_alias(store, CANDIDATE, version, actor="everloop loop", reason="; ".join(gate.reasons))
+    return _record(store, LoopDecision("kept_candidate", f"{', '.join(fired)} fired; model v{version} was refused by "
+                                       f"the gate: {'; '.join(gate.reasons)}", fired, summary, version, gate.to_dict()))
+
+
+def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame:
+    """The latest `limit` served rows that have a label, shaped like a dataset (features, target, id, time)."""
+    t = store.tables
+    query = (sa.select(t.predictions.c.id, t.predictions.c.created_at, t.predictions.c.features, t.feedback.c.label)
+             .select_from(t.predictions.join(t.feedback, t.feedback.c.prediction_id == t.predictions.c.id))
+             .order_by(t.predictions.c.seq.desc()).limit(limit))
+    with store.engine.connect() as conn:
+        rows = conn.execute(query).all()
+    rows.reverse()
+    frame = pd.DataFrame.from_records([r.features for r in rows])
+    frame[spec.data.target] = [r.label for r in rows]
+    if spec.data.id:
+        frame[spec.data.id] = [r.id for r in rows]  # the prediction id stands in for the entity id
+    if spec.data.timestamp:
+        frame[spec.data.timestamp] = pd.to_datetime([r.created_at for r in rows], unit="s", utc=True)
+    return frame
+
+
+def audit_trail(store: Store, limit: int = 100) -> list[dict[str, Any]]:
+    t = store.tables.loop_events
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(t).order_by(t.c.id.desc()).limit(limit)).all()
+    return [dict(r._mapping) for r in reversed(rows)]
+
+
+def _triggers(store: Store, spec: ProjectSpec, result: MonitorResult) -> list[str]:
+    triggers = spec.retraining.triggers
+    fired = []
+    if "drift" in triggers and result.drift is not None and result.drift.dataset_drift:
+        fired.append("drift")
+    if "performance" in triggers and result.performance.get("decayed"):
+        fired.append("performance")
+    if "schedule" in triggers and spec.retraining.schedule_minutes:
+        since = time.time() - (_last_retrain(store) or get_model(store, PRODUCTION).created_at)
+        if since >= spec.retraining.schedule_minutes * 60:
+            fired.append("schedule")
+    if "new_labels" in triggers and _labels_since(store, _last_retrain(store) or 0) >= spec.retraining.min_new_labels:
+        fired.append("new_labels")
+    return fired
+
+
+def _retrain(store: Store, spec: ProjectSpec, fired: list[str]) -> tuple[int, int, int]:
+    recent = recent_labelled(store, spec, spec.retraining.data.recent_rows)
+    if recent.empty:
+        raise EverloopError("no labelled predictions to retrain on; send labels to /feedback")
+    production = get_model(store, PRODUCTION)
+    reference = get_dataset(store, production.dataset_version)
+    frame, recent_from_row = recent, 0
+    if spec.retraining.data.include_reference:
+        old = load_frame(store, reference)
+        frame = pd.concat([old, recent[[c for c in old.columns if c in recent]]], ignore_index=True)
+        recent_from_row = len(old)
+    dataset = ingest_frame(store, spec, frame, source=f"loop: {len(recent)} recent labelled rows"
+                           + (f" + dataset v{reference.version}" if spec.retraining.data.include_reference else ""),
+                           parent=reference.version)
+    result = train(store, spec, dataset.version, reason=f"loop retraining after {', '.join(fired)}",
+                   recent_from_row=recent_from_row, recent_weight=spec.retraining.data.recent_weight)
+    return result.version, dataset.version, dataset.rows
+
+
+def _last_retrain(store: Store) -> float | None:
+    t = store.tables.loop_events
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.max(t.c.created_at))
+                            .where(t.c.action.in_(["promoted", "kept_candidate"]))).scalar()
+
+
+def _labels_since(store: Store, since: float) -> int:
+    t = store.tables.feedback
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(t).where(t.c.created_at > since)).scalar() or 0
+
+
+def _monitor_summary(result: MonitorResult) -> dict[str, Any]:
+    return {"status": result.status, "model_version": result.model_version, "window_rows": result.window["rows"],
+            "alerts": result.alerts, "drifted": result.drift.drifted if result.drift else [],
+            "metric": result.performance.get("value"), "labelled_rows": result.performance.get("labelled_rows")}
+
+
+def _record(store: Store, decision: LoopDecision) -> LoopDecision:
+    evidence = {"triggers": decision.triggers, "monitor": decision.monitor, "model_version": decision.model_version,
+                "gate": decision.gate}
+    with store.engine.begin() as conn:
+        conn.execute(store.tables.loop_events.insert().values(action=decision.action, reason=decision.reason,
+                                                              evidence=_clean(evidence)))
+    return decision
+
+
+def _clean(value: Any) -> Any:
+    import math
+
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
