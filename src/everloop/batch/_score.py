@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from everloop.data import read_file
-from everloop.data._sources import SUFFIXES
+from everloop.data._sources import SUFFIXES, read_csv
 from everloop.errors import DataError
 from everloop.registry import PRODUCTION, load_model
 from everloop.store import Store
@@ -93,8 +94,10 @@ def _chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         yield read_file(path)  # raises the clear error for each of these cases
         return
     try:
-        yield from pd.read_csv(path, chunksize=chunk_rows, encoding="utf-8", low_memory=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            yield from read_csv(path, chunksize=chunk_rows)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8", path=str(path)) from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except (pd.errors.ParserError, pd.errors.ParserWarning, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: malformed CSV: {str(exc).strip()}", path=str(path)) from None

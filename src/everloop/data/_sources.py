@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import glob
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -43,16 +45,24 @@ def read_file(path: str | Path) -> pd.DataFrame:
     try:
         if kind == "parquet":
             return pq.read_table(path).to_pandas()
-        return pd.read_csv(path, encoding="utf-8", low_memory=False)
+        return read_csv(path)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                         "re-save the file as UTF-8", path=str(path)) from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file has no columns", path=str(path)) from None
-    except pd.errors.ParserError as exc:
+    except (pd.errors.ParserError, pd.errors.ParserWarning) as exc:
         raise DataError(f"{path}: malformed CSV: {str(exc).strip()}", path=str(path)) from None
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable {kind} file: {exc}", path=str(path)) from None
+
+
+def read_csv(path: Path, chunksize: int | None = None) -> Any:
+    """pandas' CSV reader, made strict: a row with more fields than the header is an error, never
+    silently moved into the index or cut off."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        return pd.read_csv(path, encoding="utf-8", low_memory=False, index_col=False, chunksize=chunksize)
 
 
 def _expand(base: Path, pattern: str) -> list[Path]:

@@ -1,0 +1,384 @@
+"""The `everloop` command: a thin layer over the Python API.
+
+Exit codes: 0 success; 1 a check failed (validation anomalies, a gate refusal, a monitoring alert,
+a demo that did not recover); 2 bad input (project file, arguments, files, store).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from everloop.errors import EverloopError, GateError
+
+app = typer.Typer(help="everloop: keep a production ML model healthy for its whole life, in one tool.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+# Piped output gets wide tables instead of a guessed 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+ProjectOpt = typer.Option(Path("."), "--project", "-p", help="project folder (holds everloop.yaml and .everloop/)")
+JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON instead of tables")
+
+
+class CheckFailed(Exception):
+    """A command ran but its check did not pass: exit code 1."""
+
+
+def _project(project: Path) -> tuple[Any, Any]:
+    from everloop.spec import load_spec
+    from everloop.store import Store
+
+    spec = load_spec(project)
+    return spec, Store.for_project(project)
+
+
+def _emit(data: Any, as_json: bool, table: Table | None = None, text: str | None = None) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=_json_default, allow_nan=False))
+    elif table is not None:
+        console.print(table)
+    if text and not as_json:
+        console.print(text)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf are not JSON: they become null."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+@app.command()
+def init(folder: Path = typer.Argument(Path("."), help="where to create the project"),
+         example: Optional[str] = typer.Option(None, help="start from an example: 'churn'")) -> None:
+    """Create a project: an everloop.yaml to edit (and, with --example churn, data to try it on)."""
+    import yaml
+
+    from everloop.demo import demo_spec, make_churn
+
+    target = folder / "everloop.yaml"
+    if target.exists():
+        raise EverloopError(f"{target} already exists; not overwriting it")
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = demo_spec()
+    if example == "churn":
+        (folder / "data").mkdir(exist_ok=True)
+        make_churn(10_000, seed=7).to_csv(folder / "data" / "customers.csv", index=False)
+    elif example is not None:
+        raise EverloopError(f"--example {example!r}: unknown example; expected 'churn'")
+    else:
+        spec["data"] = {"source": "data/train.csv", "target": "label"}
+        for key in ("evaluation", "monitoring", "retraining", "serving", "promotion"):
+            spec.pop(key)
+        spec["model"] = {"seed": 42}
+    target.write_text("# everloop project file; see docs/project-file.md\n" + yaml.safe_dump(spec, sort_keys=False))
+    console.print(f"created {target}" + (" and data/customers.csv" if example else "; point data.source at your data"))
+
+
+@app.command()
+def demo(folder: Path = typer.Option(Path("everloop-demo"), "--dir", help="folder for the demo project"),
+         quick: bool = typer.Option(False, help="smaller data, for a fast look"),
+         as_json: bool = JsonOpt) -> None:
+    """Run the whole loop on the built-in churn scenario against a real server."""
+    from everloop.demo import DemoConfig, run_demo
+
+    config = DemoConfig(history_rows=4000, window_rows=1500) if quick else DemoConfig()
+    say = (lambda _msg: None) if as_json else (lambda msg: console.print(f"[dim]•[/dim] {msg}"))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=as_json, transient=True) as bar:
+        def progress(label: str, total: int):
+            task = bar.add_task(label, total=total)
+            return lambda n: bar.advance(task, n)
+
+        result = run_demo(folder, config, say=say, progress=progress)
+    if as_json:
+        _emit(_clean(result.to_dict()), True)
+    else:
+        table = Table(title="everloop demo: the loop, window by window")
+        for column in ("window", "phase", "served by", "status", "drifted share", "roc_auc", "loop"):
+            table.add_column(column)
+        for w in result.windows:
+            table.add_row(str(w["window"]), w["phase"], w["model"], w["status"], f"{w['drifted_share']:.0%}",
+                          _num(w["metric"]), w["loop"])
+        console.print(table)
+        c = result.comparison
+        compare = Table(title="on held-out shifted traffic")
+        for column in ("old model", "retrained by the loop", "trained directly on shifted data"):
+            compare.add_column(column)
+        compare.add_row(_num(c["old"]), _num(c["retrained"]), _num(c["direct"]))
+        console.print(compare)
+        verdict = "[green]passed[/green]" if result.passed else "[red]did not pass[/red]"
+        console.print(f"demo {verdict}: drift before the shift: {result.drift_before_shift}; drift in the first "
+                      f"shifted window: {result.drift_first_shifted_window}; recovered within 2% of direct: "
+                      f"{result.recovered}. Report: {result.report}")
+    if not result.passed:
+        raise CheckFailed()
+
+
+@app.command()
+def ingest(path: Optional[Path] = typer.Argument(None, help="a file to ingest instead of the spec's data.source"),
+           project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Validate a source against the schema and store it as an immutable dataset version."""
+    from everloop import data
+
+    spec, store = _project(project)
+    version = data.ingest(store, spec, path, base=project)
+    note = " (identical content already stored; no new version)" if version.deduplicated else ""
+    text = f"dataset v{version.version}: {version.rows} rows x {version.columns} columns from {version.source}{note}"
+    if version.warnings and not version.deduplicated:
+        text += "\n" + "\n".join(f"  warning: column {a['column']!r}: {a['message']}" for a in version.warnings)
+    _emit(version.to_dict(), as_json, text=text)
+
+
+@app.command()
+def validate(path: Optional[Path] = typer.Argument(None, help="a file to check instead of the spec's data.source"),
+             project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Check a source against the schema without storing anything; exit 1 on errors."""
+    from everloop import data
+
+    spec, store = _project(project)
+    report = data.validate(store, spec, path, base=project)
+    table = Table(title=f"validation: {report.rows} rows")
+    for column in ("severity", "column", "kind", "count", "message"):
+        table.add_column(column)
+    for a in report.anomalies:
+        table.add_row(a.severity, a.column, a.kind, str(a.count), a.describe())
+    _emit(report.to_dict(), as_json, table if report.anomalies else None,
+          text="no anomalies" if not report.anomalies else None)
+    if not report.ok:
+        raise CheckFailed()
+
+
+@app.command()
+def datasets(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """List dataset versions."""
+    from everloop import data
+
+    _, store = _project(project)
+    rows = data.list_datasets(store)
+    table = Table(title="datasets")
+    for column in ("version", "created", "rows", "columns", "schema", "parent", "source", "warnings", "hash"):
+        table.add_column(column)
+    for d in rows:
+        table.add_row(str(d.version), _when(d.created_at), str(d.rows), str(d.columns), str(d.schema_version),
+                      str(d.parent or "-"), d.source, str(len(d.warnings)), d.content_hash[:12])
+    _emit([d.to_dict() for d in rows], as_json, table)
+
+
+@app.command("train")
+def train_cmd(dataset: Optional[int] = typer.Option(None, help="dataset version (default: the latest)"),
+              project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Train the spec's pipeline on a dataset version and register a model version."""
+    from everloop import train
+
+    spec, store = _project(project)
+    with console.status("training...", spinner="dots") if not as_json else nullcontext():
+        result = train.train(store, spec, dataset, reason="everloop train")
+    _emit(_clean(result.to_dict()), as_json, text=(
+        f"model v{result.version}: {result.metric} {result.value:.4f} on held-out rows of dataset "
+        f"v{result.dataset_version}; trivial baseline {result.baseline:.4f} (lift {result.lift:+.4f}); "
+        f"{result.seconds:.1f}s"))
+
+
+@app.command()
+def models(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """List model versions with their metrics and aliases."""
+    from everloop import registry
+
+    _, store = _project(project)
+    rows = registry.list_models(store)
+    table = Table(title="models")
+    for column in ("version", "created", "dataset", "metric", "value", "baseline", "aliases", "reason"):
+        table.add_column(column)
+    for m in rows:
+        d = m.to_dict()
+        table.add_row(str(m.version), _when(m.created_at), f"v{m.dataset_version}", m.metric, _num(m.value),
+                      _num(d["baseline"]), ", ".join(m.aliases) or "-", d["reason"])
+    _emit(_clean([m.to_dict() for m in rows]), as_json, table)
+
+
+@app.command()
+def promote(version: int = typer.Argument(..., help="the model version to put in production"),
+            force: bool = typer.Option(False, help="promote even if the gate refuses (recorded as forced)"),
+            reason: str = typer.Option("", help="why, for the alias history"),
+            project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Move the production alias to a model version through the promotion gate."""
+    from everloop import registry
+
+    spec, store = _project(project)
+    try:
+        decision = registry.promote(store, spec, version, reason=reason or "everloop promote", force=force)
+    except GateError as exc:
+        if as_json:
+            _emit({"candidate": version, "passed": False, "reasons": exc.reasons}, True)
+        else:
+            errors.print(f"[red]{exc}[/red]")
+        raise CheckFailed() from None
+    forced = " (forced past the gate)" if force and not decision.passed else ""
+    _emit(_clean(decision.to_dict()), as_json, text=f"model v{version} is in production{forced}")
+
+
+@app.command()
+def rollback(reason: str = typer.Option("rollback", help="why, for the alias history"),
+             project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Point production back at the version it served before."""
+    from everloop import registry
+
+    _, store = _project(project)
+    version = registry.rollback(store, reason=reason)
+    _emit({"production": version}, as_json, text=f"production is back on model v{version}")
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+          port: int = typer.Option(8000, help="TCP port"),
+          workers: int = typer.Option(1, min=1, help="worker processes"),
+          project: Path = ProjectOpt) -> None:
+    """Serve the production model over HTTP; a new promotion is picked up without a restart."""
+    import uvicorn
+
+    from everloop.serve._main import PROJECT_ENV
+    from everloop.spec import load_spec
+
+    load_spec(project)  # fail fast, with the file's errors, before starting workers
+    os.environ[PROJECT_ENV] = str(project.resolve())
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    uvicorn.run("everloop.serve._main:app", factory=True, host=host, port=port, workers=workers,
+                access_log=False)
+
+
+@app.command()
+def predict(source: Path = typer.Argument(..., help="CSV or Parquet file of rows to score"),
+            output: Path = typer.Argument(..., help="Parquet file to write the predictions to"),
+            model: str = typer.Option("production", help="model version or alias"),
+            chunk_rows: int = typer.Option(100_000, min=1, help="rows per chunk"),
+            project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Batch-score a file through the same artifact as the service, in chunks."""
+    from everloop.batch import score_file
+
+    _, store = _project(project)
+    with Progress(TextColumn("scoring"), BarColumn(pulse_style="cyan"), TextColumn("{task.completed} rows"),
+                  TimeElapsedColumn(), console=console, disable=as_json, transient=True) as bar:
+        task = bar.add_task("scoring", total=None)
+        result = score_file(store, source, output, model=model, chunk_rows=chunk_rows,
+                            progress=lambda n: bar.advance(task, n))
+    _emit(result.__dict__, as_json, text=f"{result.rows} rows scored by model v{result.model_version} -> {result.output}")
+
+
+@app.command()
+def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with columns 'id' and 'label'"),
+             project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Record ground-truth labels for earlier prediction ids."""
+    from everloop.data import read_file
+    from everloop.serve._app import _record_feedback
+
+    _, store = _project(project)
+    frame = read_file(source)
+    missing = {"id", "label"} - set(frame.columns)
+    if missing:
+        raise EverloopError(f"{source}: missing column(s) {sorted(missing)}; expected 'id' and 'label'")
+    now = time.time()
+    rows = [{"prediction_id": str(i), "label": _json_default(v) if hasattr(v, "item") else v, "created_at": now}
+            for i, v in zip(frame["id"], frame["label"])]
+    unknown = _record_feedback(store, rows)
+    _emit({"accepted": len(rows) - len(unknown), "unknown_ids": unknown}, as_json,
+          text=f"{len(rows) - len(unknown)} labels recorded; {len(unknown)} unknown prediction ids")
+
+
+@app.command("monitor")
+def monitor_cmd(report: Optional[Path] = typer.Option(None, help="also write an HTML report here"),
+                project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Check the latest window of predictions: drift, performance, health. Exit 1 on an alert."""
+    from everloop.monitor import list_runs, load_window, monitor, reference_frame, write_report
+    from everloop.registry import load_model
+
+    spec, store = _project(project)
+    result = monitor(store, spec)
+    data = _clean(result.to_dict())
+    table = Table(title=f"monitor: model v{result.model_version}, {result.window['rows']} rows "
+                        f"({result.window['labelled_rows']} labelled): {result.status}")
+    for column in ("feature", "kind", "method", "effect", "p-value", "drift"):
+        table.add_column(column)
+    if result.drift:
+        for c in result.drift.columns:
+            table.add_row(c.column, c.kind, c.method, _num(c.effect), f"{c.p_value:.3g}", "yes" if c.drifted else "")
+    p = result.performance
+    text = (f"performance: {p.get('metric')} {_num(p.get('value'))} (at training {_num(p.get('expected'))}); "
+            f"{p.get('why', '')}")
+    if result.alerts:
+        text += "\n" + "\n".join(f"[red]alert[/red]: {a}" for a in result.alerts)
+    _emit(data, as_json, table if result.drift else None, text)
+    if report:
+        model = load_model(store, result.model_version)
+        window = load_window(store, spec, result.model_version)
+        current = window.attrs.get("features")
+        write_report(report, [r for r in list_runs(store) if r["model_version"] == result.model_version],
+                     reference=reference_frame(store, model), current=current,
+                     kinds={c.name: c.kind for c in model.schema.features})
+        if not as_json:
+            console.print(f"report: {report}")
+    if not result.ok:
+        raise CheckFailed()
+
+
+@app.command("loop")
+def loop_cmd(once: bool = typer.Option(False, "--once", help="one turn, then exit"),
+             interval: float = typer.Option(300.0, min=1, help="seconds between turns as a daemon"),
+             project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Monitor, and retrain, gate and promote when the spec's triggers fire."""
+    from everloop.loop import run_once
+
+    spec, store = _project(project)
+    while True:
+        decision = run_once(store, spec)
+        _emit(_clean(decision.to_dict()), as_json, text=f"{_when(time.time())} loop: {decision.action}: {decision.reason}")
+        if once:
+            if decision.action in ("failed", "kept_candidate"):
+                raise CheckFailed()
+            return
+        time.sleep(interval)
+
+
+def main() -> None:
+    """Entry point: library errors become one clean message and an exit code."""
+    try:
+        app()  # click handles its own usage errors (exit 2) and exits 0 on success
+    except CheckFailed:
+        raise SystemExit(1) from None
+    except EverloopError as exc:
+        errors.print(f"error: {exc}", style="red", highlight=False, markup=False)
+        raise SystemExit(2) from None
