@@ -1,0 +1,68 @@
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from everloop import registry
+from everloop.demo import make_churn
+from everloop.loop import CANDIDATE, audit_trail, run_once
+from everloop.monitor import monitor
+from everloop.serve import create_app
+from everloop.spec import parse_spec
+
+
+def _send(client, rows):
+    features = json.loads(rows.drop(columns=["customer_id", "event_time", "churned"]).to_json(orient="records"))
+    for start in range(0, len(rows), 250):
+        answer = client.post("/predict", json={"instances": features[start:start + 250]}).json()
+        labels = rows["churned"].iloc[start:start + 250].tolist()
+        client.post("/feedback", json={"labels": [{"id": p["id"], "label": y}
+                                                  for p, y in zip(answer["predictions"], labels)]})
+
+
+@pytest.fixture
+def client(trained):
+    folder, spec, store = trained
+    with TestClient(create_app(folder, watch=False)) as c:
+        c.spec, c.store = spec, store
+        yield c
+
+
+def test_no_data_then_healthy_means_idle(client):
+    assert run_once(client.store, client.spec).action == "idle"
+    _send(client, make_churn(1000, seed=11))
+    decision = run_once(client.store, client.spec)
+    assert decision.action == "idle" and decision.monitor["status"] == "healthy"
+
+
+def test_shift_triggers_retraining_promotion_then_cooldown(client):
+    store, spec = client.store, client.spec
+    _send(client, make_churn(1000, shifted=True, seed=12))
+    result = monitor(store, spec, record=False)
+    assert result.drift.dataset_drift and "monthly_charges" in result.drift.drifted
+    decision = run_once(store, spec)
+    assert decision.action == "promoted" and set(decision.triggers) >= {"drift"}
+    assert registry.alias_version(store, registry.PRODUCTION) == decision.model_version == 2
+    new = registry.get_model(store, 2)
+    assert new.manifest["recent_from_row"] == 2000 and "loop retraining" in new.manifest["reason"]
+    history = registry.alias_history(store)
+    assert history[-1]["actor"] == "everloop loop" and "passed the gate" in history[-1]["reason"]
+    client.app.state.holder.refresh()
+    _send(client, make_churn(1000, shifted=True, seed=13))
+    again = run_once(store, spec)
+    assert again.action in ("idle", "cooldown")
+    actions = [e["action"] for e in audit_trail(store)]
+    assert actions[:1] == ["promoted"] and all(e["evidence"]["monitor"] for e in audit_trail(store))
+
+
+def test_failed_gate_keeps_production_and_alerts(client):
+    store = client.store
+    raw = client.spec.model_dump()
+    raw["promotion"]["min_metric"] = 0.999
+    strict = parse_spec(raw)
+    _send(client, make_churn(1000, shifted=True, seed=14))
+    decision = run_once(store, strict)
+    assert decision.action == "kept_candidate" and "below promotion.min_metric" in decision.reason
+    assert registry.alias_version(store, registry.PRODUCTION) == 1
+    assert registry.alias_version(store, CANDIDATE) == decision.model_version
+    assert audit_trail(store)[-1]["action"] == "kept_candidate"

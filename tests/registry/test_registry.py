@@ -1,0 +1,57 @@
+import pytest
+
+from everloop import registry, train
+from everloop.errors import GateError, NotFoundError
+from everloop.spec import parse_spec
+
+
+def _weak_spec(spec):
+    raw = spec.model_dump()
+    raw["model"] = {"estimator": "sklearn.tree.DecisionTreeClassifier", "params": {"max_depth": 1}, "seed": 1}
+    return parse_spec(raw)
+
+
+def test_worse_candidate_is_refused_with_the_reason(trained):
+    folder, spec, store = trained
+    weak = train.train(store, _weak_spec(spec))
+    with pytest.raises(GateError) as info:
+        registry.promote(store, spec, weak.version)
+    reason = next(r for r in info.value.reasons if "production" in r)
+    assert "worse than production v1's" in reason and "on the same evaluation data" in reason
+    assert registry.alias_version(store, registry.PRODUCTION) == 1
+
+
+def test_min_metric_and_baseline_are_enforced(trained):
+    folder, spec, store = trained
+    raw = spec.model_dump()
+    raw["promotion"]["min_metric"] = 0.99
+    decision = registry.check_gate(store, parse_spec(raw), 1)
+    assert not decision.passed and "below promotion.min_metric 0.99" in decision.reasons[0]
+    raw["model"] = {"estimator": "sklearn.dummy.DummyClassifier", "params": {}, "seed": 1}
+    raw["promotion"]["min_metric"] = None
+    dummy = train.train(store, parse_spec(raw))
+    decision = registry.check_gate(store, spec, dummy.version)
+    assert any("does not beat the trivial baseline" in r for r in decision.reasons)
+
+
+def test_forced_promotion_is_recorded_and_rollback_restores(trained):
+    folder, spec, store = trained
+    weak = train.train(store, _weak_spec(spec))
+    registry.promote(store, spec, weak.version, force=True, reason="testing")
+    assert registry.alias_version(store, registry.PRODUCTION) == weak.version
+    history = registry.alias_history(store)
+    assert history[-1]["forced"] and "forced past" in history[-1]["reason"]
+    assert history[-1]["from_version"] == 1
+    assert registry.rollback(store) == 1
+    assert registry.alias_version(store, registry.PRODUCTION) == 1
+    assert [h["to_version"] for h in registry.alias_history(store)] == [1, weak.version, 1]
+
+
+def test_listing_and_missing_versions(trained):
+    folder, spec, store = trained
+    models = registry.list_models(store)
+    assert [(m.version, m.aliases) for m in models] == [(1, ["production"])]
+    with pytest.raises(NotFoundError, match="model version 9 does not exist"):
+        registry.get_model(store, 9)
+    with pytest.raises(NotFoundError, match="alias 'staging' points at no model"):
+        registry.get_model(store, "staging")
