@@ -114,7 +114,6 @@ def test_first_file_missing_the_target_is_refused(project: Path, tmp_path: Path)
 
 
 def test_folder_and_glob_sources(project: Path):
-    spec, store = load_spec(project), Store.for_project(project)
     frame = pd.read_csv(project / "data" / "customers.csv")
     parts = project / "parts"
     parts.mkdir()

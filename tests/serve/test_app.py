@@ -7,7 +7,6 @@ from fastapi.testclient import TestClient
 from everloop import registry, train
 from everloop.serve import create_app
 from everloop.spec import parse_spec
-from everloop.store import Store
 from tests.conftest import write_project
 
 DROP = ["customer_id", "event_time", "churned"]

@@ -6,7 +6,7 @@ import pytest
 
 from everloop import data, registry, train
 from everloop.errors import TrainError
-from everloop.spec import load_spec, parse_spec
+from everloop.spec import parse_spec
 from everloop.store import Store
 from tests.conftest import write_project
 

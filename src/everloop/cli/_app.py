@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from everloop._jsonable import jsonable
 from everloop.errors import EverloopError, GateError
 
 app = typer.Typer(help="everloop: keep a production ML model healthy for its whole life, in one tool.",
@@ -45,30 +46,11 @@ def _project(project: Path) -> tuple[Any, Any]:
 
 def _emit(data: Any, as_json: bool, table: Table | None = None, text: str | None = None) -> None:
     if as_json:
-        print(json.dumps(data, indent=2, default=_json_default, allow_nan=False))
+        print(json.dumps(jsonable(data), indent=2, default=str, allow_nan=False))
     elif table is not None:
         console.print(table)
     if text and not as_json:
         console.print(text)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
-def _clean(value: Any) -> Any:
-    """NaN/inf are not JSON: they become null."""
-    import math
-
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _when(ts: float | None) -> str:
@@ -126,7 +108,7 @@ def demo(folder: Path = typer.Option(Path("everloop-demo"), "--dir", help="folde
 
         result = run_demo(folder, config, say=say, progress=progress)
     if as_json:
-        _emit(_clean(result.to_dict()), True)
+        _emit((result.to_dict()), True)
     else:
         table = Table(title="everloop demo: the loop, window by window")
         for column in ("window", "phase", "served by", "status", "drifted share", "roc_auc", "loop"):
@@ -208,7 +190,7 @@ def train_cmd(dataset: Optional[int] = typer.Option(None, help="dataset version 
     spec, store = _project(project)
     with console.status("training...", spinner="dots") if not as_json else nullcontext():
         result = train.train(store, spec, dataset, reason="everloop train")
-    _emit(_clean(result.to_dict()), as_json, text=(
+    _emit((result.to_dict()), as_json, text=(
         f"model v{result.version}: {result.metric} {result.value:.4f} on held-out rows of dataset "
         f"v{result.dataset_version}; trivial baseline {result.baseline:.4f} (lift {result.lift:+.4f}); "
         f"{result.seconds:.1f}s"))
@@ -228,7 +210,7 @@ def models(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
         d = m.to_dict()
         table.add_row(str(m.version), _when(m.created_at), f"v{m.dataset_version}", m.metric, _num(m.value),
                       _num(d["baseline"]), ", ".join(m.aliases) or "-", d["reason"])
-    _emit(_clean([m.to_dict() for m in rows]), as_json, table)
+    _emit(([m.to_dict() for m in rows]), as_json, table)
 
 
 @app.command()
@@ -249,7 +231,7 @@ def promote(version: int = typer.Argument(..., help="the model version to put in
             errors.print(f"[red]{exc}[/red]")
         raise CheckFailed() from None
     forced = " (forced past the gate)" if force and not decision.passed else ""
-    _emit(_clean(decision.to_dict()), as_json, text=f"model v{version} is in production{forced}")
+    _emit((decision.to_dict()), as_json, text=f"model v{version} is in production{forced}")
 
 
 @app.command()
@@ -304,7 +286,7 @@ def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with c
              project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """Record ground-truth labels for earlier prediction ids."""
     from everloop.data import read_file
-    from everloop.serve._app import _record_feedback
+    from everloop.serve import record_feedback
 
     _, store = _project(project)
     frame = read_file(source)
@@ -312,9 +294,9 @@ def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with c
     if missing:
         raise EverloopError(f"{source}: missing column(s) {sorted(missing)}; expected 'id' and 'label'")
     now = time.time()
-    rows = [{"prediction_id": str(i), "label": _json_default(v) if hasattr(v, "item") else v, "created_at": now}
+    rows = [{"prediction_id": str(i), "label": jsonable(v), "created_at": now}
             for i, v in zip(frame["id"], frame["label"])]
-    unknown = _record_feedback(store, rows)
+    unknown = record_feedback(store, rows)
     _emit({"accepted": len(rows) - len(unknown), "unknown_ids": unknown}, as_json,
           text=f"{len(rows) - len(unknown)} labels recorded; {len(unknown)} unknown prediction ids")
 
@@ -328,7 +310,7 @@ def monitor_cmd(report: Optional[Path] = typer.Option(None, help="also write an 
 
     spec, store = _project(project)
     result = monitor(store, spec)
-    data = _clean(result.to_dict())
+    data = (result.to_dict())
     table = Table(title=f"monitor: model v{result.model_version}, {result.window['rows']} rows "
                         f"({result.window['labelled_rows']} labelled): {result.status}")
     for column in ("feature", "kind", "method", "effect", "p-value", "drift"):
@@ -365,7 +347,7 @@ def loop_cmd(once: bool = typer.Option(False, "--once", help="one turn, then exi
     spec, store = _project(project)
     while True:
         decision = run_once(store, spec)
-        _emit(_clean(decision.to_dict()), as_json, text=f"{_when(time.time())} loop: {decision.action}: {decision.reason}")
+        _emit((decision.to_dict()), as_json, text=f"{_when(time.time())} loop: {decision.action}: {decision.reason}")
         if once:
             if decision.action in ("failed", "kept_candidate"):
                 raise CheckFailed()

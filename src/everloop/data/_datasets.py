@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ def ingest_frame(store: Store, spec: ProjectSpec, frame: pd.DataFrame, *, source
         if found:
             return _row_to_version(found, deduplicated=True)
     # The artifact first: a kill after it leaves only an unreferenced blob, never a row without data.
-    artifact = store.artifacts.put(_to_parquet(conformed))
+    artifact = store.put_frame(conformed)
     with store.engine.begin() as conn:
         if schema_row is None:
             schema_version = conn.execute(
@@ -126,7 +125,7 @@ def get_dataset(store: Store, version: int | None = None) -> DatasetVersion:
 
 def load_frame(store: Store, dataset: DatasetVersion) -> pd.DataFrame:
     """The rows of a dataset version, read from its verified artifact."""
-    return pd.read_parquet(io.BytesIO(store.artifacts.get(dataset.artifact)))
+    return store.get_frame(dataset.artifact)
 
 
 def _content_hash(frame: pd.DataFrame) -> str:
@@ -134,12 +133,6 @@ def _content_hash(frame: pd.DataFrame) -> str:
     digest.update(repr([(str(c), str(frame[c].dtype)) for c in frame.columns]).encode())
     digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
     return digest.hexdigest()
-
-
-def _to_parquet(frame: pd.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.reset_index(drop=True).to_parquet(buffer, index=False)
-    return buffer.getvalue()
 
 
 def _row_to_version(row: Any, deduplicated: bool = False) -> DatasetVersion:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from everloop._jsonable import jsonable
 from everloop.errors import DataError
 from everloop.spec import ProjectSpec
 
@@ -59,7 +60,7 @@ class ValidationReport:
         return not self.errors
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "ok": self.ok, "anomalies": [_jsonable(asdict(a)) for a in self.anomalies]}
+        return {"rows": self.rows, "ok": self.ok, "anomalies": [jsonable(asdict(a)) for a in self.anomalies]}
 
     def summary(self) -> str:
         lines = [f"{a.severity}: {a.describe()}" for a in self.anomalies]
@@ -125,7 +126,7 @@ class Schema:
         return cls([ColumnSchema(**c) for c in body["columns"]])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": SCHEMA_FORMAT, "columns": [_jsonable(asdict(c)) for c in self.columns]}
+        return {"format": SCHEMA_FORMAT, "columns": [jsonable(asdict(c)) for c in self.columns]}
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -294,26 +295,10 @@ def _add(report: ValidationReport, column: str, kind: str, severity: Severity, m
     if not count:
         return
     positions = np.flatnonzero(mask_array)[:EXAMPLES]
-    values = [_jsonable(original.iloc[p]) for p in positions]
+    values = [jsonable(original.iloc[p]) for p in positions]
     report.anomalies.append(Anomaly(column, kind, severity, count, f"{count} {message}",
                                     [int(p) for p in positions], values))
 
 
 def _short(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None if np.isnan(value) else str(value)
-    if value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, (pd.Timestamp,)):
-        return value.isoformat()
-    return value

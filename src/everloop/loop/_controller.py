@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
+from everloop._jsonable import jsonable
 from everloop.data import get_dataset, ingest_frame, load_frame
 from everloop.errors import EverloopError
 from everloop.monitor import MonitorResult, monitor
@@ -148,17 +149,5 @@ def _record(store: Store, decision: LoopDecision) -> LoopDecision:
                 "gate": decision.gate}
     with store.engine.begin() as conn:
         conn.execute(store.tables.loop_events.insert().values(action=decision.action, reason=decision.reason,
-                                                              evidence=_clean(evidence)))
+                                                              evidence=jsonable(evidence)))
     return decision
-
-
-def _clean(value: Any) -> Any:
-    import math
-
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from everloop._jsonable import jsonable
 from everloop.data import get_dataset, load_frame
 from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport
 from everloop.registry import PRODUCTION, eval_frame, load_model
@@ -126,7 +127,7 @@ def _finish(store: Store, result: MonitorResult, record: bool) -> MonitorResult:
     if record:
         with store.engine.begin() as conn:
             conn.execute(store.tables.monitor_runs.insert().values(
-                model_version=result.model_version, result=_jsonable(result.to_dict())))
+                model_version=result.model_version, result=jsonable(result.to_dict())))
     return result
 
 
@@ -198,15 +199,3 @@ def _health(window: pd.DataFrame) -> dict[str, Any]:
     return {"rows": len(window), "rows_per_second": len(window) / span if span > 0 else None,
             "latency_ms_p50": float(np.percentile(latency, 50)), "latency_ms_p95": float(np.percentile(latency, 95)),
             "latency_ms_p99": float(np.percentile(latency, 99))}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value

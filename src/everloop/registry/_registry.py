@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +168,7 @@ def alias_history(store: Store, alias: str = PRODUCTION) -> list[dict[str, Any]]
 
 
 def eval_frame(store: Store, manifest: dict[str, Any]) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(store.artifacts.get(manifest["eval_artifact"])))
+    return store.get_frame(manifest["eval_artifact"])
 
 
 def _score_on(store: Store, model: TrainedModel, manifest: dict[str, Any], metric: str) -> float:

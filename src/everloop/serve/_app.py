@@ -11,16 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from everloop.data import Anomaly
-from everloop.errors import EverloopError
-from everloop.registry import PRODUCTION, get_model
 from everloop.serve._holder import ModelHolder
-from everloop.serve._log import PredictionLog
+from everloop.serve._log import PredictionLog, record_feedback
 from everloop.serve._metrics import ServiceMetrics
 from everloop.spec import ProjectSpec, load_spec
 from everloop.store import Store
@@ -122,7 +119,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             raise ClientError(422, problems)
         if prediction_log:
             prediction_log.flush(timeout=5)  # a label may arrive right after its prediction
-        unknown = _record_feedback(store, rows)
+        unknown = record_feedback(store, rows)
         return JSONResponse({"accepted": len(rows) - len(unknown), "unknown_ids": unknown},
                             status_code=200 if len(unknown) < len(rows) else 404)
 
@@ -252,19 +249,6 @@ def _label_problem(model: TrainedModel, label: Any) -> str | None:
     if isinstance(label, (dict, list)) or str(label) not in known:
         return f"expected one of the classes {known}, got {label!r}"
     return None
-
-
-def _record_feedback(store: Store, rows: list[dict[str, Any]]) -> list[str]:
-    """Store labels for known prediction ids (a later label replaces an earlier one); return unknown ids."""
-    t = store.tables
-    ids = [r["prediction_id"] for r in rows]
-    with store.engine.begin() as conn:
-        known = set(conn.execute(sa.select(t.predictions.c.id).where(t.predictions.c.id.in_(ids))).scalars())
-        keep = [r for r in rows if r["prediction_id"] in known]
-        if keep:
-            conn.execute(t.feedback.delete().where(t.feedback.c.prediction_id.in_([r["prediction_id"] for r in keep])))
-            conn.execute(t.feedback.insert(), keep)
-    return [i for i in ids if i not in known]
 
 
 def _limit_threads() -> None:

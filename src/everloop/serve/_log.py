@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+import sqlalchemy as sa
+
 from everloop.store import Store
 
 log = logging.getLogger("everloop.serve")
@@ -85,3 +87,16 @@ class PredictionLog:
             self.failed += len(rows)
             log.error("prediction log: %d rows could not be written: %s", len(rows), exc)
         return True
+
+
+def record_feedback(store: Store, rows: list[dict[str, Any]]) -> list[str]:
+    """Store labels for known prediction ids (a later label replaces an earlier one); return unknown ids."""
+    t = store.tables
+    ids = [r["prediction_id"] for r in rows]
+    with store.engine.begin() as conn:
+        known = set(conn.execute(sa.select(t.predictions.c.id).where(t.predictions.c.id.in_(ids))).scalars())
+        keep = [r for r in rows if r["prediction_id"] in known]
+        if keep:
+            conn.execute(t.feedback.delete().where(t.feedback.c.prediction_id.in_([r["prediction_id"] for r in keep])))
+            conn.execute(t.feedback.insert(), keep)
+    return [i for i in ids if i not in known]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import sqlalchemy as sa
 
 from everloop.errors import StoreError
@@ -47,6 +49,16 @@ class Store:
                 conn.execute(table.insert().values(key="format", value=_meta.FORMAT_VERSION))
             elif found != _meta.FORMAT_VERSION:
                 raise StoreError(f"store format {found} is not supported by this everloop (format {_meta.FORMAT_VERSION})")
+
+    def put_frame(self, frame: pd.DataFrame) -> str:
+        """Store a frame as a Parquet artifact (index dropped) and return its digest."""
+        buffer = io.BytesIO()
+        frame.reset_index(drop=True).to_parquet(buffer, index=False)
+        return self.artifacts.put(buffer.getvalue())
+
+    def get_frame(self, digest: str) -> pd.DataFrame:
+        """A frame stored by `put_frame`, verified against its digest."""
+        return pd.read_parquet(io.BytesIO(self.artifacts.get(digest)))
 
     def put_json(self, obj: Any) -> str:
         return self.artifacts.put(json.dumps(obj, sort_keys=True, default=str).encode())

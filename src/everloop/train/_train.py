@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import json
 import platform
 import sys
@@ -14,14 +13,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import sqlalchemy as sa
 from sklearn.base import is_classifier
 from sklearn.utils.validation import has_fit_parameter
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 
-from everloop.data import DatasetVersion, Schema, get_dataset, get_schema, load_frame
+from everloop.data import Schema, get_dataset, get_schema, load_frame
 from everloop.errors import TrainError
 from everloop.features import build_features, custom_source_hash
 from everloop.spec import ProjectSpec
@@ -146,7 +144,7 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
     baseline, _ = _evaluate(baseline_model, task, eval_rows[features], y_eval)
     slices = _slice_metrics(pipeline, task, metric, eval_rows, features, y_eval, spec.evaluation.slices)
 
-    eval_artifact = store.artifacts.put(_parquet(eval_rows[features + [target]]))
+    eval_artifact = store.put_frame(eval_rows[features + [target]])
     artifact = save_model(store, pipeline, schema)
     manifest = {
         "format": 1,
@@ -224,12 +222,6 @@ def _slice_metrics(pipeline: Pipeline, task: str, metric: str, eval_rows: pd.Dat
     return out
 
 
-def _parquet(frame: pd.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.reset_index(drop=True).to_parquet(buffer, index=False)
-    return buffer.getvalue()
-
-
 def _packages() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -240,10 +232,3 @@ def _packages() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def dataset_of(store: Store, model_version: int) -> DatasetVersion:
-    t = store.tables.models
-    with store.engine.connect() as conn:
-        dv = conn.execute(sa.select(t.c.dataset_version).where(t.c.version == model_version)).scalar()
-    return get_dataset(store, dv)
