@@ -235,17 +235,39 @@ def _finite(value: Any) -> float | None:
 
 
 def _as_category(series: pd.Series) -> pd.Series:
-    """Categorical values as Python strings (None for missing), so 1, '1' and True compare stably."""
-    if pd.api.types.is_float_dtype(series):
-        # 1.0 read from a CSV and 1 sent in JSON are the same category
-        as_int = series.dropna()
-        if (as_int == as_int.round()).all():
-            series = series.astype("Int64")
-    values = series.astype(object)
+    """Categorical values as Python strings (None for missing), so 1, 1.0 (from a CSV) and '1' are one category."""
     mask = series.isna().to_numpy()
-    strings = values.map(str)
+    if pd.api.types.is_float_dtype(series):
+        values = series.to_numpy(dtype=float)
+        whole = np.isfinite(values) & (np.abs(values) < 2**53)
+        whole[whole] = values[whole] == np.round(values[whole])
+        strings = pd.Series([str(int(v)) if w else str(v) for v, w in zip(values, whole)], index=series.index,
+                            dtype=object)
+    else:
+        strings = series.astype(object).map(str)
     strings[mask] = None
     return strings
+
+
+def _to_float(series: pd.Series) -> pd.Series:
+    """Numbers as float64; anything that is not a number becomes NaN (ints too large for a float become inf)."""
+    if _is_numeric(series):
+        return series.astype("float64")
+    try:
+        return pd.to_numeric(series, errors="coerce").astype("float64")
+    except (OverflowError, TypeError, ValueError):
+        return series.map(_one_float).astype("float64")
+
+
+def _one_float(value: object) -> float:
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return np.nan
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return np.inf if str(value).strip()[:1] != "-" else -np.inf
+    except (TypeError, ValueError):
+        return np.nan
 
 
 def _conform_column(col: ColumnSchema, series: pd.Series, report: ValidationReport) -> pd.Series:
@@ -253,11 +275,11 @@ def _conform_column(col: ColumnSchema, series: pd.Series, report: ValidationRepo
     if col.kind == "numeric":
         if pd.api.types.is_bool_dtype(series) or (series.dtype == object and series.map(type).eq(bool).any()):
             bad = series.map(lambda v: isinstance(v, (bool, np.bool_)))
-            values = pd.to_numeric(series.where(~bad), errors="coerce")
+            values = _to_float(series.where(~bad))
+            bad = bad | (values.isna() & ~was_null)
         else:
-            values = series if _is_numeric(series) else pd.to_numeric(series, errors="coerce")
+            values = _to_float(series)
             bad = values.isna() & ~was_null
-        values = values.astype("float64")
         _add(report, col.name, "type_mismatch", "error", bad, series, "values are not numbers")
         infinite = np.isinf(values)
         _add(report, col.name, "type_mismatch", "error", infinite, series, "values are infinite")

@@ -190,7 +190,7 @@ async def _json_body(request: Request) -> Any:
         raise ClientError(413, f"the body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints past Python's digit limit
         raise ClientError(400, f"the body is not valid JSON: {exc}") from None
 
 
