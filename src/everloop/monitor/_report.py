@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -14,21 +15,24 @@ MAX_DISTRIBUTIONS = 6
 
 
 def write_report(path: str | Path, runs: list[dict[str, Any]], *, title: str = "everloop monitoring report",
-                 reference: pd.DataFrame | None = None, current: pd.DataFrame | None = None,
-                 kinds: dict[str, str] | None = None, summary: list[dict[str, Any]] | None = None) -> Path:
+                 focus: dict[str, Any] | None = None, reference: pd.DataFrame | None = None,
+                 current: pd.DataFrame | None = None, kinds: dict[str, str] | None = None,
+                 tables: dict[str, list[dict[str, Any]]] | None = None) -> Path:
     """Write a self-contained HTML page (plotly inlined once, no network needed to view it).
 
-    `runs` are monitor results (as dicts) in time order; `reference`/`current` feature frames, when
-    given, add distribution plots for the most drifted features of the last run."""
+    `runs` are monitor results (as dicts) in time order. `focus` (a run, by default the last) with
+    the `reference` and `current` feature frames it compared adds distribution plots of its most
+    drifted features. `tables` are titled lists of rows shown first."""
     figures = [_over_time(runs)] if runs else []
-    if runs and runs[-1].get("drift"):
+    if any(r.get("drift") for r in runs):
         figures.append(_feature_heatmap(runs))
-    if reference is not None and current is not None and runs and runs[-1].get("drift"):
-        figures.append(_distributions(runs[-1], reference, current, kinds or {}))
+    focus = focus or (runs[-1] if runs else None)
+    if reference is not None and current is not None and focus and focus.get("drift"):
+        figures.append(_distributions(focus, reference, current, kinds or {}))
     parts = []
     for n, fig in enumerate(figures):
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if n == 0 else False))
-    table = _summary_table(summary) if summary else ""
+    table = "".join(_table(name, rows) for name, rows in (tables or {}).items() if rows)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} th{{background:#f3f3f3}}</style></head>
@@ -70,29 +74,38 @@ def _feature_heatmap(runs: list[dict[str, Any]]) -> go.Figure:
 
 def _distributions(run: dict[str, Any], reference: pd.DataFrame, current: pd.DataFrame,
                    kinds: dict[str, str]) -> go.Figure:
+    """Numeric columns as density lines over shared bins, categories as grouped bars: both stay
+    readable where overlaid bars would hide each other, and the page does not carry the raw rows."""
     ranked = sorted(run["drift"]["columns"], key=lambda c: -(c["effect"] or 0))[:MAX_DISTRIBUTIONS]
     fig = make_subplots(rows=len(ranked), cols=1, subplot_titles=[
         f"{c['column']}: effect {c['effect']:.3f}, p={c['p_value']:.2g}{' (drift)' if c['drifted'] else ''}"
         for c in ranked])
     for row, c in enumerate(ranked, start=1):
         name = c["column"]
-        for frame, label, color in ((reference, "reference", "#1f77b4"), (current, "current", "#d62728")):
-            values = frame[name]
-            if kinds.get(name) == "numeric":
-                fig.add_trace(go.Histogram(x=values, histnorm="probability", name=label, opacity=0.55,
-                                           marker_color=color, showlegend=row == 1, nbinsx=40), row, 1)
-            else:
-                shares = values.astype(str).value_counts(normalize=True).sort_index()
-                fig.add_trace(go.Bar(x=shares.index, y=shares.values, name=label, marker_color=color,
-                                     showlegend=row == 1), row, 1)
-    fig.update_layout(barmode="overlay", height=260 * len(ranked), title="Reference vs current, most drifted features")
+        frames = ((reference, "reference", "#1f77b4"), (current, "current", "#d62728"))
+        if kinds.get(name) == "numeric":
+            both = pd.to_numeric(pd.concat([reference[name], current[name]]), errors="coerce").dropna()
+            edges = np.histogram_bin_edges(both.clip(both.quantile(0.005), both.quantile(0.995)), bins=40)
+            for frame, label, color in frames:
+                values = pd.to_numeric(frame[name], errors="coerce").dropna()
+                counts, _ = np.histogram(values.clip(edges[0], edges[-1]), bins=edges)
+                shares = counts / max(counts.sum(), 1)
+                fig.add_trace(go.Scatter(x=edges[:-1], y=shares, mode="lines", line_shape="hv", name=label,
+                                         line={"color": color}, legendgroup=label, showlegend=row == 1), row, 1)
+        else:
+            for frame, label, color in frames:
+                shares = frame[name].astype(str).value_counts(normalize=True).sort_index()
+                fig.add_trace(go.Bar(x=list(shares.index), y=shares.to_numpy(), name=label, marker_color=color,
+                                     legendgroup=label, showlegend=row == 1), row, 1)
+    fig.update_layout(barmode="group", height=260 * len(ranked),
+                      title="Reference vs current, most drifted features (share of rows)")
     return fig
 
 
-def _summary_table(rows: list[dict[str, Any]]) -> str:
+def _table(title: str, rows: list[dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"<h2>Summary</h2><table><tr>{head}</tr>{body}</table>"
+    return f"<h2>{html.escape(title)}</h2><table><tr>{head}</tr>{body}</table>"
 
 
 def _fmt(value: Any) -> str:
