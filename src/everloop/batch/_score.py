@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from everloop.data import read_file
-from everloop.data._sources import SUFFIXES, read_csv
+from everloop.data import TypedReadFailed, iter_batches
 from everloop.errors import DataError
 from everloop.registry import PRODUCTION, load_model
 from everloop.store import Store
@@ -32,10 +30,16 @@ def score_file(store: Store, source: str | Path, output: str | Path, *, model: i
                chunk_rows: int = 100_000, progress: Callable[[int], None] | None = None) -> BatchResult:
     """Score every row of a CSV/Parquet file; the output appears whole or not at all."""
     trained = load_model(store, model)
-    return score_chunks(trained, _chunks(Path(source), chunk_rows), Path(output), progress=progress)
+    source = Path(source).resolve()
+    try:
+        chunks = iter_batches(source, types=trained.schema.kinds, batch_rows=chunk_rows)
+        return score_chunks(trained, chunks, Path(output), progress=progress)
+    except TypedReadFailed:  # a cell did not parse: read again as text, to name every bad row
+        return score_chunks(trained, iter_batches(source, as_text=True, batch_rows=chunk_rows), Path(output),
+                            progress=progress)
 
 
-def score_chunks(trained: TrainedModel, chunks: Iterator[pd.DataFrame], output: Path,
+def score_chunks(trained: TrainedModel, chunks: Iterable[pd.DataFrame], output: Path,
                  progress: Callable[[int], None] | None = None) -> BatchResult:
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=".tmp-", suffix=".parquet")
@@ -75,29 +79,3 @@ def score_chunks(trained: TrainedModel, chunks: Iterator[pd.DataFrame], output: 
             writer.close()
         Path(tmp).unlink(missing_ok=True)
     return BatchResult(rows, str(output), trained.version)
-
-
-def _chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """Chunks of a file, never the whole file in memory."""
-    kind = SUFFIXES.get(path.suffix.lower())
-    if kind == "parquet":
-        if not path.is_file() or path.stat().st_size == 0:
-            yield read_file(path)  # raises the clear error for a missing or empty file
-            return
-        try:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
-                yield batch.to_pandas()
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{path}: not a readable parquet file: {exc}", path=str(path)) from None
-        return
-    if kind != "csv" or not path.is_file() or path.stat().st_size == 0:
-        yield read_file(path)  # raises the clear error for each of these cases
-        return
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            yield from read_csv(path, chunksize=chunk_rows)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8", path=str(path)) from None
-    except (pd.errors.ParserError, pd.errors.ParserWarning, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: malformed CSV: {str(exc).strip()}", path=str(path)) from None

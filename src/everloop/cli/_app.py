@@ -10,7 +10,8 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,6 +52,15 @@ def _emit(data: Any, as_json: bool, table: Table | None = None, text: str | None
         console.print(table)
     if text and not as_json:
         console.print(text)
+
+
+@contextmanager
+def _rows_progress(label: str, quiet: bool):
+    """A progress line counting rows, for work whose total is unknown up front."""
+    with Progress(TextColumn(label), BarColumn(pulse_style="cyan"), TextColumn("{task.completed:,} rows"),
+                  TimeElapsedColumn(), console=console, disable=quiet, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda n: bar.advance(task, n)
 
 
 def _when(ts: float | None) -> str:
@@ -131,18 +141,31 @@ def demo(folder: Path = typer.Option(Path("everloop-demo"), "--dir", help="folde
         raise CheckFailed()
 
 
+class IngestMode(str, Enum):
+    reject = "reject"
+    quarantine = "quarantine"
+
+
 @app.command()
 def ingest(path: Optional[Path] = typer.Argument(None, help="a file to ingest instead of the spec's data.source"),
+           mode: IngestMode = typer.Option(IngestMode.reject, help="reject: any error refuses the whole source; "
+                                           "quarantine: rows with errors are set aside with their reasons"),
            project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """Validate a source against the schema and store it as an immutable dataset version."""
     from everloop import data
 
     spec, store = _project(project)
-    version = data.ingest(store, spec, path, base=project)
+    with _rows_progress("ingesting", as_json) as progress:
+        version = data.ingest(store, spec, path, base=project, mode=mode.value, progress=progress)
+    written = data.write_schema_file(store, project)  # the first ingest: the inferred schema, to read and edit
     note = " (identical content already stored; no new version)" if version.deduplicated else ""
     text = f"dataset v{version.version}: {version.rows} rows x {version.columns} columns from {version.source}{note}"
+    if version.quarantined:
+        text += f"\n{version.quarantined} rows quarantined (see 'everloop datasets show {version.version}')"
+    if written:
+        text += f"\nschema inferred and written to {written}; edit it and run 'everloop schema accept' to change it"
     if version.warnings and not version.deduplicated:
-        text += "\n" + "\n".join(f"  warning: column {a['column']!r}: {a['message']}" for a in version.warnings)
+        text += "\n" + "\n".join(f"  {a['severity']}: column {a['column']!r}: {a['message']}" for a in version.warnings)
     _emit(version.to_dict(), as_json, text=text)
 
 
@@ -165,20 +188,153 @@ def validate(path: Optional[Path] = typer.Argument(None, help="a file to check i
         raise CheckFailed()
 
 
-@app.command()
-def datasets(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+datasets_app = typer.Typer(help="Dataset versions: list (the default), show one, diff two.",
+                           invoke_without_command=True, no_args_is_help=False)
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.callback()
+def datasets(ctx: typer.Context, project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """List dataset versions."""
+    if ctx.invoked_subcommand is not None:
+        return
     from everloop import data
 
     _, store = _project(project)
     rows = data.list_datasets(store)
     table = Table(title="datasets")
-    for column in ("version", "created", "rows", "columns", "schema", "parent", "source", "warnings", "hash"):
+    for column in ("version", "created", "rows", "quarantined", "columns", "schema", "parent", "source",
+                   "warnings", "hash"):
         table.add_column(column)
     for d in rows:
-        table.add_row(str(d.version), _when(d.created_at), str(d.rows), str(d.columns), str(d.schema_version),
-                      str(d.parent or "-"), d.source, str(len(d.warnings)), d.content_hash[:12])
+        table.add_row(str(d.version), _when(d.created_at), str(d.rows), str(d.quarantined), str(d.columns),
+                      str(d.schema_version), str(d.parent or "-"), d.source, str(len(d.warnings)), d.content_hash[:12])
     _emit([d.to_dict() for d in rows], as_json, table)
+
+
+@datasets_app.command("show")
+def datasets_show(version: int = typer.Argument(..., help="dataset version"),
+                  rows: int = typer.Option(10, help="quarantined rows to show"),
+                  project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """One dataset version: lineage, warnings, column statistics and quarantined rows with their reasons."""
+    from everloop import data
+
+    _, store = _project(project)
+    d = data.get_dataset(store, version)
+    quarantine = data.load_quarantine(store, d)
+    out = d.to_dict() | {"stats": d.stats, "quarantine_sample": quarantine.head(rows).to_dict(orient="records")}
+    if as_json:
+        _emit(out, True)
+        return
+    console.print(f"dataset v{d.version}: {d.rows} rows from {d.source} (parent: {d.parent or '-'}, schema "
+                  f"v{d.schema_version}, content {d.content_hash[:12]}, {d.quarantined} rows quarantined)")
+    for w in d.warnings:
+        console.print(f"  {w['severity']}: column {w['column']!r}: {w['message']}")
+    table = Table(title="columns")
+    for column in ("column", "kind", "null rate", "mean", "std", "min", "max", "distinct"):
+        table.add_column(column)
+    for name, c in d.stats["columns"].items():
+        table.add_row(name, c["kind"], f"{c['null_rate']:.2%}", _num(c.get("mean")), _num(c.get("std")),
+                      _num(c.get("min")), _num(c.get("max")), _num(c.get("distinct")))
+    console.print(table)
+    if len(quarantine):
+        sample = Table(title=f"quarantined rows (first {min(rows, len(quarantine))} of {d.quarantined})")
+        sample.add_column("row")
+        sample.add_column("reason")
+        for r in quarantine.head(rows).itertuples(index=False):
+            sample.add_row(str(r[0]), str(r[-1]))
+        console.print(sample)
+
+
+@datasets_app.command("diff")
+def datasets_diff(a: int = typer.Argument(..., help="the earlier dataset version"),
+                  b: int = typer.Argument(..., help="the later dataset version"),
+                  project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Compare the column statistics of two dataset versions."""
+    from everloop import data
+
+    _, store = _project(project)
+    da, db = data.get_dataset(store, a), data.get_dataset(store, b)
+    rows = data.diff_datasets(da, db)
+    table = Table(title=f"dataset v{a} ({da.rows} rows) -> v{b} ({db.rows} rows)")
+    for column in ("column", "kind", "null rate", "mean", "std", "min .. max", "shift", "categories"):
+        table.add_column(column)
+    pair = lambda v: f"{_num(v[0])} -> {_num(v[1])}" if v else ""  # noqa: E731
+    for r in rows:
+        if "change" in r:
+            table.add_row(r["column"], r["kind"], r["change"], "", "", "", "", "")
+            continue
+        rate = f"{r['null_rate'][0]:.1%} -> {r['null_rate'][1]:.1%}"
+        if r["kind"] == "numeric":
+            span = f"{_num(r['min'][0])}..{_num(r['max'][0])} -> {_num(r['min'][1])}..{_num(r['max'][1])}"
+            shift = f"{r['mean_shift_sd']:+.2f} sd" if "mean_shift_sd" in r else ""
+            table.add_row(r["column"], r["kind"], rate, pair(r["mean"]), pair(r["std"]), span, shift, "")
+        elif r["kind"] == "categorical":
+            moved = f"tvd {r['tvd']:.3f}"
+            if r["new_categories"]:
+                moved += f", new: {', '.join(r['new_categories'][:5])}"
+            if r["vanished_categories"]:
+                moved += f", gone: {', '.join(r['vanished_categories'][:5])}"
+            table.add_row(r["column"], r["kind"], rate, "", "", "", "", moved)
+        else:
+            table.add_row(r["column"], r["kind"], rate, "", "", "", "", "")
+    _emit(rows, as_json, table)
+
+
+schema_app = typer.Typer(help="The data schema: show it, accept an edited or evolved one.", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
+
+
+@schema_app.command("show")
+def schema_show(version: Optional[int] = typer.Option(None, help="schema version (default: the current one)"),
+                project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Print a schema version: kinds, roles, nullability, ranges and domains."""
+    from everloop import data
+
+    _, store = _project(project)
+    found = data.current_schema(store) if version is None else (version, data.get_schema(store, version))
+    if found is None:
+        raise EverloopError("no schema yet; the first 'everloop ingest' infers one")
+    number, schema = found
+    table = Table(title=f"schema v{number}")
+    for column in ("column", "role", "kind", "dtype", "nullable", "max null rate", "range", "categories"):
+        table.add_column(column)
+    for c in schema.columns:
+        span = f"{_num(c.min)} .. {_num(c.max)}" if c.kind == "numeric" else ""
+        cats = "" if c.categories is None else (", ".join(c.categories[:6]) + (
+            f", ... ({len(c.categories)})" if len(c.categories) > 6 else ""))
+        table.add_row(c.name, c.role, c.kind, c.dtype, "yes" if c.nullable else "no", f"{c.max_null_rate:.1%}",
+                      span, cats)
+    _emit({"version": number} | schema.to_dict(), as_json, table)
+
+
+@schema_app.command("accept")
+def schema_accept(from_data: Optional[Path] = typer.Option(None, "--from-data",
+                                                           help="evolve the current schema to admit this file"),
+                  file: Optional[Path] = typer.Option(None, help="schema file (default: schema.yaml in the project)"),
+                  reason: str = typer.Option("", help="why, recorded with the version"),
+                  project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Make an edited schema.yaml (or a schema evolved from new data) the current schema version."""
+    from everloop import data
+
+    spec, store = _project(project)
+    current = data.current_schema(store)
+    if from_data is not None:
+        if current is None:
+            raise EverloopError("no schema yet; ingest data first")
+        observed = data.Schema.infer(data.read_source(from_data, project), spec)
+        schema = data.evolve(current[1], observed)
+        why = reason or f"evolved to admit {from_data}"
+    else:
+        schema = data.load_schema_file(file or project / data.SCHEMA_FILE, spec)
+        why = reason or f"accepted from {file or data.SCHEMA_FILE}"
+    changes = data.schema_changes(current[1], schema) if current else ["(first schema)"]
+    version, changed = data.accept_schema(store, schema, why)
+    if changed and from_data is not None:
+        data.write_schema_file(store, project, overwrite=True)
+    text = (f"schema v{version} is current:\n" + "\n".join(f"  {line}" for line in changes)) if changed \
+        else f"no change: schema v{version} is already this one"
+    _emit({"version": version, "changed": changed, "changes": changes}, as_json, text=text)
 
 
 @app.command("train")
@@ -273,11 +429,8 @@ def predict(source: Path = typer.Argument(..., help="CSV or Parquet file of rows
     from everloop.batch import score_file
 
     _, store = _project(project)
-    with Progress(TextColumn("scoring"), BarColumn(pulse_style="cyan"), TextColumn("{task.completed} rows"),
-                  TimeElapsedColumn(), console=console, disable=as_json, transient=True) as bar:
-        task = bar.add_task("scoring", total=None)
-        result = score_file(store, source, output, model=model, chunk_rows=chunk_rows,
-                            progress=lambda n: bar.advance(task, n))
+    with _rows_progress("scoring", as_json) as progress:
+        result = score_file(store, source, output, model=model, chunk_rows=chunk_rows, progress=progress)
     _emit(result.__dict__, as_json, text=f"{result.rows} rows scored by model v{result.model_version} -> {result.output}")
 
 

@@ -9,13 +9,27 @@ from everloop.data._datasets import (
     ingest_frame,
     list_datasets,
     load_frame,
+    load_quarantine,
     validate,
 )
+from everloop.data._diff import diff_datasets
 from everloop.data._schema import Anomaly, ColumnSchema, Schema, ValidationReport
-from everloop.data._sources import read_file, read_source
+from everloop.data._schema_file import (
+    SCHEMA_FILE,
+    accept_schema,
+    evolve,
+    load_schema_file,
+    schema_changes,
+    schema_yaml,
+    write_schema_file,
+)
+from everloop.data._sources import TypedReadFailed, iter_batches, read_file, read_source
+from everloop.data._stats import ColumnStats, DatasetStats
 
 __all__ = [
+    "SCHEMA_FILE", "accept_schema", "diff_datasets", "evolve", "load_schema_file", "schema_changes", "schema_yaml",
+    "write_schema_file",
     "Anomaly", "ColumnSchema", "DatasetVersion", "Schema", "ValidationReport", "current_schema",
-    "get_dataset", "get_schema", "ingest", "ingest_frame", "list_datasets", "load_frame", "read_file",
-    "read_source", "validate",
+    "ColumnStats", "DatasetStats", "TypedReadFailed", "get_dataset", "get_schema", "ingest", "ingest_frame",
+    "iter_batches", "list_datasets", "load_frame", "load_quarantine", "read_file", "read_source", "validate",
 ]

@@ -1,20 +1,41 @@
-"""Dataset versions: validated against the schema, content-addressed, immutable, deduplicated."""
+"""Dataset versions: validated against the schema, content-addressed, immutable, deduplicated.
+
+Ingest streams the source batch by batch: each batch is checked, its good rows are appended to a
+Parquet file inside the store, and per-column statistics are merged, so memory stays flat however
+large the source. Nothing becomes visible until one metadata transaction at the end; a refused or
+interrupted ingest leaves the store as it was (at most a temporary file, removed on the way out).
+"""
 
 from __future__ import annotations
 
 import hashlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Literal
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from everloop.data._schema import Schema, ValidationReport
-from everloop.data._sources import read_source
+from everloop.data._schema import (
+    EXAMPLES,
+    Anomaly,
+    Schema,
+    ValidationReport,
+    null_rate_message,
+    null_rate_too_high,
+)
+from everloop.data._sources import TypedReadFailed, iter_batches
+from everloop.data._stats import DatasetStats
 from everloop.errors import DataError, NotFoundError
-from everloop.spec import ProjectSpec
+from everloop.spec import ProjectSpec, SqlSource
 from everloop.store import Store
+
+IngestMode = Literal["reject", "quarantine"]
+REASON_COLUMN = "_everloop_reason"
 
 
 @dataclass(frozen=True)
@@ -29,64 +50,196 @@ class DatasetVersion:
     parent: int | None
     created_at: float
     warnings: list[dict[str, Any]]
+    stats: dict[str, Any]
+    quarantine: str | None = None  # artifact of the refused rows, each with its reason
+    quarantined: int = 0
     deduplicated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "stats"}
 
 
 def ingest(store: Store, spec: ProjectSpec, path: str | Path | None = None, *, base: str | Path = ".",
-           parent: int | None = None) -> DatasetVersion:
-    """Read a source (the spec's, or `path`), validate it, and store it as a dataset version."""
+           parent: int | None = None, mode: IngestMode = "reject",
+           progress: Callable[[int], None] | None = None) -> DatasetVersion:
+    """Read a source (the spec's, or `path`) in batches, validate it, and store it as a dataset version.
+
+    mode="reject": any error-level anomaly refuses the whole source, with a report of all of them.
+    mode="quarantine": rows with errors of their own are set aside (stored beside the version, each
+    with its reason) and the good rows become the version; column-level errors still refuse it."""
     source = path if path is not None else spec.data.source
-    frame = read_source(source, base)
-    return ingest_frame(store, spec, frame, source=str(source), parent=parent)
+    label = source if isinstance(source, SqlSource) else str(source)
+    name = f"sql: {label.query}" if isinstance(label, SqlSource) else label
+    schema_row = current_schema(store)
+    types = schema_row[1].kinds if schema_row else None
+    try:
+        batches = iter_batches(source, base, types=types)
+        return _ingest(store, spec, batches, name, schema_row, mode, parent, progress)
+    except TypedReadFailed:  # a cell did not parse: read again as text, to report every bad cell
+        batches = iter_batches(source, base, as_text=True)
+        return _ingest(store, spec, batches, name, schema_row, mode, parent, progress)
 
 
 def ingest_frame(store: Store, spec: ProjectSpec, frame: pd.DataFrame, *, source: str,
-                 parent: int | None = None) -> DatasetVersion:
-    """Validate `frame` against the current schema (inferring it the first time) and store it.
-
-    A frame with error-level anomalies is refused with a `DataError` carrying the report, and the
-    store is left exactly as it was.
-    """
-    schema_row = current_schema(store)
-    schema = schema_row[1] if schema_row else Schema.infer(frame, spec)
-    conformed, report = schema.conform(frame, mode="dataset")
-    if not report.ok:
-        raise DataError(f"{source}: {len(report.errors)} problem(s) found, nothing was stored:\n"
-                        + "\n".join(f"  - {a.describe()}" for a in report.errors), report=report, path=source)
-    content_hash = _content_hash(conformed)
-    t = store.tables
-    with store.engine.begin() as conn:
-        found = conn.execute(sa.select(t.datasets).where(t.datasets.c.content_hash == content_hash)).first()
-        if found:
-            return _row_to_version(found, deduplicated=True)
-    # The artifact first: a kill after it leaves only an unreferenced blob, never a row without data.
-    artifact = store.put_frame(conformed)
-    with store.engine.begin() as conn:
-        if schema_row is None:
-            schema_version = conn.execute(
-                t.schemas.insert().values(body=schema.to_dict(), reason=f"inferred from {source}")
-            ).inserted_primary_key[0]
-        else:
-            schema_version = schema_row[0]
-        values = dict(content_hash=content_hash, artifact=artifact, source=source, rows=len(conformed),
-                      columns=conformed.shape[1], schema_version=schema_version, parent=parent,
-                      warnings=report.to_dict()["anomalies"])
-        version = conn.execute(t.datasets.insert().values(**values)).inserted_primary_key[0]
-        row = conn.execute(sa.select(t.datasets).where(t.datasets.c.version == version)).first()
-    return _row_to_version(row)
+                 parent: int | None = None, mode: IngestMode = "reject") -> DatasetVersion:
+    """Validate an in-memory frame against the current schema (inferring it the first time) and store it."""
+    return _ingest(store, spec, [frame], source, current_schema(store), mode, parent, None)
 
 
 def validate(store: Store, spec: ProjectSpec, path: str | Path | None = None, *,
              base: str | Path = ".") -> ValidationReport:
     """Check a source against the current schema (or one inferred from it) without storing anything."""
     source = path if path is not None else spec.data.source
-    frame = read_source(source, base)
     schema_row = current_schema(store)
-    schema = schema_row[1] if schema_row else Schema.infer(frame, spec)
-    return schema.conform(frame, mode="dataset")[1]
+    types = schema_row[1].kinds if schema_row else None
+    try:
+        return _scan(spec, iter_batches(source, base, types=types), schema_row, None).report
+    except TypedReadFailed:
+        return _scan(spec, iter_batches(source, base, as_text=True), schema_row, None).report
+
+
+class _Scan:
+    """The state of one pass over a source."""
+
+    def __init__(self) -> None:
+        self.report = ValidationReport(rows=0)
+        self.layout: Schema | None = None
+        self.stats: DatasetStats | None = None
+        self.content = hashlib.sha256()
+        self.id_hashes: list[np.ndarray] = []
+        self.good_rows = 0
+        self.bad_rows = 0
+        self.column_errors: list[Anomaly] = []
+
+
+def _scan(spec: ProjectSpec, batches: Iterable[pd.DataFrame], schema_row: tuple[int, Schema] | None,
+          sink: Callable[[pd.DataFrame, pd.DataFrame | None], None] | None, quarantine: bool = False,
+          progress: Callable[[int], None] | None = None) -> _Scan:
+    """Check every batch, and hand each batch's good rows (with `quarantine`, also its bad rows and
+    their reasons) to `sink` while the source can still be accepted; the scan always goes to the end,
+    so that the report counts every anomaly."""
+    scan = _Scan()
+    schema = schema_row[1] if schema_row else None
+    offset = 0
+    for batch in batches:
+        batch = batch.reset_index(drop=True)
+        if schema is None and scan.layout is None:
+            scan.layout = Schema.layout(batch, spec)
+        active = schema or scan.layout
+        if scan.stats is None:
+            scan.stats = DatasetStats(active.kinds)
+        checked = active.check(batch, mode="dataset", coerce=True, whole=False)
+        scan.report.merge(checked.report, offset)
+        scan.column_errors += [a for a in checked.report.errors if a.kind in ("missing_column", "empty")]
+        good, bad = checked.frame, None
+        if checked.bad_rows is not None:
+            good = good[~checked.bad_rows]
+            bad = batch[checked.bad_rows].astype(str).assign(**{REASON_COLUMN: checked.row_reasons()})
+            bad.insert(0, "_everloop_row", np.flatnonzero(checked.bad_rows) + offset + 1)
+            scan.bad_rows += len(bad)
+        scan.stats.update(good)
+        scan.good_rows += len(good)
+        for col in active.by_role("id"):
+            if col.name in good:
+                scan.id_hashes.append(pd.util.hash_array(good[col.name].to_numpy(dtype=object)))
+        accepting = not scan.column_errors and (quarantine or scan.report.ok)
+        if sink is not None and accepting:
+            scan.content.update(pd.util.hash_pandas_object(good, index=False).to_numpy().tobytes())
+            sink(good, bad)
+        offset += len(batch)
+        if progress:
+            progress(len(batch))
+    if offset == 0:
+        scan.report.anomalies.append(Anomaly("*", "empty", "error", 0, "no rows"))
+        scan.column_errors.append(scan.report.anomalies[-1])
+    elif scan.stats is not None:
+        _whole_data_checks(schema, scan)
+    return scan
+
+
+def _whole_data_checks(schema: Schema | None, scan: _Scan) -> None:
+    """Checks that need every batch: null rates (against a known schema) and duplicate ids."""
+    for col in schema.columns if schema else []:
+        stats = scan.stats.columns.get(col.name)
+        if stats and stats.count and null_rate_too_high(col, stats.null_rate):
+            scan.report.anomalies.append(Anomaly(col.name, "null_rate", "warning", stats.nulls,
+                                                 f"{stats.nulls} {null_rate_message(col, stats.null_rate)}"))
+    if scan.id_hashes:
+        hashes = np.concatenate(scan.id_hashes)
+        _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+        duplicates = int((counts - 1).sum())
+        if duplicates:
+            seen = np.zeros(len(hashes), dtype=bool)
+            seen[first] = True
+            rows = np.flatnonzero(~seen)[:EXAMPLES]
+            name = (schema or scan.layout).by_role("id")[0].name
+            scan.report.anomalies.append(Anomaly(name, "duplicate_id", "warning", duplicates,
+                                                 f"{duplicates} duplicate ids", [int(r) for r in rows]))
+
+
+def _ingest(store: Store, spec: ProjectSpec, batches: Iterable[pd.DataFrame], source: str,
+            schema_row: tuple[int, Schema] | None, mode: IngestMode, parent: int | None,
+            progress: Callable[[int], None] | None) -> DatasetVersion:
+    with ExitStack() as cleanup:
+        good_path = store.artifacts.temp_path(".parquet")
+        bad_path = store.artifacts.temp_path(".parquet")
+        cleanup.callback(lambda: good_path.unlink(missing_ok=True))
+        cleanup.callback(lambda: bad_path.unlink(missing_ok=True))
+        writers: dict[str, pq.ParquetWriter] = {}
+        cleanup.callback(lambda: [w.close() for w in writers.values()])
+
+        def sink(good: pd.DataFrame, bad: pd.DataFrame | None) -> None:
+            _append(writers, "good", good_path, good)
+            if bad is not None and len(bad):
+                _append(writers, "bad", bad_path, bad)
+
+        scan = _scan(spec, batches, schema_row, sink, mode == "quarantine", progress)
+        report = scan.report
+        if scan.column_errors or (mode == "reject" and not report.ok):
+            raise DataError(f"{source}: {len(report.errors)} problem(s) found, nothing was stored:\n"
+                            + "\n".join(f"  - {a.describe()}" for a in report.errors), report=report, path=source)
+        if scan.good_rows == 0:
+            raise DataError(f"{source}: every row has errors, nothing was stored:\n"
+                            + "\n".join(f"  - {a.describe()}" for a in report.errors), report=report, path=source)
+        for writer in writers.values():
+            writer.close()
+        writers.clear()
+        schema = schema_row[1] if schema_row else scan.layout.from_stats(scan.stats)
+        content_hash = scan.content.hexdigest()
+        t = store.tables
+        with store.engine.connect() as conn:
+            found = conn.execute(sa.select(t.datasets).where(t.datasets.c.content_hash == content_hash)).first()
+        if found:
+            return _row_to_version(found, deduplicated=True)
+        # Artifacts first: a kill after them leaves only unreferenced blobs, never a row without data.
+        artifact = store.artifacts.put_file(good_path)
+        quarantine = store.artifacts.put_file(bad_path) if scan.bad_rows else None
+        warnings = [a for a in report.to_dict()["anomalies"] if a["severity"] == "warning"]
+        if scan.bad_rows:
+            warnings += [a | {"severity": "quarantined"} for a in report.to_dict()["anomalies"] if a["severity"] == "error"]
+        with store.engine.begin() as conn:
+            if schema_row is None:
+                schema_version = conn.execute(
+                    t.schemas.insert().values(body=schema.to_dict(), reason=f"inferred from {source}")
+                ).inserted_primary_key[0]
+            else:
+                schema_version = schema_row[0]
+            values = dict(content_hash=content_hash, artifact=artifact, source=source, rows=scan.good_rows,
+                          columns=len(schema.columns), schema_version=schema_version, parent=parent,
+                          warnings=warnings, stats=scan.stats.to_dict(), quarantine=quarantine,
+                          quarantined=scan.bad_rows)
+            version = conn.execute(t.datasets.insert().values(**values)).inserted_primary_key[0]
+            row = conn.execute(sa.select(t.datasets).where(t.datasets.c.version == version)).first()
+        return _row_to_version(row)
+
+
+def _append(writers: dict[str, pq.ParquetWriter], key: str, path: Path, frame: pd.DataFrame) -> None:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if key not in writers:
+        writers[key] = pq.ParquetWriter(path, table.schema)
+    elif table.schema != writers[key].schema:
+        table = table.cast(writers[key].schema, safe=False)
+    writers[key].write_table(table)
 
 
 def current_schema(store: Store) -> tuple[int, Schema] | None:
@@ -128,11 +281,11 @@ def load_frame(store: Store, dataset: DatasetVersion) -> pd.DataFrame:
     return store.get_frame(dataset.artifact)
 
 
-def _content_hash(frame: pd.DataFrame) -> str:
-    digest = hashlib.sha256()
-    digest.update(repr([(str(c), str(frame[c].dtype)) for c in frame.columns]).encode())
-    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-    return digest.hexdigest()
+def load_quarantine(store: Store, dataset: DatasetVersion) -> pd.DataFrame:
+    """The rows set aside when the version was ingested in quarantine mode, each with its reason."""
+    if not dataset.quarantine:
+        return pd.DataFrame(columns=["_everloop_row", REASON_COLUMN])
+    return store.get_frame(dataset.quarantine)
 
 
 def _row_to_version(row: Any, deduplicated: bool = False) -> DatasetVersion:
@@ -140,4 +293,5 @@ def _row_to_version(row: Any, deduplicated: bool = False) -> DatasetVersion:
     return DatasetVersion(version=m["version"], content_hash=m["content_hash"], artifact=m["artifact"],
                           source=m["source"], rows=m["rows"], columns=m["columns"],
                           schema_version=m["schema_version"], parent=m["parent"], created_at=m["created_at"],
-                          warnings=m["warnings"], deduplicated=deduplicated)
+                          warnings=m["warnings"], stats=m["stats"], quarantine=m["quarantine"],
+                          quarantined=m["quarantined"], deduplicated=deduplicated)

@@ -39,19 +39,24 @@ def parse_spec(raw: Any, origin: str = SPEC_FILE) -> ProjectSpec:
     try:
         return ProjectSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(err) for err in exc.errors()]
+        problems = describe_errors(exc, ProjectSpec)
         listing = "\n".join(f"  - {p}" for p in problems)
         raise SpecError(f"{origin}: {len(problems)} problem(s):\n{listing}", path=origin, problems=problems) from None
 
 
-def _describe(err: dict[str, Any]) -> str:
+def describe_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per problem of a pydantic validation of `model`: 'field.path: what is wrong (got value)'."""
+    return [_describe(err, model) for err in exc.errors()]
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "(top level)"
     kind = err["type"]
     if kind == "missing":
         return f"{loc}: required field is missing"
     if kind == "extra_forbidden":
         parent, _, key = loc.rpartition(".")
-        allowed = _allowed_keys(parent)
+        allowed = _allowed_keys(model, parent)
         hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
         return f"{loc}: unknown field {key!r}{hint}"
     message = err["msg"].removeprefix("Value error, ")
@@ -67,11 +72,23 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or part[:1].isupper())
 
 
-def _allowed_keys(dotted: str) -> list[str]:
-    model: type[BaseModel] | None = ProjectSpec
+def _allowed_keys(root: type[BaseModel], dotted: str) -> list[str]:
+    """The fields allowed at a dotted location, walking nested models and mapping values."""
+    model: type[BaseModel] | None = root
+    mapping_key = False  # the previous part was a dict field: this part is a key, not a field
     for part in filter(None, dotted.split(".")):
-        field = model.model_fields.get(part) if model else None
+        if model is None:
+            return []
+        if mapping_key:
+            mapping_key = False
+            continue
+        field = model.model_fields.get(part)
         annotation = field.annotation if field else None
+        if getattr(annotation, "__origin__", None) is dict:
+            mapping_key = True
+            annotation = annotation.__args__[1]
         candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        if isinstance(annotation, type):
+            candidates.insert(0, annotation)
         model = next((a for a in candidates if issubclass(a, BaseModel)), None)
     return sorted(model.model_fields) if model else []

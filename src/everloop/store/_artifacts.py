@@ -46,6 +46,43 @@ class ArtifactStore:
             raise
         return digest
 
+    def temp_path(self, suffix: str = "") -> Path:
+        """A fresh path inside the store for writing a large artifact in pieces; hand it to `put_file`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=suffix)
+        os.close(fd)
+        return Path(tmp)
+
+    def put_file(self, path: Path) -> str:
+        """Move a file written at `temp_path()` into the store under its sha256 (read in chunks)."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+            os.fsync(handle.fileno())
+        name = digest.hexdigest()
+        target = self.path(name)
+        if target.exists():
+            path.unlink()
+            return name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        return name
+
+    def open(self, digest: str) -> Path:
+        """The path of a stored artifact, verified first (for readers that stream a file themselves)."""
+        target = self.path(digest)
+        if not target.exists():
+            raise NotFoundError(f"artifact {digest[:12]} is missing from {self.root}")
+        sha = hashlib.sha256()
+        with open(target, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(chunk)
+        if sha.hexdigest() != digest:
+            raise IntegrityError(f"artifact {digest[:12]} at {target} was changed on disk (its sha256 is now "
+                                 f"{sha.hexdigest()[:12]}); refusing to use it", digest=digest)
+        return target
+
     def get(self, digest: str) -> bytes:
         """The bytes stored under `digest`, refused when they no longer match it."""
         target = self.path(digest)

@@ -42,6 +42,9 @@ datasets = sa.Table(
     sa.Column("schema_version", sa.Integer, nullable=False),
     sa.Column("parent", sa.Integer, nullable=True),
     sa.Column("warnings", sa.JSON, nullable=False),
+    sa.Column("stats", sa.JSON, nullable=False),
+    sa.Column("quarantine", sa.String(64), nullable=True),
+    sa.Column("quarantined", sa.Integer, nullable=False, default=0),
 )
 
 models = sa.Table(

@@ -49,6 +49,12 @@ class Store:
                 conn.execute(table.insert().values(key="format", value=_meta.FORMAT_VERSION))
             elif found != _meta.FORMAT_VERSION:
                 raise StoreError(f"store format {found} is not supported by this everloop (format {_meta.FORMAT_VERSION})")
+        inspector = sa.inspect(self.engine)
+        for table in _meta.metadata.sorted_tables:
+            missing = {c.name for c in table.columns} - {c["name"] for c in inspector.get_columns(table.name)}
+            if missing:
+                raise StoreError(f"the store's table {table.name!r} lacks columns {sorted(missing)}: it was made by an "
+                                 "older development build of everloop; move .everloop/ aside and ingest again")
 
     def put_frame(self, frame: pd.DataFrame) -> str:
         """Store a frame as a Parquet artifact (index dropped) and return its digest."""
