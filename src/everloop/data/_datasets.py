@@ -107,6 +107,7 @@ class _Scan:
         self.stats: DatasetStats | None = None
         self.content = hashlib.sha256()
         self.id_hashes: list[np.ndarray] = []
+        self.id_rows: list[np.ndarray] = []  # the source row of each hashed id
         self.good_rows = 0
         self.bad_rows = 0
         self.column_errors: list[Anomaly] = []
@@ -142,6 +143,8 @@ def _scan(spec: ProjectSpec, batches: Iterable[pd.DataFrame], schema_row: tuple[
         for col in active.by_role("id"):
             if col.name in good:
                 scan.id_hashes.append(pd.util.hash_array(good[col.name].to_numpy(dtype=object)))
+                kept = np.arange(len(batch)) if checked.bad_rows is None else np.flatnonzero(~checked.bad_rows)
+                scan.id_rows.append(kept + offset)
         accepting = not scan.column_errors and (quarantine or scan.report.ok)
         if sink is not None and accepting:
             scan.content.update(pd.util.hash_pandas_object(good, index=False).to_numpy().tobytes())
@@ -171,7 +174,7 @@ def _whole_data_checks(schema: Schema | None, scan: _Scan) -> None:
         if duplicates:
             seen = np.zeros(len(hashes), dtype=bool)
             seen[first] = True
-            rows = np.flatnonzero(~seen)[:EXAMPLES]
+            rows = np.concatenate(scan.id_rows)[~seen][:EXAMPLES]
             name = (schema or scan.layout).by_role("id")[0].name
             scan.report.anomalies.append(Anomaly(name, "duplicate_id", "warning", duplicates,
                                                  f"{duplicates} duplicate ids", [int(r) for r in rows]))

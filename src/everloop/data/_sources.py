@@ -153,7 +153,7 @@ def _sql_batches(source: SqlSource, batch_rows: int) -> Iterator[pd.DataFrame]:
     try:
         with engine.connect() as conn:
             yield from pd.read_sql(sa.text(source.query), conn, chunksize=batch_rows)
-    except (sa.exc.SQLAlchemyError, ImportError) as exc:
+    except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError, ImportError) as exc:
         raise DataError(f"sql source: the query failed: {str(exc).splitlines()[0]}") from None
     finally:
         engine.dispose()
