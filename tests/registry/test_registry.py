@@ -55,3 +55,42 @@ def test_listing_and_missing_versions(trained):
         registry.get_model(store, 9)
     with pytest.raises(NotFoundError, match="alias 'staging' points at no model"):
         registry.get_model(store, "staging")
+
+
+def test_a_candidate_worse_on_one_slice_is_refused(trained):
+    folder, spec, store = trained
+    raw = spec.model_dump()
+    raw["features"]["categorical_encoding"] = "ordinal"
+    raw["promotion"] |= {"max_regression": 1.0, "min_metric": None}
+    good = parse_spec(raw)
+    prod = train.train(store, good).version
+    registry.promote(store, good, prod, force=True)
+    raw["model"] = {"estimator": "tests.registry.saboteur.WorseOnPremium", "params": {"max_iter": 50}, "seed": 42}
+    bad = train.train(store, parse_spec(raw)).version
+    decision = registry.check_gate(store, good, bad)
+    assert not decision.passed
+    assert len(decision.reasons) == 1 and decision.reasons[0].startswith("on slice plan=premium")
+    assert decision.evidence["slices"]["plan=basic"]["candidate"] == pytest.approx(
+        decision.evidence["slices"]["plan=basic"]["production"])
+
+
+def test_what_served_at_a_past_moment(trained):
+    import time
+
+    folder, spec, store = trained
+    first_moment = time.time()
+    time.sleep(0.05)
+    second = train.train(store, spec).version
+    registry.promote(store, spec, second, force=True, reason="test")
+    assert registry.alias_at(store, "production", first_moment) == 1
+    assert registry.alias_at(store, "production", time.time()) == second
+    assert registry.alias_at(store, "production", 0) is None
+
+
+def test_lineage_both_ways(trained):
+    folder, spec, store = trained
+    back = registry.model_lineage(store, 1)
+    assert [d["version"] for d in back["datasets"]] == [1]
+    assert back["alias_moves"][0]["to_version"] == 1 and back["alias_moves"][0]["alias"] == "production"
+    forward = registry.dataset_lineage(store, 1)
+    assert [m["version"] for m in forward["models"]] == [1]

@@ -81,6 +81,11 @@ def test_predictions_are_logged_and_feedback_joins_them(client):
     bad = client.post("/feedback", json={"id": ids[0], "label": "maybe"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["label"]
     t = client.store.tables
+    from everloop import registry
+
+    traced = registry.prediction_lineage(client.store, ids[1])
+    assert traced["prediction"]["label"] == labels[1] and traced["model"]["version"] == 1
+    assert traced["datasets"][0]["version"] == 1
     with client.store.engine.connect() as conn:
         logged = conn.execute(t.predictions.select()).all()
         assert {r.id for r in logged} == set(ids) and all(r.model_version == 1 for r in logged)

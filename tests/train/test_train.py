@@ -17,7 +17,8 @@ def test_training_records_metrics_baseline_and_lineage(trained):
     m = model.manifest
     assert m["task"] == "classification" and m["metric"] == "roc_auc"
     assert 0.7 < m["metrics"]["roc_auc"] <= 1 and m["baseline"]["roc_auc"] == pytest.approx(0.5)
-    assert set(m["metrics"]) == {"roc_auc", "accuracy", "f1", "log_loss"}
+    assert set(m["metrics"]) == {"roc_auc", "accuracy", "f1", "log_loss", "calibration_error"}
+    assert 0 <= m["metrics"]["calibration_error"] < 0.1
     assert set(m["slices"]["plan"]) == {"basic", "premium", "standard"}
     assert m["dataset_version"] == 1 and m["dataset_hash"] == data.get_dataset(store, 1).content_hash
     assert m["packages"]["scikit-learn"] and m["seed"] == 42 and m["spec_hash"]

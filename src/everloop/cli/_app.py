@@ -352,9 +352,15 @@ def train_cmd(dataset: Optional[int] = typer.Option(None, help="dataset version 
         f"{result.seconds:.1f}s"))
 
 
-@app.command()
-def models(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+models_app = typer.Typer(help="Model versions: list (the default), card, reproduce.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(ctx: typer.Context, project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """List model versions with their metrics and aliases."""
+    if ctx.invoked_subcommand is not None:
+        return
     from everloop import registry
 
     _, store = _project(project)
@@ -366,7 +372,79 @@ def models(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
         d = m.to_dict()
         table.add_row(str(m.version), _when(m.created_at), f"v{m.dataset_version}", m.metric, _num(m.value),
                       _num(d["baseline"]), ", ".join(m.aliases) or "-", d["reason"])
-    _emit(([m.to_dict() for m in rows]), as_json, table)
+    _emit([m.to_dict() for m in rows], as_json, table)
+
+
+@models_app.command("card")
+def models_card(version: str = typer.Argument(..., help="model version or alias"),
+                output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default: model-vN.html)"),
+                project: Path = ProjectOpt) -> None:
+    """Write a model version's card: metrics vs baseline, slices, calibration, lineage, record."""
+    from everloop import registry
+
+    _, store = _project(project)
+    number = registry.resolve(store, version)
+    path = registry.write_card(store, number, output or Path(f"model-v{number}.html"))
+    console.print(f"model card: {path}")
+
+
+@app.command()
+def reproduce(version: str = typer.Argument(..., help="model version or alias"),
+              project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Retrain a model version from its record and check it predicts identically; exit 1 if not."""
+    from everloop import registry, train
+
+    _, store = _project(project)
+    number = registry.resolve(store, version)
+    with console.status(f"retraining model v{number} from its record...") if not as_json else nullcontext():
+        report = train.reproduce(store, number)
+    if report.identical:
+        text = f"model v{number} reproduced: identical outputs on {report.rows} evaluation rows"
+    else:
+        text = f"model v{number} was NOT reproduced:\n" + "\n".join(f"  - {p}" for p in report.problems)
+    if report.environment:
+        text += "\nchanged since training:\n" + "\n".join(f"  - {e}" for e in report.environment)
+    _emit(report.to_dict(), as_json, text=text)
+    if not report.identical:
+        raise CheckFailed()
+
+
+@app.command()
+def lineage(model: Optional[str] = typer.Option(None, help="a model version or alias: back to its data"),
+            dataset: Optional[int] = typer.Option(None, help="a dataset version: forward to its models"),
+            prediction: Optional[str] = typer.Option(None, help="a prediction id: back to its model and data"),
+            project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Where a prediction or a model came from, or what was built from a dataset."""
+    from rich.tree import Tree
+
+    from everloop import registry
+
+    _, store = _project(project)
+    if sum(x is not None for x in (model, dataset, prediction)) != 1:
+        raise EverloopError("give exactly one of --model, --dataset or --prediction")
+    if dataset is not None:
+        out = registry.dataset_lineage(store, dataset)
+        tree = Tree(f"dataset v{out['dataset']['version']} ({out['dataset']['rows']} rows, {out['dataset']['source']})")
+        for d in out["derived_datasets"]:
+            tree.add(f"derived: dataset v{d['version']} ({d['source']})")
+        for m in out["models"]:
+            tree.add(f"model v{m['version']} trained on dataset v{m['dataset_version']} ({m['metric']} {m['value']:.4f})")
+        _emit(out, as_json, tree)
+        return
+    out = (registry.prediction_lineage(store, prediction) if prediction is not None
+           else registry.model_lineage(store, registry.resolve(store, model)))
+    root = Tree(f"prediction {out['prediction']['id']} at {_when(out['prediction']['created_at'])}: "
+                f"{out['prediction']['output']} (label: {out['prediction']['label']})") if prediction else None
+    node = (root.add if root else Tree)(f"model v{out['model']['version']} ({out['model']['metric']} "
+                                        f"{out['model']['value']:.4f}; {out['model']['reason'] or 'no reason'})")
+    parent = node
+    for d in out["datasets"]:
+        parent = parent.add(f"dataset v{d['version']}: {d['rows']} rows from {d['source']} ({d['content_hash'][:12]})")
+    for move in out["alias_moves"]:
+        before = f"v{move['from_version']}" if move["from_version"] else "none"
+        node.add(f"{_when(move['created_at'])} {move['alias']}: {before} -> v{move['to_version']} by "
+                 f"{move['actor']}: {move['reason']}")
+    _emit(out, as_json, root or node)
 
 
 @app.command()

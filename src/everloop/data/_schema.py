@@ -158,7 +158,7 @@ class Schema:
             roles[data.id] = "id"
         if data.timestamp:
             roles[data.timestamp] = "timestamp"
-        numeric, categorical = _feature_kinds(frame, spec, roles)
+        numeric, categorical, datetimes = _feature_kinds(frame, spec, roles)
         columns = []
         for name in frame.columns:
             series = frame[name]
@@ -173,6 +173,8 @@ class Schema:
                 kind = "numeric"
             elif name in categorical:
                 kind = "categorical"
+            elif name in datetimes:
+                kind = "datetime"
             else:
                 continue  # excluded column
             columns.append(ColumnSchema(str(name), kind, role, _dtype_name(series, kind), nullable=True,
@@ -329,16 +331,18 @@ def _dtype_name(series: pd.Series, kind: Kind) -> str:
     return "string"
 
 
-def _feature_kinds(frame: pd.DataFrame, spec: ProjectSpec, roles: dict[str, Role]) -> tuple[set[str], set[str]]:
+def _feature_kinds(frame: pd.DataFrame, spec: ProjectSpec,
+                   roles: dict[str, Role]) -> tuple[set[str], set[str], set[str]]:
     feats = spec.features
-    explicit = (feats.numeric or []) + (feats.categorical or [])
+    explicit = (feats.numeric or []) + (feats.categorical or []) + (feats.datetime or [])
     absent = [c for c in explicit if c not in frame.columns]
     if absent:
         raise DataError(f"features named in the project file are not in the data: {absent}")
     numeric = set(feats.numeric or [])
     categorical = set(feats.categorical or [])
-    if feats.numeric is not None or feats.categorical is not None:
-        return numeric, categorical
+    datetimes = set(feats.datetime or [])
+    if feats.numeric is not None or feats.categorical is not None or feats.datetime is not None:
+        return numeric, categorical, datetimes
     for name in frame.columns:
         if name in roles or name in feats.exclude:
             continue
@@ -346,13 +350,13 @@ def _feature_kinds(frame: pd.DataFrame, spec: ProjectSpec, roles: dict[str, Role
         if _looks_numeric(series):
             numeric.add(name)
         elif pd.api.types.is_datetime64_any_dtype(series):
-            continue  # datetime features are not supported yet
+            datetimes.add(name)
         else:
             distinct = series.nunique(dropna=True)
             # Free text and identifiers (nearly one value per row) carry no reusable signal.
             if distinct <= MAX_DOMAIN and distinct <= max(20, 0.5 * len(series)):
                 categorical.add(name)
-    return numeric, categorical
+    return numeric, categorical, datetimes
 
 
 # -- conversion helpers ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pandas as pd
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from everloop.data import Schema
 from everloop.errors import TrainError
@@ -25,11 +25,29 @@ def fill_missing_category(frame: pd.DataFrame) -> np.ndarray:
     return values.where(values.notna(), MISSING_CATEGORY).to_numpy()
 
 
+DATETIME_PARTS = ("year", "month", "day", "day_of_week", "hour")
+
+
+def datetime_parts(frame: pd.DataFrame) -> np.ndarray:
+    """Each date/time column as year, month, day, weekday and hour (NaN where missing)."""
+    parts = []
+    for name in frame.columns:
+        values = pd.to_datetime(frame[name], errors="coerce", utc=True)
+        parts += [getattr(values.dt, part).to_numpy(dtype=float, na_value=np.nan) for part in DATETIME_PARTS]
+    return np.column_stack(parts) if parts else np.empty((len(frame), 0))
+
+
+def _datetime_names(transformer: object, names: list[str]) -> list[str]:
+    return [f"{n}_{part}" for n in names for part in DATETIME_PARTS]
+
+
 def build_features(schema: Schema, spec: ProjectSpec) -> ColumnTransformer:
-    """Numeric: median impute + scale. Categorical: explicit missing token + one-hot, safe with unseen values."""
+    """Numeric: median impute + scale. Categorical: explicit missing token + one-hot (or ordinal), safe
+    with unseen values. Date/time: year, month, day, weekday, hour, imputed."""
     numeric = [c.name for c in schema.features if c.kind == "numeric"]
     categorical = [c.name for c in schema.features if c.kind == "categorical"]
-    if not numeric and not categorical and not spec.features.custom:
+    datetimes = [c.name for c in schema.features if c.kind == "datetime"]
+    if not numeric and not categorical and not datetimes and not spec.features.custom:
         raise TrainError("no feature columns: the schema has only the target, id and timestamp")
     branches: list[tuple[str, Any, list[str]]] = []
     if numeric:
@@ -38,12 +56,20 @@ def build_features(schema: Schema, spec: ProjectSpec) -> ColumnTransformer:
             ("scale", StandardScaler()),
         ]), numeric))
     if categorical:
+        encode = (OneHotEncoder(handle_unknown="ignore", sparse_output=False, min_frequency=5)
+                  if spec.features.categorical_encoding == "onehot"
+                  else OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1))
         branches.append(("categorical", Pipeline([
             ("fill", FunctionTransformer(fill_missing_category, feature_names_out="one-to-one")),
-            ("encode", OneHotEncoder(handle_unknown="ignore", sparse_output=False, min_frequency=5)),
+            ("encode", encode),
         ]), categorical))
+    if datetimes:
+        branches.append(("datetime", Pipeline([
+            ("parts", FunctionTransformer(datetime_parts, feature_names_out=_datetime_names)),
+            ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+        ]), datetimes))
     if spec.features.custom:
-        branches.append(("custom", load_custom(spec.features.custom), numeric + categorical))
+        branches.append(("custom", load_custom(spec.features.custom), numeric + categorical + datetimes))
     return ColumnTransformer(branches, remainder="drop", verbose_feature_names_out=False)
 
 

@@ -58,14 +58,14 @@ class DriftDetector:
     def fit(self, reference: pd.DataFrame, kinds: dict[str, str]) -> "DriftDetector":
         self.kinds_ = dict(kinds)
         self.rows_ = len(reference)
-        self.numeric_ = {c: np.sort(_numeric(reference[c])) for c, k in kinds.items() if k == "numeric"}
+        self.numeric_ = {c: np.sort(_numeric(reference[c])) for c, k in kinds.items() if k in ("numeric", "datetime")}
         self.counts_ = {c: _categories(reference[c]).value_counts() for c, k in kinds.items() if k == "categorical"}
         return self
 
     def score(self, current: pd.DataFrame) -> DriftReport:
         results = []
         for column, kind in self.kinds_.items():
-            if kind == "numeric":
+            if kind in ("numeric", "datetime"):
                 results.append(self._numeric(column, _numeric(current[column])))
             else:
                 results.append(self._categorical(column, _categories(current[column]).value_counts()))
@@ -97,6 +97,10 @@ class DriftDetector:
 
 
 def _numeric(series: pd.Series) -> np.ndarray:
+    if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_datetime64_any_dtype(series):
+        as_time = pd.to_datetime(series, errors="coerce", utc=True) if not pd.api.types.is_numeric_dtype(series) else None
+        if as_time is not None and as_time.notna().any():  # date/time: seconds since the epoch
+            return (as_time.dropna().astype("int64") / 1e9).to_numpy(dtype=float)
     values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
     return values[np.isfinite(values)]
 

@@ -1,7 +1,10 @@
 """Model versions, aliases and their history, the promotion gate, rollback."""
 
+from everloop.registry._card import write_card
+from everloop.registry._lineage import dataset_lineage, model_lineage, prediction_lineage
 from everloop.registry._registry import (
     PRODUCTION,
+    alias_at,
     GateDecision,
     ModelVersion,
     alias_history,
@@ -17,5 +20,6 @@ from everloop.registry._registry import (
     set_alias,
 )
 
-__all__ = ["PRODUCTION", "GateDecision", "ModelVersion", "alias_history", "alias_version", "check_gate",
+__all__ = ["PRODUCTION", "GateDecision", "ModelVersion", "alias_at", "alias_history", "dataset_lineage",
+           "model_lineage", "prediction_lineage", "write_card", "alias_version", "check_gate",
            "eval_frame", "get_model", "list_models", "load_model", "promote", "resolve", "rollback", "set_alias"]

@@ -110,14 +110,35 @@ def check_gate(store: Store, spec: ProjectSpec, candidate: int) -> GateDecision:
         reasons.append(f"{metric} {value:.4f} is below promotion.min_metric {floor}")
     production = alias_version(store, PRODUCTION)
     if production is not None and production != candidate:
-        prod_model = load_model(store, production)
-        prod_value = _score_on(store, prod_model, cand.manifest, metric)
+        frame = eval_frame(store, cand.manifest)
+        mine = _Scored(load_model(store, candidate), frame, metric)
+        theirs = _Scored(load_model(store, production), frame, metric)
+        prod_value = theirs.metric()
         evidence["production"] = prod_value
         evidence["production_version"] = production
         loss = improvement(metric, prod_value, value)
         if loss > spec.promotion.max_regression:
             reasons.append(f"{metric} {value:.4f} is worse than production v{production}'s {prod_value:.4f} "
                            f"on the same evaluation data by {loss:.4f} (allowed: {spec.promotion.max_regression})")
+        evidence["slices"] = {}
+        for column in spec.evaluation.slices:
+            if column not in frame:
+                continue
+            for level, rows in frame.groupby(column, dropna=False).indices.items():
+                if len(rows) < spec.promotion.min_slice_rows:
+                    continue
+                a, b = mine.metric(rows), theirs.metric(rows)
+                if not (np.isfinite(a) and np.isfinite(b)):
+                    continue
+                evidence["slices"][f"{column}={level}"] = {"candidate": a, "production": b, "rows": len(rows)}
+                slice_loss = improvement(metric, b, a)
+                if slice_loss <= spec.promotion.slice_tolerance:
+                    continue
+                low, high = _loss_interval(mine, theirs, rows)
+                if low > 0:  # worse beyond the tolerance, and not by the luck of a small slice
+                    reasons.append(f"on slice {column}={level} ({len(rows)} rows), {metric} {a:.4f} is worse than "
+                                   f"production v{production}'s {b:.4f} by {slice_loss:.4f} (90% interval "
+                                   f"{low:.4f}..{high:.4f}; allowed: {spec.promotion.slice_tolerance})")
     return GateDecision(candidate, production, not reasons, reasons, evidence)
 
 
@@ -171,14 +192,45 @@ def eval_frame(store: Store, manifest: dict[str, Any]) -> pd.DataFrame:
     return store.get_frame(manifest["eval_artifact"])
 
 
-def _score_on(store: Store, model: TrainedModel, manifest: dict[str, Any], metric: str) -> float:
-    frame = eval_frame(store, manifest)
-    target = manifest["target"]
-    features, _ = model.conform(frame.drop(columns=[target]))
-    predictions = model.predict_conformed(features)
-    y = as_labels(frame[target]) if model.task == "classification" else frame[target].to_numpy()
-    return score(metric, y, predictions.labels.astype(y.dtype) if model.task == "classification" else predictions.labels,
-                 predictions.proba, model.classes)
+class _Scored:
+    """A model's predictions on a set of evaluation rows, and its metric on any subset of them."""
+
+    def __init__(self, model: TrainedModel, frame: pd.DataFrame, metric: str):
+        target = model.manifest["target"]
+        features, _ = model.conform(frame)
+        predictions = model.predict_conformed(features)
+        self.classification = model.task == "classification"
+        self.y = as_labels(frame[target]) if self.classification else frame[target].to_numpy()
+        self.labels = predictions.labels.astype(self.y.dtype) if self.classification else predictions.labels
+        self.proba = predictions.proba
+        self.classes = model.classes
+        self.metric_name = metric
+
+    def metric(self, rows: np.ndarray | slice = slice(None)) -> float:
+        proba = self.proba[rows] if self.proba is not None else None
+        return score(self.metric_name, self.y[rows], self.labels[rows], proba, self.classes)
+
+
+def _loss_interval(mine: _Scored, theirs: _Scored, rows: np.ndarray, draws: int = 200) -> tuple[float, float]:
+    """A paired bootstrap 90% interval of how much worse `mine` is than `theirs` on `rows`."""
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(draws):
+        sample = rows[rng.integers(0, len(rows), len(rows))]
+        loss = improvement(mine.metric_name, theirs.metric(sample), mine.metric(sample))
+        if np.isfinite(loss):
+            losses.append(loss)
+    if not losses:
+        return float("-inf"), float("inf")
+    return float(np.quantile(losses, 0.05)), float(np.quantile(losses, 0.95))
+
+
+def alias_at(store: Store, alias: str, when: float) -> int | None:
+    """The version `alias` pointed at, at time `when` (seconds since the epoch), from its history."""
+    t = store.tables.alias_history
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(t.c.to_version).where(t.c.alias == alias, t.c.created_at <= when)
+                            .order_by(t.c.created_at.desc(), t.c.id.desc()).limit(1)).scalar()
 
 
 def _to_version(row: Any, aliases: list[str]) -> ModelVersion:

@@ -89,7 +89,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         metrics.observe_predictions(outputs)
         if prediction_log:
             now = time.time()
-            logged = features.astype(object).where(features.notna(), None).to_dict(orient="records")
+            logged = _loggable(features)
             prediction_log.put_many([
                 {"id": i, "created_at": now, "model_version": model.version, "features": f, "prediction": o,
                  "latency_ms": latency_ms} for i, f, o in zip(ids, logged, outputs)])
@@ -229,6 +229,16 @@ def _records(body: Any, model: TrainedModel, max_rows: int) -> tuple[list[dict[s
     if problems:
         raise ClientError(422, problems)
     return records, prefix
+
+
+def _loggable(features: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts: missing values as None, date/times as ISO text."""
+    out = features.copy(deep=False)
+    for name in out.columns:
+        if pd.api.types.is_datetime64_any_dtype(out[name]):
+            out[name] = out[name].map(lambda v: v.isoformat() if pd.notna(v) else None)
+    out = out.astype(object)
+    return out.where(out.notna(), None).to_dict(orient="records")
 
 
 def _anomaly_detail(anomalies: list[Anomaly], prefix: list[Any], rows: int) -> list[dict[str, Any]]:

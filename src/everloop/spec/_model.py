@@ -10,7 +10,7 @@ CLASSIFICATION_METRICS = ("roc_auc", "accuracy", "f1", "log_loss")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
 METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
 # Metrics where lower is better; the gate and monitor compare in "higher is better" terms.
-LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae"})
+LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae", "calibration_error"})
 
 
 class _Strict(BaseModel):
@@ -32,6 +32,11 @@ class DataSpec(_Strict):
 class FeaturesSpec(_Strict):
     numeric: list[str] | None = Field(None, description="numeric feature columns; inferred when absent")
     categorical: list[str] | None = Field(None, description="categorical feature columns; inferred when absent")
+    datetime: list[str] | None = Field(None, description="date/time feature columns, used as year, month, day, "
+                                       "weekday and hour; inferred when absent")
+    categorical_encoding: Literal["onehot", "ordinal"] = Field(
+        "onehot", description="onehot (for linear models and most others) or ordinal (compact, for tree ensembles)"
+    )
     exclude: list[str] = Field(default_factory=list, description="columns never used as features")
     custom: str | None = Field(None, description="user transformer factory as 'module:callable'")
 
@@ -62,6 +67,10 @@ class EvaluationSpec(_Strict):
 class PromotionSpec(_Strict):
     min_metric: float | None = Field(None, description="a candidate below this metric is refused")
     max_regression: float = Field(0.0, ge=0, description="largest allowed loss of metric vs production")
+    slice_tolerance: float = Field(
+        0.02, ge=0, description="largest allowed loss of metric vs production on any slice of evaluation.slices"
+    )
+    min_slice_rows: int = Field(30, ge=1, description="slices with fewer evaluation rows are not compared")
 
 
 class WindowSpec(_Strict):
@@ -147,7 +156,7 @@ class ProjectSpec(_Strict):
         if self.evaluation.split.by_time and not self.data.timestamp:
             raise ValueError("evaluation.split.by_time needs data.timestamp")
         named = {self.data.target, self.data.id, self.data.timestamp} - {None}
-        for kind in ("numeric", "categorical"):
+        for kind in ("numeric", "categorical", "datetime"):
             overlap = named & set(getattr(self.features, kind) or [])
             if overlap:
                 raise ValueError(f"features.{kind} lists {sorted(overlap)}, which is the target, id or timestamp")

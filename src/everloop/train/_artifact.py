@@ -6,17 +6,18 @@ second implementation of the features exists anywhere.
 
 from __future__ import annotations
 
-import io
+import importlib
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
-import joblib
+import cloudpickle
 import numpy as np
 import pandas as pd
 from sklearn.pipeline import Pipeline
 
 from everloop.data import Schema, ValidationReport
-from everloop.errors import StoreError
+from everloop.errors import StoreError, TrainError
 from everloop.store import Store
 
 ARTIFACT_FORMAT = 1
@@ -61,8 +62,8 @@ class TrainedModel:
         """Predict rows that already went through `conform`."""
         features = features[self.schema.feature_names]
         if self.task == "classification":
-            proba = self.pipeline.predict_proba(features)
-            classes = [_plain(c) for c in self.pipeline.classes_]
+            proba = self.pipeline.predict_proba(features)  # columns: class codes 0..k-1, in manifest order
+            classes = self.classes
             labels = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
             return Predictions(labels, proba, classes)
         return Predictions(np.asarray(self.pipeline.predict(features), dtype=float), None, None)
@@ -77,20 +78,28 @@ class TrainedModel:
         return self.predict_conformed(features)
 
 
-def save_model(store: Store, pipeline: Pipeline, schema: Schema) -> str:
-    buffer = io.BytesIO()
-    joblib.dump({"format": ARTIFACT_FORMAT, "pipeline": pipeline, "schema": schema.to_dict()}, buffer)
-    return store.artifacts.put(buffer.getvalue())
+def save_model(store: Store, pipeline: Pipeline, schema: Schema, custom: str | None = None) -> str:
+    """Store the fitted pipeline and its schema as one artifact. The module of a user transformer
+    (`features.custom`) is pickled by value: its code travels inside the artifact, so a service or
+    batch job loads the model without the user's package, and the code cannot drift from the model."""
+    module = importlib.import_module(custom.partition(":")[0]) if custom else None
+    if module is not None:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        payload = cloudpickle.dumps({"format": ARTIFACT_FORMAT, "pipeline": pipeline, "schema": schema.to_dict()})
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise TrainError(f"the fitted model cannot be saved: {exc}") from None
+    finally:
+        if module is not None:
+            cloudpickle.unregister_pickle_by_value(module)
+    return store.artifacts.put(payload)
 
 
 def load_artifact(store: Store, digest: str, manifest: dict[str, Any], version: int | None) -> TrainedModel:
     """Load a model artifact; its bytes are verified against the digest before unpickling."""
-    data = store.artifacts.get(digest)
-    payload = joblib.load(io.BytesIO(data))
+    data = store.artifacts.get(digest)  # verified against its sha256 before anything is unpickled
+    payload = pickle.loads(data)
     if payload.get("format") != ARTIFACT_FORMAT:
         raise StoreError(f"model artifact format {payload.get('format')!r} is not supported")
     return TrainedModel(version, payload["pipeline"], Schema.from_dict(payload["schema"]), manifest)
 
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value

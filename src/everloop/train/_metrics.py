@@ -7,7 +7,7 @@ from sklearn import metrics as skm
 
 from everloop.spec import LOWER_IS_BETTER
 
-CLASSIFICATION = ("roc_auc", "accuracy", "f1", "log_loss")
+CLASSIFICATION = ("roc_auc", "accuracy", "f1", "log_loss", "calibration_error")
 REGRESSION = ("rmse", "mae", "r2")
 
 
@@ -36,9 +36,24 @@ def score(metric: str, y_true: np.ndarray, predicted: np.ndarray, proba: np.ndar
             return float(skm.roc_auc_score(y_true, proba, multi_class="ovr", average="weighted", labels=classes))
         if metric == "log_loss":
             return float(skm.log_loss(y_true, np.clip(proba, 1e-15, 1), labels=classes))
+        if metric == "calibration_error":
+            return calibration_error(y_true, proba, classes)
     except ValueError:
         return float("nan")
     raise ValueError(f"unknown metric {metric!r}")
+
+
+def calibration_error(y_true: np.ndarray, proba: np.ndarray, classes: list, bins: int = 10) -> float:
+    """Expected calibration error of the top-label confidence: the gap between how sure the model
+    is and how often it is right, averaged over equal-width confidence bins (0 is perfect)."""
+    confidence = proba.max(axis=1)
+    correct = np.asarray(classes, dtype=object)[proba.argmax(axis=1)] == np.asarray(y_true, dtype=object)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        members = which == b
+        total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total)
 
 
 def all_metrics(task: str, y_true: np.ndarray, predicted: np.ndarray, proba: np.ndarray | None,

@@ -6,9 +6,11 @@ import hashlib
 import importlib
 import json
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,8 @@ from sklearn.utils.validation import has_fit_parameter
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import LabelEncoder
+from threadpoolctl import threadpool_limits
 
 from everloop.data import Schema, get_dataset, get_schema, load_frame
 from everloop.errors import TrainError
@@ -25,7 +29,11 @@ from everloop.features import build_features, custom_source_hash
 from everloop.spec import ProjectSpec
 from everloop.store import Store
 from everloop.train._artifact import save_model
-from everloop.train._metrics import all_metrics, improvement, score
+from everloop.train._metrics import REGRESSION, all_metrics, improvement, score
+
+# Training runs with a fixed number of OpenMP/BLAS threads, so that a retraining elsewhere uses the
+# same reduction order; recorded in the manifest.
+TRAIN_THREADS = 2
 
 DEFAULT_ESTIMATORS = {
     "classification": "sklearn.ensemble.HistGradientBoostingClassifier",
@@ -106,6 +114,65 @@ def split(frame: pd.DataFrame, schema: Schema, spec: ProjectSpec, task: str,
     return pd.concat([older, fit_rows]), eval_rows
 
 
+@dataclass
+class Fitted:
+    """What fitting the spec's pipeline on a frame produced (nothing is stored yet)."""
+
+    pipeline: Pipeline
+    task: str
+    metric: str
+    metrics: dict[str, float]
+    baseline: dict[str, float]
+    slices: dict[str, dict[str, float]]
+    classes: list[Any] | None
+    train_rows: pd.DataFrame
+    eval_rows: pd.DataFrame
+
+
+def fit(frame: pd.DataFrame, schema: Schema, spec: ProjectSpec, *, recent_from_row: int = 0,
+        recent_weight: float | str = 1.0) -> Fitted:
+    """Split, fit the spec's pipeline (features + estimator), and evaluate it and a trivial baseline on
+    the held-out rows. Deterministic: the same frame, schema and spec give the same model."""
+    frame = frame.reset_index(drop=True)  # positions == index, for recent_from_row
+    task = task_of(schema)
+    metric = spec.evaluation.metric or ("roc_auc" if task == "classification" else "rmse")
+    if (metric in REGRESSION) != (task == "regression"):
+        raise TrainError(f"evaluation.metric {metric!r} does not suit a {task} target")
+    if len(frame) - recent_from_row < 20:
+        raise TrainError(f"{len(frame) - recent_from_row} rows to evaluate on; at least 20 are needed")
+    train_rows, eval_rows = split(frame, schema, spec, task, recent_from_row)
+    features, target = schema.feature_names, schema.target.name
+    if task == "classification":
+        # Estimators get class codes 0..k-1 (XGBoost, for one, accepts nothing else); the manifest
+        # keeps the labels, which every prediction is mapped back to.
+        encoder = LabelEncoder().fit(as_labels(train_rows[target]))
+        if len(encoder.classes_) < 2:
+            raise TrainError(f"the target {target!r} has one class in the training rows; nothing to learn",
+                             column=target)
+        classes = [c.item() if isinstance(c, np.generic) else c for c in encoder.classes_]
+        known = np.isin(as_labels(eval_rows[target]), encoder.classes_)
+        eval_rows = eval_rows[known]  # a class the training rows never saw cannot be scored
+        y_train = encoder.transform(as_labels(train_rows[target]))
+        y_eval = encoder.transform(as_labels(eval_rows[target]))
+    else:
+        classes, y_train, y_eval = None, train_rows[target].to_numpy(), eval_rows[target].to_numpy()
+
+    pipeline = Pipeline([("features", build_features(schema, spec)), ("model", make_estimator(spec, task))])
+    weights = _recent_weights(train_rows, recent_from_row, recent_weight)
+    if weights is not None and not has_fit_parameter(pipeline.named_steps["model"], "sample_weight"):
+        raise TrainError(f"model.estimator {spec.model.estimator} does not accept sample_weight; "
+                         "set retraining.data.recent_weight: 1 or include_reference: false")
+    with threadpool_limits(limits=TRAIN_THREADS):
+        pipeline.fit(train_rows[features], y_train,
+                     **({"model__sample_weight": weights} if weights is not None else {}))
+    metrics = _evaluate(pipeline, task, eval_rows[features], y_eval)
+    dummy = DummyClassifier(strategy="prior") if task == "classification" else DummyRegressor()
+    baseline = _evaluate(dummy.fit(train_rows[features], y_train), task, eval_rows[features], y_eval)
+    slices = _slice_metrics(pipeline, task, metric, eval_rows, features, y_eval, spec.evaluation.slices)
+    return Fitted(pipeline, task, metric, metrics, {metric: baseline[metric]}, slices, classes, train_rows,
+                  eval_rows)
+
+
 def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *, reason: str = "",
           recent_from_row: int = 0, recent_weight: float | str = 1.0) -> TrainResult:
     """Fit the spec's pipeline on a dataset version (the latest by default) and register a model version.
@@ -116,48 +183,24 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
     started = time.perf_counter()
     dataset = get_dataset(store, dataset_version)
     schema = get_schema(store, dataset.schema_version)
-    frame = load_frame(store, dataset).reset_index(drop=True)  # positions == index, for recent_from_row
-    task = task_of(schema)
-    metric = spec.evaluation.metric or ("roc_auc" if task == "classification" else "rmse")
-    if (metric in ("rmse", "mae", "r2")) != (task == "regression"):
-        raise TrainError(f"evaluation.metric {metric!r} does not suit a {task} target")
-    if len(frame) - recent_from_row < 20:
-        raise TrainError(f"dataset v{dataset.version} has {len(frame) - recent_from_row} rows to evaluate on; "
-                         "at least 20 are needed to train and evaluate")
-    train_rows, eval_rows = split(frame, schema, spec, task, recent_from_row)
-    features = schema.feature_names
-    target = schema.target.name
-    y_train = as_labels(train_rows[target]) if task == "classification" else train_rows[target].to_numpy()
-    y_eval = as_labels(eval_rows[target]) if task == "classification" else eval_rows[target].to_numpy()
-    if task == "classification" and len(np.unique(y_train)) < 2:
-        raise TrainError(f"the target {target!r} has one class in the training rows; nothing to learn", column=target)
-
-    pipeline = Pipeline([("features", build_features(schema, spec)), ("model", make_estimator(spec, task))])
-    weights = _recent_weights(train_rows, recent_from_row, recent_weight)
-    if weights is not None and not has_fit_parameter(pipeline.named_steps["model"], "sample_weight"):
-        raise TrainError(f"model.estimator {spec.model.estimator} does not accept sample_weight; "
-                         "set retraining.data.recent_weight: 1 or include_reference: false")
-    pipeline.fit(train_rows[features], y_train, **({"model__sample_weight": weights} if weights is not None else {}))
-    metrics, classes = _evaluate(pipeline, task, eval_rows[features], y_eval)
-    baseline_model = (DummyClassifier(strategy="prior") if task == "classification" else DummyRegressor()).fit(
-        train_rows[features], y_train)
-    baseline, _ = _evaluate(baseline_model, task, eval_rows[features], y_eval)
-    slices = _slice_metrics(pipeline, task, metric, eval_rows, features, y_eval, spec.evaluation.slices)
-
-    eval_artifact = store.put_frame(eval_rows[features + [target]])
-    artifact = save_model(store, pipeline, schema)
+    fitted = fit(load_frame(store, dataset), schema, spec, recent_from_row=recent_from_row,
+                 recent_weight=recent_weight)
+    features, target = schema.feature_names, schema.target.name
+    slice_columns = [c for c in spec.evaluation.slices if c not in features and c != target]
+    eval_artifact = store.put_frame(fitted.eval_rows[features + [target] + slice_columns])
+    artifact = save_model(store, fitted.pipeline, schema, spec.features.custom)
     manifest = {
         "format": 1,
         "name": spec.name,
-        "task": task,
-        "estimator": spec.model.estimator or DEFAULT_ESTIMATORS[task],
+        "task": fitted.task,
+        "estimator": spec.model.estimator or DEFAULT_ESTIMATORS[fitted.task],
         "params": spec.model.params,
         "seed": spec.model.seed,
-        "metric": metric,
-        "metrics": metrics,
-        "baseline": {metric: baseline[metric]},
-        "slices": slices,
-        "classes": classes,
+        "metric": fitted.metric,
+        "metrics": fitted.metrics,
+        "baseline": fitted.baseline,
+        "slices": fitted.slices,
+        "classes": fitted.classes,
         "features": features,
         "target": target,
         "dataset_version": dataset.version,
@@ -166,22 +209,60 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
         "eval_artifact": eval_artifact,
         "recent_from_row": recent_from_row,
         "recent_weight": recent_weight,
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "spec_hash": hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest(),
-        "custom_code_hash": custom_source_hash(spec.features.custom),
-        "packages": _packages(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
+        "train_rows": len(fitted.train_rows),
+        "eval_rows": len(fitted.eval_rows),
         "reason": reason,
-    }
+    } | reproducibility_record(spec, store.root.parent)
     t = store.tables.models
     with store.engine.begin() as conn:
         version = conn.execute(t.insert().values(
-            dataset_version=dataset.version, artifact=artifact, manifest=manifest, metric=metric,
-            value=metrics[metric], reason=reason)).inserted_primary_key[0]
-    return TrainResult(version, metric, metrics[metric], baseline[metric], metrics, dataset.version,
-                       time.perf_counter() - started)
+            dataset_version=dataset.version, artifact=artifact, manifest=manifest, metric=fitted.metric,
+            value=fitted.metrics[fitted.metric], reason=reason)).inserted_primary_key[0]
+    return TrainResult(version, fitted.metric, fitted.metrics[fitted.metric], fitted.baseline[fitted.metric],
+                       fitted.metrics, dataset.version, time.perf_counter() - started)
+
+
+def reproducibility_record(spec: ProjectSpec, project_dir: Path) -> dict[str, Any]:
+    """Everything besides the data that made a model: the whole spec, user code, packages, platform."""
+    spec_body = spec.model_dump(mode="json")
+    return {
+        "spec": spec_body,
+        "spec_hash": hashlib.sha256(json.dumps(spec_body, sort_keys=True).encode()).hexdigest(),
+        "custom_code_hash": custom_source_hash(spec.features.custom),
+        "git": _git(project_dir),
+        "packages": packages(),
+        "threads": TRAIN_THREADS,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+
+
+def packages() -> dict[str, str]:
+    """Versions of the packages a model's behaviour depends on (those installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("everloop", "scikit-learn", "pandas", "numpy", "scipy", "pyarrow", "joblib", "lightgbm",
+                 "xgboost", "xgboost-cpu"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _git(folder: Path) -> dict[str, Any] | None:
+    """The commit of the project's git checkout and whether it had uncommitted changes, if it is one."""
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=5)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _recent_weights(train_rows: pd.DataFrame, recent_from_row: int, recent_weight: float | str) -> np.ndarray | None:
@@ -193,14 +274,11 @@ def _recent_weights(train_rows: pd.DataFrame, recent_from_row: int, recent_weigh
     return np.where(recent, weight, 1.0)
 
 
-def _evaluate(model: Any, task: str, features: pd.DataFrame, y: np.ndarray) -> tuple[dict[str, float], list | None]:
+def _evaluate(model: Any, task: str, features: pd.DataFrame, y: np.ndarray) -> dict[str, float]:
     if task == "classification":
         proba = model.predict_proba(features)
-        classes = list(model.classes_)
-        predicted = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
-        plain = [c.item() if isinstance(c, np.generic) else c for c in classes]
-        return all_metrics(task, y, predicted.astype(y.dtype) if y.dtype != object else predicted, proba, classes), plain
-    return all_metrics(task, y, model.predict(features), None, None), None
+        return all_metrics(task, y, proba.argmax(axis=1), proba, list(range(proba.shape[1])))
+    return all_metrics(task, y, model.predict(features), None, None)
 
 
 def _slice_metrics(pipeline: Pipeline, task: str, metric: str, eval_rows: pd.DataFrame, features: list[str],
@@ -211,24 +289,11 @@ def _slice_metrics(pipeline: Pipeline, task: str, metric: str, eval_rows: pd.Dat
             raise TrainError(f"evaluation.slices names {column!r}, which is not in the dataset", column=column)
         out[column] = {}
         for value, index in eval_rows.groupby(column, dropna=False).indices.items():
-            part = eval_rows.iloc[index]
+            part = eval_rows.iloc[index][features]
             if task == "classification":
-                proba = pipeline.predict_proba(part[features])
-                classes = list(pipeline.classes_)
-                predicted = np.asarray(classes)[proba.argmax(axis=1)]
-                out[column][str(value)] = score(metric, y[index], predicted, proba, classes)
+                proba = pipeline.predict_proba(part)
+                out[column][str(value)] = score(metric, y[index], proba.argmax(axis=1), proba,
+                                                list(range(proba.shape[1])))
             else:
-                out[column][str(value)] = score(metric, y[index], pipeline.predict(part[features]))
-    return out
-
-
-def _packages() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("everloop", "scikit-learn", "pandas", "numpy", "scipy", "pyarrow", "joblib"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
+                out[column][str(value)] = score(metric, y[index], pipeline.predict(part))
     return out

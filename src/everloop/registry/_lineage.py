@@ -1,0 +1,70 @@
+"""Lineage: from a prediction or a model back to the data it came from, and from data forward to models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from everloop.data import get_dataset
+from everloop.errors import NotFoundError
+from everloop.registry._registry import get_model
+from everloop.store import Store
+
+
+def model_lineage(store: Store, version: int) -> dict[str, Any]:
+    """A model version, the dataset chain it was trained on (each with its source and parent), and
+    every move of an alias to or from it."""
+    model = get_model(store, version)
+    m = model.manifest
+    chain = []
+    dataset_version: int | None = model.dataset_version
+    while dataset_version is not None:
+        d = get_dataset(store, dataset_version)
+        chain.append({"version": d.version, "source": d.source, "rows": d.rows, "content_hash": d.content_hash,
+                      "created_at": d.created_at, "parent": d.parent})
+        dataset_version = d.parent
+    t = store.tables.alias_history
+    with store.engine.connect() as conn:
+        moves = conn.execute(sa.select(t).where(sa.or_(t.c.to_version == version, t.c.from_version == version))
+                             .order_by(t.c.id)).all()
+    return {"model": {"version": version, "created_at": model.created_at, "metric": model.metric,
+                      "value": model.value, "reason": m.get("reason", ""), "spec_hash": m.get("spec_hash"),
+                      "git": m.get("git"), "artifact": model.artifact},
+            "datasets": chain,
+            "alias_moves": [dict(r._mapping) for r in moves]}
+
+
+def prediction_lineage(store: Store, prediction_id: str) -> dict[str, Any]:
+    """A logged prediction, the model that made it, and that model's lineage."""
+    t = store.tables
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(t.predictions).where(t.predictions.c.id == prediction_id)).first()
+        label = conn.execute(sa.select(t.feedback.c.label)
+                             .where(t.feedback.c.prediction_id == prediction_id)).scalar()
+    if row is None:
+        raise NotFoundError(f"prediction {prediction_id!r} is not in the prediction log")
+    made = {"id": row.id, "created_at": row.created_at, "model_version": row.model_version,
+            "features": row.features, "output": row.prediction, "label": label}
+    return {"prediction": made} | model_lineage(store, row.model_version)
+
+
+def dataset_lineage(store: Store, version: int) -> dict[str, Any]:
+    """A dataset version, the versions built from it, and every model trained on any of them."""
+    root = get_dataset(store, version)
+    t = store.tables
+    descendants, frontier = [], [root.version]
+    with store.engine.connect() as conn:
+        while frontier:
+            children = conn.execute(sa.select(t.datasets.c.version, t.datasets.c.source)
+                                    .where(t.datasets.c.parent.in_(frontier))).all()
+            descendants += [{"version": c.version, "source": c.source} for c in children]
+            frontier = [c.version for c in children]
+        covered = [root.version] + [d["version"] for d in descendants]
+        models = conn.execute(sa.select(t.models.c.version, t.models.c.dataset_version, t.models.c.metric,
+                                        t.models.c.value).where(t.models.c.dataset_version.in_(covered))
+                              .order_by(t.models.c.version)).all()
+    return {"dataset": {"version": root.version, "source": root.source, "rows": root.rows,
+                        "content_hash": root.content_hash},
+            "derived_datasets": descendants,
+            "models": [dict(r._mapping) for r in models]}
