@@ -94,3 +94,11 @@ def test_lineage_both_ways(trained):
     assert back["alias_moves"][0]["to_version"] == 1 and back["alias_moves"][0]["alias"] == "production"
     forward = registry.dataset_lineage(store, 1)
     assert [m["version"] for m in forward["models"]] == [1]
+
+
+def test_model_card(trained, tmp_path):
+    folder, spec, store = trained
+    page = registry.write_card(store, 1, tmp_path / "card.html").read_text()
+    for part in ("Model card: churn model v1", "beats the trivial baseline", "roc_auc by slice", "plan = basic",
+                 "Reproducibility record", "everloop reproduce 1", "Calibration", "ROC curve"):
+        assert part in page
