@@ -104,15 +104,16 @@ class Checked:
     report: ValidationReport
     frame: pd.DataFrame | None = None  # the input coerced to the schema (when asked for)
     bad_rows: np.ndarray | None = None  # rows with an error-level anomaly of their own
-    reasons: list[tuple[np.ndarray, str]] = field(default_factory=list)  # (row mask, why) per row-level error
+    reasons: list[tuple[np.ndarray, str, str]] = field(default_factory=list)  # (row mask, column, why) per row-level error
 
     def row_reasons(self) -> np.ndarray:
         """For each bad row, every reason it was refused, joined by '; '."""
         if self.bad_rows is None:
             return np.array([], dtype=object)
         out = np.full(len(self.bad_rows), "", dtype=object)
-        for mask, why in self.reasons:
-            out[mask] = np.where(out[mask] == "", why, out[mask] + "; " + why)
+        for mask, column, why in self.reasons:
+            text = f"{column}: {why}"
+            out[mask] = np.where(out[mask] == "", text, out[mask] + "; " + text)
         return out[self.bad_rows]
 
 
@@ -281,7 +282,7 @@ class Schema:
                         _add(checked, col.name, "duplicate_id", "warning", dup, ids, "duplicate ids")
         if checked.reasons:
             bad = np.zeros(len(frame), dtype=bool)
-            for mask, _ in checked.reasons:
+            for mask, _, _ in checked.reasons:
                 bad |= mask
             checked.bad_rows = bad
         return checked
@@ -578,7 +579,7 @@ def _add(checked: Checked, column: str, kind: str, severity: Severity, mask: np.
     checked.report.anomalies.append(Anomaly(column, kind, severity, count, f"{count} {message}",
                                             [int(p) for p in positions], values))
     if severity == "error":
-        checked.reasons.append((mask, f"{column}: {message}"))
+        checked.reasons.append((mask, column, message))
 
 
 def _stem(message: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -19,10 +20,38 @@ from everloop.spec import ProjectSpec
 MISSING_CATEGORY = "__missing__"
 
 
-def fill_missing_category(frame: pd.DataFrame) -> np.ndarray:
+def fill_missing_category(frame: pd.DataFrame | np.ndarray) -> np.ndarray:
     """Categories as objects with one explicit token for missing (None and NaN alike)."""
-    values = pd.DataFrame(frame).astype(object)
-    return values.where(values.notna(), MISSING_CATEGORY).to_numpy()
+    values = frame.to_numpy(dtype=object) if isinstance(frame, pd.DataFrame) else np.asarray(frame, dtype=object)
+    missing = pd.isna(values)
+    if missing.any():
+        values = values.copy()
+        values[missing] = MISSING_CATEGORY
+    return values
+
+
+NUMPY_BRANCHES = ("numeric", "categorical")  # branches whose steps take plain arrays as well as frames
+
+
+def transform_features(features: ColumnTransformer, frame: pd.DataFrame) -> np.ndarray:
+    """What `features.transform(frame)` returns, computed by the same fitted steps without the
+    ColumnTransformer's per-call overhead (column selection and feature-name checks through pandas):
+    the serving path, where a call is a handful of rows. Branches that may need column names (date
+    parts, user transformers) still get a frame."""
+    parts = []
+    for name, transformer, columns in features.transformers_:
+        if name == "remainder":
+            continue
+        if name in NUMPY_BRANCHES:
+            data: Any = frame[columns].to_numpy(dtype=float if name == "numeric" else object)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "X does not have valid feature names"
+                for _, step in transformer.steps:
+                    data = step.transform(data)
+        else:
+            data = transformer.transform(frame[columns])
+        parts.append(np.asarray(data, dtype=float))
+    return np.hstack(parts) if len(parts) > 1 else parts[0]
 
 
 DATETIME_PARTS = ("year", "month", "day", "day_of_week", "hour")

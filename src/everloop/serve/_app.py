@@ -1,8 +1,13 @@
-"""The HTTP service, built by an app factory over the store and the project file."""
+"""The HTTP service, built by an app factory over the store and the project file.
+
+Endpoints: everloop's `/predict`, MLflow's `/invocations` (and `/ping`), the Open Inference Protocol
+(`/v2/...`), `/feedback`, `/health`, `/ready`, `/metrics`, `/model`, `/admin/reload`. All prediction
+endpoints go through one path: parse the protocol into rows, validate and predict them in a
+micro-batch with other concurrent requests, log, answer.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -10,35 +15,39 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from everloop.data import Anomaly
+from everloop.data import current_schema
+from everloop.serve._batcher import MicroBatcher, Outcome
 from everloop.serve._holder import ModelHolder
 from everloop.serve._log import PredictionLog, record_feedback
 from everloop.serve._metrics import ServiceMetrics
+from everloop.serve._openapi import request_schemas
+from everloop.serve._protocols import (
+    MAX_BODY_BYTES,
+    V2_TYPES,
+    ClientError,
+    Rows,
+    loads,
+    mlflow_answer,
+    parse_invocations,
+    parse_predict,
+    parse_v2,
+    v2_answer,
+)
 from everloop.spec import ProjectSpec, load_spec
 from everloop.store import Store
 from everloop.train import TrainedModel
 
 ADMIN_TOKEN_ENV = "EVERLOOP_ADMIN_TOKEN"
 API_TOKEN_ENV = "EVERLOOP_API_TOKEN"
-MAX_BODY_BYTES = 64 * 1024 * 1024
-
-
-class ClientError(Exception):
-    """A request the client must fix; becomes a 4xx naming each bad field."""
-
-    def __init__(self, status: int, detail: list[dict[str, Any]] | str):
-        self.status = status
-        self.detail = detail
 
 
 def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None, store: Store | None = None,
                watch: bool = True) -> FastAPI:
-    """The prediction service of a project: `/predict`, `/feedback`, `/health`, `/ready`, `/metrics`, `/model`."""
+    """The prediction service of a project."""
     project_dir = Path(project_dir)
     spec = spec or load_spec(project_dir)
     store = store or Store.for_project(project_dir)
@@ -47,6 +56,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                          on_failure=lambda v, e: metrics.reload_failures.inc())
     prediction_log = PredictionLog(store) if spec.serving.log_predictions else None
     metrics.bind_log(prediction_log)
+    batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024), on_batch=metrics.batch_rows.observe)
+    metrics.bind_batcher(batcher)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -60,53 +71,131 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         if prediction_log:
             prediction_log.start()
         yield
+        batcher.stop()
         holder.stop()
         if prediction_log:
             prediction_log.stop()
 
-    app = FastAPI(title=f"everloop: {spec.name}", version="1", lifespan=lifespan)
+    found = current_schema(store)
+    schemas = request_schemas(found[1] if found else None)
+    app = FastAPI(title=f"everloop: {spec.name}", version="1", lifespan=lifespan,
+                  description="Predictions, feedback and health of the production model of this project.")
     app.state.holder, app.state.store, app.state.log, app.state.metrics = holder, store, prediction_log, metrics
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics, batcher=batcher)
 
     @app.exception_handler(ClientError)
     async def _client_error(_request: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-    @app.post("/predict")
+    async def parsed(request: Request, parse: Any) -> Rows:
+        """Read and parse a body; then the request no longer counts as arriving (see _MetricsMiddleware)."""
+        try:
+            return parse(await _body(request))
+        finally:
+            if request.scope.pop(ARRIVING, False):
+                batcher.arriving -= 1
+
+    async def serve_rows(model: TrainedModel, rows: Rows, started: float) -> tuple[Outcome, list[str]]:
+        outcome = await batcher.submit(model, rows)
+        if outcome.errors:
+            raise ClientError(422, outcome.errors)
+        ids = [uuid.uuid4().hex for _ in outcome.outputs]
+        metrics.observe_predictions(outcome.outputs)
+        if prediction_log:
+            now, latency_ms = time.time(), (time.perf_counter() - started) * 1000
+            prediction_log.put_many([
+                {"id": i, "created_at": now, "model_version": model.version, "features": f, "prediction": o,
+                 "latency_ms": latency_ms} for i, f, o in zip(ids, outcome.logged, outcome.outputs)])
+        return outcome, ids
+
+    @app.post("/predict", openapi_extra=schemas["predict"], summary="Predict one row or a batch")
     async def predict(request: Request) -> JSONResponse:
         started = time.perf_counter()
         model = _require_model(holder)
         _check_api_token(request)
-        body = await _json_body(request)
-        records, prefix = _records(body, model, spec.serving.max_batch_rows)
-        frame = pd.DataFrame.from_records(records, columns=model.schema.feature_names)
-        features, report = model.conform(frame)
-        if not report.ok:
-            raise ClientError(422, _anomaly_detail(report.errors, prefix, len(records)))
-        outputs = model.predict_conformed(features).records()
-        ids = [uuid.uuid4().hex for _ in outputs]
-        latency_ms = (time.perf_counter() - started) * 1000
-        metrics.observe_predictions(outputs)
-        if prediction_log:
-            now = time.time()
-            logged = _loggable(features)
-            prediction_log.put_many([
-                {"id": i, "created_at": now, "model_version": model.version, "features": f, "prediction": o,
-                 "latency_ms": latency_ms} for i, f, o in zip(ids, logged, outputs)])
-        answers = [{"id": i, **o} for i, o in zip(ids, outputs)]
+        rows = await parsed(request, lambda raw: parse_predict(loads(raw), model.schema.feature_names,
+                                                               spec.serving.max_batch_rows))
+        outcome, ids = await serve_rows(model, rows, started)
+        answers = [{"id": i, **o} for i, o in zip(ids, outcome.outputs)]
         return JSONResponse({"model_version": model.version, "predictions": answers})
 
-    @app.post("/feedback")
+    @app.post("/invocations", openapi_extra=schemas["invocations"], summary="MLflow scoring protocol")
+    async def invocations(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        model = _require_model(holder)
+        _check_api_token(request)
+        content_type = request.headers.get("content-type", "application/json")
+        rows = await parsed(request, lambda raw: parse_invocations(raw, content_type, model.schema.feature_names,
+                                                                   spec.serving.max_batch_rows))
+        outcome, _ = await serve_rows(model, rows, started)
+        return JSONResponse(mlflow_answer([o["prediction"] for o in outcome.outputs]))
+
+    @app.get("/ping", summary="Readiness, as MLflow and SageMaker callers expect")
+    async def ping() -> Response:
+        return Response(status_code=200 if holder.current is not None else 503)
+
+    @app.post("/v2/models/{name}/infer", openapi_extra=schemas["v2"], summary="Open Inference Protocol")
+    async def v2_infer(name: str, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        model = _require_model(holder)
+        _check_api_token(request)
+        _check_name(name, spec)
+        bodies: list[Any] = []
+
+        def parse(raw: bytes) -> Rows:
+            bodies.append(loads(raw))
+            return parse_v2(bodies[0], model.schema.feature_names, spec.serving.max_batch_rows)
+
+        rows = await parsed(request, parse)
+        body = bodies[0]  # a dict: parse_v2 refuses anything else
+        outcome, _ = await serve_rows(model, rows, started)
+        labels = [o["prediction"] for o in outcome.outputs]
+        proba = ([list(o["probabilities"].values()) for o in outcome.outputs]
+                 if outcome.outputs and "probabilities" in outcome.outputs[0] else None)
+        return JSONResponse(v2_answer(spec.name, model.version, body.get("id"), labels, proba))
+
+    @app.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata")
+    async def v2_metadata(name: str) -> dict[str, Any]:
+        model = _require_model(holder)
+        _check_name(name, spec)
+        inputs = [{"name": c.name, "datatype": V2_TYPES[c.kind], "shape": [-1, 1]} for c in model.schema.features]
+        outputs = [{"name": "predict", "datatype": "BYTES" if model.task == "classification" else "FP64",
+                    "shape": [-1, 1]}]
+        if model.task == "classification":
+            outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(model.classes)]})
+        return {"name": spec.name, "versions": [str(model.version)], "platform": "everloop-sklearn",
+                "inputs": inputs, "outputs": outputs}
+
+    @app.get("/v2/models/{name}/ready")
+    async def v2_model_ready(name: str) -> Response:
+        _check_name(name, spec)
+        return Response(status_code=200 if holder.current is not None else 503)
+
+    @app.get("/v2")
+    async def v2_server() -> dict[str, Any]:
+        return {"name": "everloop", "version": "1", "extensions": []}
+
+    @app.get("/v2/health/live")
+    async def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready() -> JSONResponse:
+        ready = holder.current is not None
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.post("/feedback", openapi_extra=schemas["feedback"], summary="Ground-truth labels for earlier predictions")
     async def feedback(request: Request) -> JSONResponse:
         _check_api_token(request)
         model = _require_model(holder)
-        body = await _json_body(request)
-        items = body.get("labels") if isinstance(body, dict) and "labels" in body else [body]
+        body = loads(await _body(request))
+        listed = isinstance(body, dict) and "labels" in body
+        items = body.get("labels") if listed else [body]
         if not isinstance(items, list) or not items:
             raise ClientError(422, [{"loc": ["labels"], "msg": "expected a non-empty list of {id, label}"}])
         problems, rows = [], []
         for n, item in enumerate(items):
-            loc = ["labels", n] if isinstance(body, dict) and "labels" in body else []
+            loc = ["labels", n] if listed else []
             if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "label" not in item:
                 problems.append({"loc": loc, "msg": "expected an object with a string 'id' and a 'label'"})
                 continue
@@ -145,7 +234,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         m = model.manifest
         return {"name": spec.name, "version": model.version, "task": model.task, "metric": m["metric"],
                 "metrics": m["metrics"], "baseline": m["baseline"], "classes": model.classes,
-                "schema": model.schema.to_dict(),
+                "features": model.schema.feature_names, "schema": model.schema.to_dict(),
                 "lineage": {"dataset_version": m["dataset_version"], "dataset_hash": m["dataset_hash"],
                             "reason": m.get("reason", "")}}
 
@@ -181,74 +270,19 @@ def _check_api_token(request: Request) -> None:
         raise ClientError(401, "a valid bearer token is required")
 
 
-async def _json_body(request: Request) -> Any:
+def _check_name(name: str, spec: ProjectSpec) -> None:
+    if name != spec.name:
+        raise ClientError(404, f"no model named {name!r}; this service serves {spec.name!r}")
+
+
+async def _body(request: Request) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise ClientError(413, f"the body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise ClientError(413, f"the body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
-    try:
-        return json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints past Python's digit limit
-        raise ClientError(400, f"the body is not valid JSON: {exc}") from None
-
-
-def _records(body: Any, model: TrainedModel, max_rows: int) -> tuple[list[dict[str, Any]], list[Any]]:
-    """The rows of a /predict body, and the location prefix that names them in errors."""
-    names = model.schema.feature_names
-    if not isinstance(body, dict) or not ({"features", "instances"} & body.keys()):
-        raise ClientError(422, [{"loc": [], "msg": "expected {\"features\": {...}}, {\"features\": [...]} "
-                                                   "or {\"instances\": [{...}, ...]}"}])
-    if "instances" in body:
-        rows = body["instances"]
-        if not isinstance(rows, list) or not rows:
-            raise ClientError(422, [{"loc": ["instances"], "msg": "expected a non-empty list of rows"}])
-        if len(rows) > max_rows:
-            raise ClientError(413, f"the batch has {len(rows)} rows; the limit is {max_rows} (serving.max_batch_rows)")
-        prefix: list[Any] = ["instances"]
-    else:
-        rows = [body["features"]]
-        prefix = ["features"]
-    records, problems = [], []
-    for n, row in enumerate(rows):
-        loc = prefix + [n] if prefix == ["instances"] else prefix
-        if isinstance(row, list):
-            if len(row) != len(names):
-                problems.append({"loc": loc, "msg": f"a row as a list needs {len(names)} values in schema order "
-                                                    f"({', '.join(names)}); got {len(row)}"})
-                continue
-            row = dict(zip(names, row))
-        elif not isinstance(row, dict):
-            problems.append({"loc": loc, "msg": "expected an object of feature values by name, or a list in schema order"})
-            continue
-        for name in names:
-            if name not in row:
-                problems.append({"loc": loc + [name], "msg": "field required"})
-        records.append(row)
-    if problems:
-        raise ClientError(422, problems)
-    return records, prefix
-
-
-def _loggable(features: pd.DataFrame) -> list[dict[str, Any]]:
-    """Rows as JSON-ready dicts: missing values as None, date/times as ISO text."""
-    out = features.copy(deep=False)
-    for name in out.columns:
-        if pd.api.types.is_datetime64_any_dtype(out[name]):
-            out[name] = out[name].map(lambda v: v.isoformat() if pd.notna(v) else None)
-    out = out.astype(object)
-    return out.where(out.notna(), None).to_dict(orient="records")
-
-
-def _anomaly_detail(anomalies: list[Anomaly], prefix: list[Any], rows: int) -> list[dict[str, Any]]:
-    detail = []
-    for a in anomalies:
-        for position, value in zip(a.rows, a.values) if a.rows else [(None, None)]:
-            loc = prefix + ([position] if prefix == ["instances"] and position is not None else []) + [a.column]
-            detail.append({"loc": loc, "msg": a.message.split(" ", 1)[1] if a.count == 1 else a.message,
-                           "input": value})
-    return detail
+    return raw
 
 
 def _label_problem(model: TrainedModel, label: Any) -> str | None:
@@ -268,12 +302,18 @@ def _limit_threads() -> None:
     threadpool_limits(1)
 
 
-class _MetricsMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware overhead): counts, times and catches every request."""
+PREDICTION_METHODS = {"/predict", "/invocations"}
+ARRIVING = "everloop.arriving"
 
-    def __init__(self, app: Any, metrics: ServiceMetrics):
+
+class _MetricsMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware overhead): counts and times every request, and tells the
+    batcher as soon as a prediction request starts, so that it can wait for it to join a batch."""
+
+    def __init__(self, app: Any, metrics: ServiceMetrics, batcher: MicroBatcher):
         self.app = app
         self.metrics = metrics
+        self.batcher = batcher
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -287,9 +327,15 @@ class _MetricsMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        path = scope.get("path", "")
+        if scope.get("method") == "POST" and (path in PREDICTION_METHODS or path.endswith("/infer")):
+            scope[ARRIVING] = True
+            self.batcher.arriving += 1
         self.metrics.inflight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.inflight.dec()
+            if scope.pop(ARRIVING, False):  # ended before its body was parsed (refused early)
+                self.batcher.arriving -= 1
             self.metrics.observe_request(scope.get("path", ""), status["code"], time.perf_counter() - started)

@@ -9,7 +9,7 @@ from typing import Callable
 import pandas as pd
 
 from everloop.errors import EverloopError
-from everloop.registry import PRODUCTION, alias_version, load_model
+from everloop.registry import PRODUCTION, alias_version, eval_frame, load_model
 from everloop.store import Store
 from everloop.train import TrainedModel
 
@@ -44,6 +44,7 @@ class ModelHolder:
             try:
                 model = load_model(self.store, target)
                 _warm(model)
+                model.check_fast_path(eval_frame(self.store, model.manifest).head(200))
             except (EverloopError, Exception) as exc:  # a broken model must never replace a working one
                 self._refused.add(target)
                 self.last_error = f"model v{target} refused: {exc}"

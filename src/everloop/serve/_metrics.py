@@ -7,7 +7,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.process_collector import ProcessCollector
 
-KNOWN_PATHS = {"/predict", "/feedback", "/health", "/ready", "/metrics", "/model", "/admin/reload"}
+KNOWN_PATHS = {"/predict", "/invocations", "/ping", "/feedback", "/health", "/ready", "/metrics", "/model",
+               "/admin/reload", "/v2", "/v2/health/live", "/v2/health/ready"}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -28,6 +29,12 @@ class ServiceMetrics:
         self.log_queue = Gauge("everloop_prediction_log_queue", "rows waiting to be written to the log", registry=r)
         self.log_dropped = Gauge("everloop_prediction_log_dropped", "rows dropped: the log queue was full", registry=r)
         self.log_failed = Gauge("everloop_prediction_log_failed", "rows the store refused to write", registry=r)
+        self.batch_rows = Histogram("everloop_batch_rows", "rows per model call (micro-batching)", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.batch_queue = Gauge("everloop_batch_queue", "requests waiting for the next model call", registry=r)
+
+    def bind_batcher(self, batcher: Any) -> None:
+        self.batch_queue.set_function(lambda: len(batcher.queue))
 
     def bind_log(self, prediction_log: Any) -> None:
         if prediction_log is None:
@@ -37,7 +44,12 @@ class ServiceMetrics:
         self.log_failed.set_function(lambda: prediction_log.failed)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        endpoint = path if path in KNOWN_PATHS else "other"  # bounded label cardinality
+        if path in KNOWN_PATHS:
+            endpoint = path
+        elif path.startswith("/v2/models/"):
+            endpoint = "/v2/models/{name}/" + path.rsplit("/", 1)[-1] if path.count("/") == 4 else "/v2/models/{name}"
+        else:
+            endpoint = "other"  # bounded label cardinality
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 

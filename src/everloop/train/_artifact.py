@@ -18,6 +18,7 @@ from sklearn.pipeline import Pipeline
 
 from everloop.data import Schema, ValidationReport
 from everloop.errors import StoreError, TrainError
+from everloop.features import transform_features
 from everloop.store import Store
 
 ARTIFACT_FORMAT = 1
@@ -45,6 +46,29 @@ class TrainedModel:
     pipeline: Pipeline
     schema: Schema
     manifest: dict[str, Any]
+    fast: bool = False  # predict through `transform_features` (set by `check_fast_path`)
+
+    def check_fast_path(self, frame: pd.DataFrame) -> bool:
+        """Use the low-overhead feature path only if it gives exactly the pipeline's outputs on `frame`."""
+        features, report = self.conform(frame)
+        if not report.ok or features.empty:
+            return False
+        self.fast = False
+        slow = self._outputs(features)
+        self.fast = True
+        try:
+            self.fast = bool(np.array_equal(slow, self._outputs(features)))
+        except Exception:  # a step that needs a frame: keep the pipeline's own path
+            self.fast = False
+        return self.fast
+
+    def _outputs(self, features: pd.DataFrame) -> np.ndarray:
+        features = features[self.schema.feature_names]
+        if self.fast:
+            encoded = transform_features(self.pipeline.named_steps["features"], features)
+            estimator = self.pipeline.named_steps["model"]
+            return estimator.predict_proba(encoded) if self.task == "classification" else estimator.predict(encoded)
+        return self.pipeline.predict_proba(features) if self.task == "classification" else self.pipeline.predict(features)
 
     @property
     def task(self) -> str:
@@ -60,13 +84,12 @@ class TrainedModel:
 
     def predict_conformed(self, features: pd.DataFrame) -> Predictions:
         """Predict rows that already went through `conform`."""
-        features = features[self.schema.feature_names]
+        outputs = self._outputs(features)
         if self.task == "classification":
-            proba = self.pipeline.predict_proba(features)  # columns: class codes 0..k-1, in manifest order
-            classes = self.classes
-            labels = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
-            return Predictions(labels, proba, classes)
-        return Predictions(np.asarray(self.pipeline.predict(features), dtype=float), None, None)
+            classes = self.classes  # proba columns are class codes 0..k-1, in manifest order
+            labels = np.asarray(classes, dtype=object)[outputs.argmax(axis=1)]
+            return Predictions(labels, outputs, classes)
+        return Predictions(np.asarray(outputs, dtype=float), None, None)
 
     def predict(self, frame: pd.DataFrame) -> Predictions:
         """Conform and predict; rows with error-level anomalies raise `DataError`."""
@@ -98,7 +121,12 @@ def save_model(store: Store, pipeline: Pipeline, schema: Schema, custom: str | N
 def load_artifact(store: Store, digest: str, manifest: dict[str, Any], version: int | None) -> TrainedModel:
     """Load a model artifact; its bytes are verified against the digest before unpickling."""
     data = store.artifacts.get(digest)  # verified against its sha256 before anything is unpickled
-    payload = pickle.loads(data)
+    try:
+        payload = pickle.loads(data)
+    except Exception as exc:  # any unpickling failure: another format, a missing class, a broken file
+        raise StoreError(f"model artifact {digest[:12]} cannot be loaded: {type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict):
+        raise StoreError(f"model artifact {digest[:12]} is not an everloop model")
     if payload.get("format") != ARTIFACT_FORMAT:
         raise StoreError(f"model artifact format {payload.get('format')!r} is not supported")
     return TrainedModel(version, payload["pipeline"], Schema.from_dict(payload["schema"]), manifest)

@@ -1,0 +1,688 @@
+"""Serving benchmark: everloop's HTTP service against the servers a user would pick instead.
+
+What is compared. One model -- the demo's churn classifier (15 features: 9 numeric, 6 categorical;
+a scikit-learn Pipeline of imputation, scaling, one-hot encoding and a 200-tree
+HistGradientBoostingClassifier), built with everloop's Python API in a temporary project (ingest,
+train, promote) -- is served by each server below in turn, on loopback, and loaded with wrk:
+
+    everloop     `everloop serve --workers 2` (validation, metrics, prediction log on: the product as
+                 shipped); run a second time with `serving.log_predictions: false` for logging_cost
+    flask        the tutorial Flask app (get_json -> DataFrame -> predict_proba -> jsonify), gunicorn -w 2
+    fastapi      a plain FastAPI app (pydantic model of the features), uvicorn[standard] --workers 2
+    mlflow       the pipeline saved with mlflow.sklearn (signature, pyfunc_predict_fn=predict_proba),
+                 `mlflow models serve --env-manager local --workers 2`, /invocations with dataframe_split
+    bentoml      a BentoML 1.4 service, 2 workers, adaptive batching on (@bentoml.api(batchable=True))
+    bare_asgi    a raw ASGI app answering a constant JSON, uvicorn --workers 2, no access log: the ceiling
+
+Every server runs with OMP_NUM_THREADS=1 (on 2 cores, scikit-learn's default OpenMP threads
+oversubscribe the CPU with 2 workers) and alone: each is started, checked (HTTP 200, and the
+probabilities it answers for one row and for the 100-row batch equal the reference model's), loaded,
+and its whole process group stopped before the next one starts.
+
+The peers serve the same fitted pipeline as everloop, exported once: everloop's pipeline holds one
+everloop function (`fill_missing_category`, a FunctionTransformer that fills missing categories with
+"__missing__"), which is replaced by the equivalent fitted SimpleImputers (NaN, then None ->
+"__missing__"); every other fitted step -- the imputers, scaler, encoder and the trees -- is the very
+object everloop trained. The export is checked to give identical probabilities (also on rows with
+missing values), and is pickled, so the peers' virtualenvs need no everloop, only the same
+scikit-learn version.
+
+Each peer is installed into a virtualenv of its own under bench/.venvs/<peer> on first use (a cache:
+delete it to reinstall); the peer apps are in bench/_serve_peers/.
+
+Load: wrk (installed with apt-get when missing), a small Lua script per body (POST, JSON), `--latency`
+for the percentiles, 1 thread at 1 connection and 2 threads at 16 connections, a warm-up run before
+each measured one. Four scenarios: {1 row, 100-row batch} x {1, 16 connections}, each in each
+server's own request format. Errors are non-2xx answers plus socket errors (connect, read, write,
+timeout) as wrk counts them.
+
+Run:
+    .venv/bin/python bench/serve.py              # 10 s per cell (about 15 minutes once the peers are installed)
+    .venv/bin/python bench/serve.py --quick      # 3 s per cell, every peer
+    .venv/bin/python bench/serve.py --quick --peers flask,bare_asgi    # a subset, while developing
+
+The last line printed is one JSON object; its headline figures are for one-row requests at 16
+connections: rps_ratio = everloop requests/s / peer requests/s, p99_ratio = everloop p99 / peer p99
+(everloop as shipped, prediction log on), logging_cost = 1 - rps(log on) / rps(log off).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy/scikit-learn load: training HistGradientBoosting on a busy 2-core machine with the
+# default OpenMP threads takes minutes instead of seconds; the servers get the same setting below.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import json
+import pickle
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _peers  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+APPS = BENCH / "_serve_peers"
+HOST = "127.0.0.1"
+PEERS = ["flask", "fastapi", "mlflow", "bentoml", "bare_asgi"]
+SCENARIOS = [(1, 1), (1, 16), (100, 1), (100, 16)]  # (rows per request, connections)
+HEADLINE = (1, 16)
+BATCH_ROWS = 100
+
+
+def _sklearn_pin() -> str:
+    """The peers unpickle everloop's fitted pipeline: they need the very scikit-learn version it was fit with."""
+    return f"scikit-learn=={metadata.version('scikit-learn')}"
+
+
+# name -> (pip packages, import probe, distributions whose versions are reported)
+def peer_packages() -> dict[str, tuple[list[str], str, list[str]]]:
+    sk = _sklearn_pin()
+    return {
+        "flask": (["flask", "gunicorn", "pandas", sk], "import flask, gunicorn, pandas, sklearn",
+                  ["flask", "gunicorn", "pandas", "numpy", "scikit-learn"]),
+        "fastapi": (["fastapi", "uvicorn[standard]", "pandas", sk], "import fastapi, uvicorn, uvloop, httptools, pandas, sklearn",
+                    ["fastapi", "pydantic", "uvicorn", "uvloop", "httptools", "pandas", "numpy", "scikit-learn"]),
+        # mlflow 3.18 does not install here; pandas<3 as mlflow 3.17 expects.
+        "mlflow": (["mlflow==3.17.2", "pandas<3", sk], "import mlflow, sklearn",
+                   ["mlflow", "uvicorn", "fastapi", "pandas", "numpy", "scikit-learn"]),
+        "bentoml": (["bentoml>=1.4,<1.5", "pandas", sk], "import bentoml, pandas, sklearn",
+                    ["bentoml", "uvicorn", "starlette", "pydantic", "pandas", "numpy", "scikit-learn"]),
+        "bare_asgi": (["uvicorn[standard]"], "import uvicorn, uvloop, httptools", ["uvicorn", "uvloop", "httptools"]),
+    }
+
+
+# -- machine, tools, versions --------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem_kb / 1024**2, 1),
+            "os": f"{platform.system()} {platform.release()}", "load": os.getloadavg()}
+
+
+def ensure_wrk() -> str:
+    """wrk's path; installs Debian's wrk with apt-get when it is missing (as root), or exits saying how."""
+    path = shutil.which("wrk")
+    if path:
+        return path
+    print("wrk not found: installing it with apt-get (Debian package 'wrk') ...", flush=True)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        sys.exit("serve.py needs the load generator wrk and cannot install it here (needs root and apt-get): "
+                 "install it yourself, e.g. `sudo apt-get install -y wrk`, then run again.")
+    for step in (["apt-get", "install", "-y", "-q", "wrk"], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "wrk"]):
+        done = subprocess.run(step, capture_output=True, text=True, env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"})
+        if step[1] == "install" and done.returncode == 0 and shutil.which("wrk"):
+            return shutil.which("wrk")
+    sys.exit(f"serve.py needs the load generator wrk; `apt-get install -y wrk` failed:\n{done.stderr.strip()[-2000:]}")
+
+
+def wrk_version(wrk: str) -> str:
+    out = subprocess.run([wrk, "-v"], capture_output=True, text=True)
+    return (out.stdout + out.stderr).strip().splitlines()[0].split(" Copyright")[0] if (out.stdout + out.stderr).strip() else "?"
+
+
+def venv_versions(python: Path | str, dists: list[str]) -> dict[str, str]:
+    code = ("import json, sys, platform; from importlib import metadata as m\n"
+            "def v(d):\n try: return m.version(d)\n except Exception: return None\n"
+            f"print(json.dumps({{'python': platform.python_version(), **{{d: v(d) for d in {dists!r}}}}}))")
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr.strip()[-300:]}
+
+
+def dir_mb(path: Path) -> int:
+    out = subprocess.run(["du", "-sm", str(path)], capture_output=True, text=True)
+    return int(out.stdout.split()[0]) if out.returncode == 0 else -1
+
+
+# -- the model: an everloop project, and the same pipeline exported for the peers ----------------------
+
+
+@dataclass
+class Fixture:
+    work: Path               # temporary folder of this run
+    project: Path            # the everloop project
+    model_dir: Path          # model.pkl + features.json for the peers
+    names: list[str]         # feature names, in schema order
+    rows: list[dict]         # BATCH_ROWS rows of features (JSON-ready), rows[0] is the one-row request
+    reference: list[float]   # P(churned = 1) of each row, by the exported pipeline
+    model_version: int
+    mlflow_model: Path | None = None
+
+
+def build_fixture(work: Path) -> Fixture:
+    """A fresh everloop project on the demo's churn data: ingest, train, promote; then the export."""
+    import pandas as pd
+    import yaml
+
+    from everloop import data, registry, train
+    from everloop.demo import demo_spec, make_churn
+    from everloop.spec import load_spec
+    from everloop.store import Store
+
+    project = work / "project"
+    (project / "data").mkdir(parents=True)
+    make_churn(10000, seed=7).to_csv(project / "data/customers.csv", index=False)
+    (project / "everloop.yaml").write_text(yaml.safe_dump(demo_spec(), sort_keys=False))
+    spec = load_spec(project)
+    store = Store.for_project(project)
+    data.ingest(store, spec, base=project)
+    version = train.train(store, spec).version
+    registry.promote(store, spec, version)
+    model = registry.load_model(store, "production")
+
+    names = list(model.schema.feature_names)
+    history = pd.read_csv(project / "data/customers.csv")[names]
+    pipeline = pure_sklearn(model.pipeline, history)
+    fresh = make_churn(4 * BATCH_ROWS, seed=11)[names].dropna().head(BATCH_ROWS).reset_index(drop=True)
+    check_same_model(model.pipeline, pipeline, pd.concat([fresh, history.head(2000)], ignore_index=True))
+    rows = json.loads(fresh.to_json(orient="records"))
+    reference = pipeline.predict_proba(pd.DataFrame(rows, columns=names))[:, 1].tolist()
+
+    model_dir = work / "model"
+    model_dir.mkdir()
+    with open(model_dir / "model.pkl", "wb") as f:
+        pickle.dump(pipeline, f, protocol=5)
+    types = {n: ("int" if pd.api.types.is_integer_dtype(history[n]) else
+                 "float" if pd.api.types.is_numeric_dtype(history[n]) else "str") for n in names}
+    (model_dir / "features.json").write_text(json.dumps({"names": names, "types": types}))
+    (model_dir / "rows.json").write_text(json.dumps(rows))
+    return Fixture(work, project, model_dir, names, rows, reference, version)
+
+
+def pure_sklearn(pipeline, frame):
+    """A copy of the fitted `pipeline` in which everloop's `fill_missing_category` FunctionTransformer is
+    replaced by equivalent fitted SimpleImputers; every other fitted step is kept as it is."""
+    import numpy as np
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    pipeline = pickle.loads(pickle.dumps(pipeline))
+    replaced = 0
+    for step in pipeline.named_steps.values():
+        if not isinstance(step, ColumnTransformer):
+            continue
+        for name, transformer, columns in step.transformers_:
+            if not isinstance(transformer, Pipeline):
+                continue
+            for i, (sub, inner) in enumerate(transformer.steps):
+                func = getattr(inner, "func", None)
+                if isinstance(inner, FunctionTransformer) and getattr(func, "__module__", "").startswith("everloop"):
+                    if func.__name__ != "fill_missing_category":
+                        raise SystemExit(f"cannot export the pipeline: unknown everloop step {func.__module__}.{func.__name__}")
+                    fill = Pipeline([
+                        ("nan", SimpleImputer(missing_values=np.nan, strategy="constant", fill_value="__missing__")),
+                        ("none", SimpleImputer(missing_values=None, strategy="constant", fill_value="__missing__"))])
+                    fill.fit(frame[columns].astype(object))
+                    transformer.steps[i] = (sub, fill)
+                    replaced += 1
+        fitted = {name: transformer for name, transformer, _ in step.transformers_}
+        step.transformers = [(name, fitted.get(name, t), columns) for name, t, columns in step.transformers]
+    if b"everloop" in pickle.dumps(pipeline):
+        raise SystemExit("cannot export the pipeline: it still refers to everloop code after replacing "
+                         f"{replaced} fill_missing_category step(s); see pure_sklearn() in bench/serve.py")
+    return pipeline
+
+
+def check_same_model(original, exported, frame) -> None:
+    """The export answers exactly what everloop's pipeline answers, also where categories are missing."""
+    import numpy as np
+    from pandas.api.types import is_numeric_dtype
+
+    holes = frame.copy()
+    rng = np.random.default_rng(0)
+    for column in holes.columns[::3]:
+        holes.loc[rng.choice(len(holes), len(holes) // 20, replace=False), column] = np.nan
+    as_object = holes.astype({c: object for c in holes.columns if not is_numeric_dtype(holes[c])})
+    as_object.iloc[:50, -1] = None
+    for sample in (frame, holes, as_object):
+        diff = np.abs(original.predict_proba(sample) - exported.predict_proba(sample)).max()
+        if diff > 1e-12:
+            raise SystemExit(f"the exported pipeline differs from everloop's by {diff:g} in probability")
+
+
+def save_mlflow_model(fixture: Fixture, python: Path) -> Path:
+    out = fixture.work / "mlflow_model"
+    done = subprocess.run([str(python), str(APPS / "mlflow_export.py"), str(fixture.model_dir),
+                           str(fixture.model_dir / "rows.json"), str(out)],
+                          capture_output=True, text=True, env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"mlflow.sklearn.save_model failed: {done.stderr.strip()[-1500:]}")
+    return out
+
+
+def set_prediction_log(project: Path, on: bool) -> None:
+    import yaml
+
+    spec = yaml.safe_load((project / "everloop.yaml").read_text())
+    spec.setdefault("serving", {})["log_predictions"] = on
+    (project / "everloop.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+# -- the servers ----------------------------------------------------------------------------------------
+
+
+def _p1_lists(rows: list) -> list[float]:
+    return [float(r[1]) for r in rows]
+
+
+def _p1_everloop(answer: dict) -> list[float]:
+    return [float(p["probabilities"]["1"]) for p in answer["predictions"]]
+
+
+@dataclass
+class Server:
+    key: str                       # the key in the JSON line (the peer name, or everloop / everloop_nolog)
+    label: str                     # how the tables show it
+    venv: str | None               # bench/.venvs/<venv>, or None for everloop's own
+    command: Callable[[int, Fixture], list[str]]
+    body: Callable[[Fixture, int], tuple[str, Any]]   # (path, JSON body) for a request of n rows
+    answer: Callable[[Any], list[float]] | None        # P(class 1) per row from the response, None: not a model
+    ready_timeout: float = 120.0
+    env: dict[str, str] = field(default_factory=dict)
+    before: Callable[[Fixture], None] | None = None
+
+
+def _bin(venv: str, tool: str) -> str:
+    return str(_peers.VENVS / venv / "bin" / tool)
+
+
+def _everloop_bin() -> str:
+    here = Path(sys.executable).parent / "everloop"
+    return str(here) if here.exists() else (shutil.which("everloop") or "everloop")
+
+
+def _records(f: Fixture, n: int) -> list[dict]:
+    return f.rows[:n]
+
+
+def servers() -> list[Server]:
+    uvicorn_app = lambda venv, app: lambda port, f: [  # noqa: E731
+        _bin(venv, "uvicorn"), app, "--app-dir", str(APPS), "--host", HOST, "--port", str(port),
+        "--workers", "2", "--no-access-log"]
+    everloop_cmd = lambda port, f: [_everloop_bin(), "serve", "--host", HOST, "--port", str(port),  # noqa: E731
+                                    "--workers", "2", "--project", str(f.project)]
+    everloop_body = lambda f, n: ("/predict", {"features": f.rows[0]} if n == 1 else {"instances": _records(f, n)})  # noqa: E731
+    return [
+        Server("bare_asgi", "bare ASGI (constant answer)", "bare_asgi",
+               lambda port, f: uvicorn_app("bare_asgi", "bare_asgi:app")(port, f) + ["--lifespan", "off"],
+               lambda f, n: ("/predict", f.rows[0] if n == 1 else _records(f, n)), None),
+        Server("flask", "Flask + gunicorn -w 2", "flask",
+               lambda port, f: [_bin("flask", "gunicorn"), "-w", "2", "-b", f"{HOST}:{port}", "--chdir", str(APPS),
+                                "flask_app:app"],
+               lambda f, n: ("/predict", f.rows[0] if n == 1 else _records(f, n)),
+               lambda a: _p1_lists(a["probabilities"])),
+        Server("fastapi", "FastAPI + uvicorn --workers 2", "fastapi", uvicorn_app("fastapi", "fastapi_app:app"),
+               lambda f, n: ("/predict", f.rows[0]) if n == 1 else ("/predict_batch", _records(f, n)),
+               lambda a: _p1_lists(a["probabilities"])),
+        # The scoring server is uvicorn; UVICORN_ACCESS_LOG=false turns its access log off (uvicorn reads
+        # its options from UVICORN_* variables), as for every other peer.
+        Server("mlflow", "MLflow scoring server, --workers 2", "mlflow",
+               lambda port, f: [_bin("mlflow", "mlflow"), "models", "serve", "-m", str(f.mlflow_model),
+                                "--env-manager", "local", "-h", HOST, "-p", str(port), "--workers", "2"],
+               lambda f, n: ("/invocations", {"dataframe_split": {
+                   "columns": f.names, "data": [[r[c] for c in f.names] for r in _records(f, n)]}}),
+               lambda a: _p1_lists(a["predictions"]),
+               env={"UVICORN_ACCESS_LOG": "false"}),
+        Server("bentoml", "BentoML, 2 workers, adaptive batching", "bentoml",
+               lambda port, f: [_bin("bentoml", "bentoml"), "serve", "bentoml_service:Churn", "--working-dir",
+                                str(APPS), "--host", HOST, "--port", str(port)],
+               lambda f, n: ("/predict", {"df": _records(f, n)}), _p1_lists,
+               env={"BENTOML_DO_NOT_TRACK": "True"}),
+        Server("everloop", "everloop serve --workers 2", None, everloop_cmd, everloop_body, _p1_everloop,
+               before=lambda f: set_prediction_log(f.project, True)),
+        Server("everloop_nolog", "everloop serve --workers 2, log off", None, everloop_cmd, everloop_body,
+               _p1_everloop, before=lambda f: set_prediction_log(f.project, False)),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class Running:
+    """One server process (in a process group of its own), its log, and how to stop all of it."""
+
+    def __init__(self, server: Server, fixture: Fixture, logs: Path):
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log_path = logs / f"{server.key}.log"
+        env = os.environ | {"OMP_NUM_THREADS": "1", "SERVE_MODEL_DIR": str(fixture.model_dir),
+                            "PYTHONDONTWRITEBYTECODE": "1", "BENTOML_HOME": str(fixture.work / "bentoml")}
+        if server.venv:
+            env["PATH"] = f"{_peers.VENVS / server.venv / 'bin'}:{env.get('PATH', '')}"
+            env["VIRTUAL_ENV"] = str(_peers.VENVS / server.venv)
+        env |= server.env
+        self.command = server.command(self.port, fixture)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            cwd=fixture.work, start_new_session=True)
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, path: str, body: bytes, timeout: float) -> float:
+        """Seconds until the server answers 200 to the one-row request."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"exited with code {self.process.returncode} before answering:\n{self.log_tail()}")
+            try:
+                status, _ = post(self.url + path, body, timeout=5)
+                if status == 200:
+                    return time.monotonic() - start
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"no 200 answer within {timeout:g} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM to the whole process group, SIGKILL after 15 s; returns when no process of it is left."""
+        pgid = self.process.pid
+        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                self.process.poll()
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    self.process.wait()
+                    return
+                time.sleep(0.1)
+        self.process.wait()
+
+
+def check_answers(server: Server, fixture: Fixture, running: Running) -> None:
+    """HTTP 200, and the same probabilities as the reference model, for one row and for the batch."""
+    for n in (1, BATCH_ROWS):
+        path, body = server.body(fixture, n)
+        status, raw = post(running.url + path, json.dumps(body).encode(), timeout=30)
+        if status != 200:
+            raise RuntimeError(f"{n}-row request answered HTTP {status}: {raw[:500]!r}")
+        answer = json.loads(raw)
+        if server.answer is None:
+            continue
+        got = server.answer(answer)
+        want = fixture.reference[:n]
+        if len(got) != n or any(abs(g - w) > 1e-5 for g, w in zip(got, want)):
+            raise RuntimeError(f"{n}-row request: probabilities {got[:3]}... differ from the model's {want[:3]}...")
+
+
+# -- wrk --------------------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text).groups()
+    return float(value) * _UNITS[unit]
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
+    total = re.search(r"(\d+) requests in", output)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if not rps or not total:
+        raise RuntimeError(f"cannot read wrk's output:\n{output}")
+    socket_errors = dict(zip(("connect", "read", "write", "timeout"), map(int, sock.groups()))) if sock else {}
+    result = {"rps": float(rps.group(1)), "requests": int(total.group(1)),
+              "p50_ms": _ms(p50.group(1)) if p50 else None, "p99_ms": _ms(p99.group(1)) if p99 else None,
+              "non2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": socket_errors}
+    result["errors"] = result["non2xx"] + sum(socket_errors.values())
+    return result
+
+
+def lua_script(folder: Path, name: str, body: bytes) -> Path:
+    body_path = folder / f"{name}.json"
+    body_path.write_bytes(body)
+    script = folder / f"{name}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'local f = assert(io.open("{body_path}", "rb"))\n'
+        "wrk.body = f:read(\"*a\")\n"
+        "f:close()\n")
+    return script
+
+
+def run_wrk(wrk: str, url: str, script: Path, connections: int, seconds: float) -> dict[str, Any]:
+    threads = min(2, connections)
+    command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "--latency",
+               "-s", str(script), url]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    return parse_wrk(done.stdout)
+
+
+# -- one run ----------------------------------------------------------------------------------------------
+
+
+def measure(server: Server, fixture: Fixture, wrk: str, seconds: float, warmup: float,
+            logs: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Start `server`, check it, load it in each scenario, stop it. {"ready_s", "cells": {(rows, conns): wrk}}."""
+    if server.before:
+        server.before(fixture)
+    running = Running(server, fixture, logs)
+    try:
+        path, body = server.body(fixture, 1)
+        ready = running.wait_ready(path, json.dumps(body).encode(), server.ready_timeout)
+        check_answers(server, fixture, running)
+        say(f"  {server.key}: ready in {ready:.1f} s, answers checked; pid {running.process.pid}, "
+            f"{' '.join(running.command[:3])} ...")
+        cells: dict[tuple[int, int], dict] = {}
+        for rows, connections in SCENARIOS:
+            path, body = server.body(fixture, rows)
+            script = lua_script(fixture.work / "wrk", f"{server.key}_{rows}", json.dumps(body).encode())
+            url = running.url + path
+            if warmup > 0:
+                run_wrk(wrk, url, script, connections, warmup)
+            cell = run_wrk(wrk, url, script, connections, seconds)
+            if running.process.poll() is not None:
+                raise RuntimeError(f"the server died under load:\n{running.log_tail()}")
+            cells[(rows, connections)] = cell
+            say(f"    {rows:>3} row(s) x {connections:>2} conn: {cell['rps']:>9.1f} req/s  p50 {_fmt_ms(cell['p50_ms'])}"
+                f"  p99 {_fmt_ms(cell['p99_ms'])}  errors {cell['errors']}")
+        return {"ready_s": ready, "cells": cells}
+    finally:
+        running.stop()
+
+
+def _fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+
+
+def tables(results: dict[str, dict], labels: dict[str, str]) -> str:
+    out = []
+    for rows, connections in SCENARIOS:
+        title = f"{'one row' if rows == 1 else f'{rows}-row batch'}, {connections} connection{'s' * (connections > 1)}"
+        out += [f"### {title}", "", "| server | req/s | rows/s | p50 | p99 | errors | everloop req/s / this |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        ever = results.get("everloop", {}).get("cells", {}).get((rows, connections))
+        for key, result in results.items():
+            if "error" in result:
+                out.append(f"| {labels[key]} | failed | | | | | |")
+                continue
+            cell = result["cells"][(rows, connections)]
+            ratio = f"{ever['rps'] / cell['rps']:.2f}x" if ever and cell["rps"] else "-"
+            out.append(f"| {labels[key]} | {cell['rps']:,.1f} | {cell['rps'] * rows:,.0f} | {_fmt_ms(cell['p50_ms'])} | "
+                       f"{_fmt_ms(cell['p99_ms'])} | {cell['errors']} | {ratio} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def headline(results: dict[str, dict], quick: bool, peers: list[str]) -> dict[str, Any]:
+    def cell(key: str, scenario=HEADLINE) -> dict | None:
+        result = results.get(key, {})
+        return result.get("cells", {}).get(scenario)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    ever, nolog = cell("everloop"), cell("everloop_nolog")
+    line: dict[str, Any] = {"bench": "serve", "quick": quick, "rows": HEADLINE[0], "connections": HEADLINE[1]}
+    line["rps_ratio"] = {p: ratio(ever and ever["rps"], (cell(p) or {}).get("rps")) for p in peers}
+    line["p99_ratio"] = {p: ratio(ever and ever["p99_ms"], (cell(p) or {}).get("p99_ms")) for p in peers}
+    line["logging_cost"] = round(1 - ever["rps"] / nolog["rps"], 3) if ever and nolog and nolog["rps"] else None
+    line["everloop_rps"] = ever and round(ever["rps"], 1)
+    line["everloop_p99_ms"] = ever and ever["p99_ms"]
+    line["peer_rps"] = {p: (cell(p) or {}).get("rps") for p in peers}
+    batch = (BATCH_ROWS, 16)
+    ever_batch = cell("everloop", batch)
+    line["rps_ratio_100rows"] = {p: ratio(ever_batch and ever_batch["rps"], (cell(p, batch) or {}).get("rps"))
+                                 for p in peers if p != "bare_asgi"}
+    line["errors"] = {k: sum(c["errors"] for c in r["cells"].values()) for k, r in results.items() if "cells" in r}
+    failed = {k: r["error"].splitlines()[0][:200] for k, r in results.items() if "error" in r}
+    if failed:
+        line["failed"] = failed
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 s per cell and 1 s warm-up (default 10 s and 2 s); every peer")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated subset of {','.join(PEERS)} (everloop always runs)")
+    parser.add_argument("--seconds", type=float, help="seconds per measured cell (overrides --quick)")
+    parser.add_argument("--no-nolog", action="store_true", help="skip everloop's log-off run (no logging_cost)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (project, logs, bodies)")
+    args = parser.parse_args()
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peer(s) {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}")
+    seconds = args.seconds or (3.0 if args.quick else 10.0)
+    warmup = 1.0 if args.quick else 2.0
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    wrk = ensure_wrk()
+    info = machine()
+    say(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, {info['os']}; "
+        f"load average {info['load'][0]:.2f} / {info['load'][1]:.2f} / {info['load'][2]:.2f}")
+    if info["load"][0] > 0.5:
+        say("  note: the machine is not idle (load average above 0.5): the numbers below will be noisy")
+    say(f"wrk: {wrk_version(wrk)}; {seconds:g} s per cell after a {warmup:g} s warm-up; "
+        f"threads min(2, connections); OMP_NUM_THREADS=1 for every server")
+    mine = venv_versions(sys.executable, ["everloop", "fastapi", "uvicorn", "uvloop", "httptools", "pydantic",
+                                          "pandas", "numpy", "scikit-learn"])
+    say("everloop venv: " + ", ".join(f"{k} {v}" for k, v in mine.items()))
+
+    packages = peer_packages()
+    installs: dict[str, dict] = {}
+    broken: dict[str, str] = {}
+    for peer in peers:
+        pkgs, probe, dists = packages[peer]
+        try:
+            python, spent = _peers.ensure_venv(peer, pkgs, probe)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            broken[peer] = f"install failed: {exc}"
+            say(f"{peer}: install FAILED ({exc})")
+            continue
+        installs[peer] = {"install_s": round(spent, 1), "mb": dir_mb(python.parent.parent)}
+        versions = venv_versions(python, dists)
+        spent_text = f"installed in {spent:.0f} s" if spent else "cached"
+        say(f"{peer} venv ({spent_text}, {installs[peer]['mb']} MB): "
+            + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+    work = Path(tempfile.mkdtemp(prefix="everloop-bench-serve-"))
+    (work / "wrk").mkdir()
+    (work / "logs").mkdir()
+    try:
+        started = time.perf_counter()
+        say("building the model: demo churn data (10,000 rows), ingest, train, promote ...")
+        fixture = build_fixture(work)
+        say(f"  model v{fixture.model_version} in {time.perf_counter() - started:.0f} s; exported for the peers "
+            f"(identical probabilities); {len(fixture.names)} features; {work}")
+        if "mlflow" in peers and "mlflow" not in broken:
+            try:
+                fixture.mlflow_model = save_mlflow_model(fixture, _peers.venv_python("mlflow"))
+            except RuntimeError as exc:
+                broken["mlflow"] = str(exc)
+                say(f"mlflow: {exc}")
+
+        chosen = [s for s in servers() if s.key in peers or s.key == "everloop" or
+                  (s.key == "everloop_nolog" and not args.no_nolog)]
+        labels = {s.key: s.label for s in chosen}
+        results: dict[str, dict] = {}
+        for server in chosen:
+            if server.key in broken:
+                results[server.key] = {"error": broken[server.key]}
+                continue
+            say(f"{server.label}:")
+            try:
+                results[server.key] = measure(server, fixture, wrk, seconds, warmup, work / "logs", say)
+            except Exception as exc:  # one failing server must not lose the others' numbers
+                results[server.key] = {"error": f"{type(exc).__name__}: {exc}"}
+                say(f"  {server.key} FAILED: {type(exc).__name__}: {exc}")
+
+        say("")
+        say(f"## Results ({'quick: ' if args.quick else ''}{seconds:g} s per cell; req/s, latency percentiles and "
+            f"errors from wrk; rows/s = req/s x rows per request)")
+        say("")
+        say(tables(results, labels))
+        for key, result in results.items():
+            if "error" in result:
+                say(f"{key} failed: {result['error']}")
+        line = headline(results, args.quick, peers)
+        line["ready_s"] = {k: round(r["ready_s"], 1) for k, r in results.items() if "ready_s" in r}
+        line["install"] = installs
+    finally:
+        if args.keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
