@@ -351,7 +351,7 @@ def servers() -> list[Server]:
         Server("bentoml", "BentoML, 2 workers, adaptive batching", "bentoml",
                lambda port, f: [_bin("bentoml", "bentoml"), "serve", "bentoml_service:Churn", "--working-dir",
                                 str(APPS), "--host", HOST, "--port", str(port)],
-               lambda f, n: ("/predict", {"df": _records(f, n)}), _p1_lists,
+               lambda f, n: ("/predict", {"rows": _records(f, n)}), _p1_lists,
                env={"BENTOML_DO_NOT_TRACK": "True"}),
         Server("everloop", "everloop serve --workers 2", None, everloop_cmd, everloop_body, _p1_everloop,
                before=lambda f: set_prediction_log(f.project, True)),

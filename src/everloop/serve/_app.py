@@ -130,6 +130,12 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         outcome, _ = await serve_rows(model, rows, started)
         return JSONResponse(mlflow_answer([o["prediction"] for o in outcome.outputs]))
 
+    @app.get("/version", summary="The server's version, as MLflow's scoring client asks")
+    async def version() -> Response:
+        from importlib.metadata import version as package_version
+
+        return Response(package_version("everloop"), media_type="text/plain")
+
     @app.get("/ping", summary="Readiness, as MLflow and SageMaker callers expect")
     async def ping() -> Response:
         return Response(status_code=200 if holder.current is not None else 503)
