@@ -85,3 +85,19 @@ def test_postgresql_store_with_a_real_server(tmp_path, pg_url):
     assert result.window["rows"] == 1000 and result.window["labelled_rows"] == 1000
     assert result.drift.dataset_drift
     store.close()
+
+
+def test_metrics_add_up_across_workers(tmp_path):
+    folder = write_project(tmp_path / "p")
+    spec, store = load_spec(folder), Store.for_project(folder)
+    data.ingest(store, spec, base=folder)
+    registry.promote(store, spec, train.train(store, spec).version)
+    rows = json.loads(make_churn(3, seed=5).drop(columns=["customer_id", "event_time", "churned"])
+                      .to_json(orient="records"))
+    with ServerProcess(folder, workers=2) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        for _ in range(40):
+            assert client.post("/predict", json={"instances": rows}).status_code == 200
+        text = client.get("/metrics").text
+    line = next(x for x in text.splitlines() if x.startswith('everloop_requests_total{endpoint="/predict",status="200"}'))
+    assert float(line.split()[-1]) == 40.0
+    assert "everloop_process_resident_memory_bytes" in text and "everloop_model_version 1.0" in text

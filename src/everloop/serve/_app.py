@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from everloop.data import current_schema
 from everloop.serve._batcher import MicroBatcher, Outcome
@@ -54,10 +54,9 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     metrics = ServiceMetrics()
     holder = ModelHolder(store, on_swap=lambda m: metrics.model_version.set(m.version or 0),
                          on_failure=lambda v, e: metrics.reload_failures.inc())
-    prediction_log = PredictionLog(store) if spec.serving.log_predictions else None
-    metrics.bind_log(prediction_log)
-    batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024), on_batch=metrics.batch_rows.observe)
-    metrics.bind_batcher(batcher)
+    prediction_log = PredictionLog(store, metrics=metrics) if spec.serving.log_predictions else None
+    batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024), on_batch=metrics.batch_rows.observe,
+                           on_queue=metrics.batch_queue.set)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -75,6 +74,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         holder.stop()
         if prediction_log:
             prediction_log.stop()
+        metrics.worker_exited()
 
     found = current_schema(store)
     schemas = request_schemas(found[1] if found else None)
@@ -232,7 +232,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/model")
     async def model_info() -> dict[str, Any]:

@@ -40,7 +40,8 @@ class _Job:
 
 
 class MicroBatcher:
-    def __init__(self, max_rows: int = 1024, on_batch: Any = None, max_wait_s: float = 0.002):
+    def __init__(self, max_rows: int = 1024, on_batch: Any = None, max_wait_s: float = 0.002,
+                 on_queue: Any = None):
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.arriving = 0  # requests being read and parsed right now: worth waiting a moment for
@@ -48,6 +49,7 @@ class MicroBatcher:
         self.recent_rows = 1.0  # moving averages of the rows and seconds of recent model calls
         self.recent_seconds = 0.0
         self.on_batch = on_batch  # called with the number of rows of each model call (for metrics)
+        self.on_queue = on_queue  # called with the queue's length when it changes (for metrics)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -58,6 +60,8 @@ class MicroBatcher:
             self._task = loop.create_task(self._run())
         job = _Job(model, rows, loop.create_future())
         self.queue.append(job)
+        if self.on_queue:
+            self.on_queue(len(self.queue))
         self._wakeup.set()
         return await job.future
 
@@ -109,6 +113,8 @@ class MicroBatcher:
             job = self.queue.popleft()
             jobs.append(job)
             rows += len(job.rows.records)
+        if self.on_queue:
+            self.on_queue(len(self.queue))
         return jobs
 
     def _process(self, jobs: list[_Job]) -> None:

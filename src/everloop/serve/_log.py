@@ -19,8 +19,10 @@ class PredictionLog:
     """Requests put rows here and return at once; a thread writes them to the store in batches.
     When the queue is full a row is dropped and counted (never silently)."""
 
-    def __init__(self, store: Store, max_queue: int = 100_000, batch: int = 2000, interval: float = 0.2):
+    def __init__(self, store: Store, max_queue: int = 100_000, batch: int = 2000, interval: float = 0.2,
+                 metrics: Any = None):
         self.store = store
+        self.metrics = metrics
         self.queue: queue.Queue[dict[str, Any]] = queue.Queue(max_queue)
         self.batch = batch
         self.interval = interval
@@ -45,6 +47,10 @@ class PredictionLog:
             except queue.Full:
                 dropped += 1
         self.dropped += dropped
+        if self.metrics is not None:
+            self.metrics.log_queue.set(self.queue.qsize())
+            if dropped:
+                self.metrics.log_dropped.inc(dropped)
         return dropped
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -77,6 +83,9 @@ class PredictionLog:
                 rows.append(self.queue.get_nowait())
             except queue.Empty:
                 break
+        if self.metrics is not None:
+            self.metrics.log_queue.set(self.queue.qsize())
+            self.metrics.sample_process()  # the writer thread wakes about every interval: a cheap clock
         if not rows:
             return False
         try:
@@ -85,6 +94,8 @@ class PredictionLog:
             self.written += len(rows)
         except Exception as exc:  # counted and logged: the service keeps answering
             self.failed += len(rows)
+            if self.metrics is not None:
+                self.metrics.log_failed.inc(len(rows))
             log.error("prediction log: %d rows could not be written: %s", len(rows), exc)
         return True
 

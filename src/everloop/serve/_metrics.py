@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import resource
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.process_collector import ProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 KNOWN_PATHS = {"/predict", "/invocations", "/ping", "/feedback", "/health", "/ready", "/metrics", "/model",
                "/admin/reload", "/v2", "/v2/health/live", "/v2/health/ready"}
@@ -13,35 +18,62 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class ServiceMetrics:
+    """The service's metrics. With several workers (`everloop serve --workers N`, which sets
+    PROMETHEUS_MULTIPROC_DIR), every worker writes its values to that folder and `/metrics`, answered
+    by any of them, aggregates all workers (prometheus_client's multiprocess mode)."""
+
     def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = CollectorRegistry()
         r = self.registry
-        ProcessCollector(registry=r)  # process CPU seconds, resident memory, open fds
+        if not self.multiprocess:
+            ProcessCollector(registry=r)  # process CPU seconds, resident memory, open fds
         self.requests = Counter("everloop_requests", "HTTP requests", ["endpoint", "status"], registry=r)
         self.latency = Histogram("everloop_request_latency_seconds", "HTTP request latency", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.inflight = Gauge("everloop_inflight_requests", "requests being served now", registry=r)
-        self.model_version = Gauge("everloop_model_version", "version of the model being served", registry=r)
+        self.inflight = Gauge("everloop_inflight_requests", "requests being served now", registry=r,
+                              multiprocess_mode="livesum")
+        self.model_version = Gauge("everloop_model_version", "version of the model being served", registry=r,
+                                   multiprocess_mode="max")
         self.reload_failures = Counter("everloop_model_reload_failures", "new models refused at load", registry=r)
         self.predictions = Counter("everloop_predictions", "predicted rows by predicted class", ["prediction"],
                                    registry=r)
         self.predicted_value = Histogram("everloop_predicted_value", "predicted values (regression)", registry=r)
-        self.log_queue = Gauge("everloop_prediction_log_queue", "rows waiting to be written to the log", registry=r)
-        self.log_dropped = Gauge("everloop_prediction_log_dropped", "rows dropped: the log queue was full", registry=r)
-        self.log_failed = Gauge("everloop_prediction_log_failed", "rows the store refused to write", registry=r)
+        self.log_queue = Gauge("everloop_prediction_log_queue", "rows waiting to be written to the log", registry=r,
+                               multiprocess_mode="livesum")
+        self.log_dropped = Counter("everloop_prediction_log_dropped", "rows dropped: the log queue was full",
+                                   registry=r)
+        self.log_failed = Counter("everloop_prediction_log_failed", "rows the store refused to write", registry=r)
         self.batch_rows = Histogram("everloop_batch_rows", "rows per model call (micro-batching)", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
-        self.batch_queue = Gauge("everloop_batch_queue", "requests waiting for the next model call", registry=r)
+        self.batch_queue = Gauge("everloop_batch_queue", "requests waiting for the next model call", registry=r,
+                                 multiprocess_mode="livesum")
+        self.cpu = Gauge("everloop_process_cpu_seconds", "CPU seconds used by the service's workers", registry=r,
+                         multiprocess_mode="livesum")
+        self.memory = Gauge("everloop_process_resident_memory_bytes", "resident memory of the service's workers",
+                            registry=r, multiprocess_mode="livesum")
 
-    def bind_batcher(self, batcher: Any) -> None:
-        self.batch_queue.set_function(lambda: len(batcher.queue))
+    def exposition(self) -> bytes:
+        if not self.multiprocess:
+            self.sample_process()
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
-    def bind_log(self, prediction_log: Any) -> None:
-        if prediction_log is None:
-            return
-        self.log_queue.set_function(prediction_log.queue.qsize)
-        self.log_dropped.set_function(lambda: prediction_log.dropped)
-        self.log_failed.set_function(lambda: prediction_log.failed)
+    def sample_process(self) -> None:
+        """This worker's CPU time and resident memory (each worker samples itself, about once a second)."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu.set(usage.ru_utime + usage.ru_stime)
+        try:
+            with open("/proc/self/statm") as statm:
+                self.memory.set(int(statm.read().split()[1]) * PAGE_BYTES)
+        except OSError:
+            pass
+
+    def worker_exited(self) -> None:
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         if path in KNOWN_PATHS:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> "ServerProcess":
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = os.environ | {PROJECT_ENV: str(self.project_dir), "OMP_NUM_THREADS": "1"} | self.env
+        if self.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in env:  # /metrics across workers
+            env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="everloop-metrics-")
         command = [sys.executable, "-m", "uvicorn", "everloop.serve._main:app", "--factory", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", str(self.workers), "--no-access-log"]
         with open(self.log_file, "ab") as log:
