@@ -37,7 +37,7 @@ server's own request format. Errors are non-2xx answers plus socket errors (conn
 timeout) as wrk counts them.
 
 Run:
-    .venv/bin/python bench/serve.py              # 10 s per cell (about 15 minutes once the peers are installed)
+    .venv/bin/python bench/serve.py              # 10 s per cell (about 8 minutes once the peers are installed)
     .venv/bin/python bench/serve.py --quick      # 3 s per cell, every peer
     .venv/bin/python bench/serve.py --quick --peers flask,bare_asgi    # a subset, while developing
 
@@ -68,13 +68,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _peers  # noqa: E402
+import _peers
 
 BENCH = Path(__file__).resolve().parent
 APPS = BENCH / "_serve_peers"
@@ -85,26 +86,29 @@ HEADLINE = (1, 16)
 BATCH_ROWS = 100
 
 
-def _sklearn_pin() -> str:
-    """The peers unpickle everloop's fitted pipeline: they need the very scikit-learn version it was fit with."""
-    return f"scikit-learn=={metadata.version('scikit-learn')}"
-
-
 # name -> (pip packages, import probe, distributions whose versions are reported)
 def peer_packages() -> dict[str, tuple[list[str], str, list[str]]]:
-    sk = _sklearn_pin()
-    return {
+    # The peers unpickle everloop's fitted pipeline: they need the very scikit-learn version it was fit
+    # with (a cached venv with another one fails the probe and is reinstalled).
+    version = metadata.version("scikit-learn")
+    sk = f"scikit-learn=={version}"
+    same = f"; assert sklearn.__version__ == {version!r}"
+    packages = {
         "flask": (["flask", "gunicorn", "pandas", sk], "import flask, gunicorn, pandas, sklearn",
                   ["flask", "gunicorn", "pandas", "numpy", "scikit-learn"]),
         "fastapi": (["fastapi", "uvicorn[standard]", "pandas", sk], "import fastapi, uvicorn, uvloop, httptools, pandas, sklearn",
                     ["fastapi", "pydantic", "uvicorn", "uvloop", "httptools", "pandas", "numpy", "scikit-learn"]),
-        # mlflow 3.18 does not install here; pandas<3 as mlflow 3.17 expects.
-        "mlflow": (["mlflow==3.17.2", "pandas<3", sk], "import mlflow, sklearn",
-                   ["mlflow", "uvicorn", "fastapi", "pandas", "numpy", "scikit-learn"]),
+        # mlflow 3.18.0 does not install here (its mlflow-skinny==3.18.0 is not on the index); pandas<3 as
+        # mlflow 3.17 expects; uvicorn[standard] (uvloop,
+        # httptools) for its scoring server, which is uvicorn: with plain `pip install mlflow` uvicorn runs
+        # on asyncio + h11 and one-connection requests take about 55 ms instead of 8 ms.
+        "mlflow": (["mlflow==3.17.2", "pandas<3", "uvicorn[standard]", sk], "import mlflow, sklearn, uvloop, httptools",
+                   ["mlflow", "uvicorn", "uvloop", "httptools", "fastapi", "pandas", "numpy", "scikit-learn"]),
         "bentoml": (["bentoml>=1.4,<1.5", "pandas", sk], "import bentoml, pandas, sklearn",
                     ["bentoml", "uvicorn", "starlette", "pydantic", "pandas", "numpy", "scikit-learn"]),
         "bare_asgi": (["uvicorn[standard]"], "import uvicorn, uvloop, httptools", ["uvicorn", "uvloop", "httptools"]),
     }
+    return {name: (pkgs, probe + same if sk in pkgs else probe, dists) for name, (pkgs, probe, dists) in packages.items()}
 
 
 # -- machine, tools, versions --------------------------------------------------------------------------
@@ -133,14 +137,14 @@ def ensure_wrk() -> str:
         sys.exit("serve.py needs the load generator wrk and cannot install it here (needs root and apt-get): "
                  "install it yourself, e.g. `sudo apt-get install -y wrk`, then run again.")
     for step in (["apt-get", "install", "-y", "-q", "wrk"], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "wrk"]):
-        done = subprocess.run(step, capture_output=True, text=True, env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"})
+        done = subprocess.run(step, capture_output=True, text=True, check=False, env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"})
         if step[1] == "install" and done.returncode == 0 and shutil.which("wrk"):
             return shutil.which("wrk")
     sys.exit(f"serve.py needs the load generator wrk; `apt-get install -y wrk` failed:\n{done.stderr.strip()[-2000:]}")
 
 
 def wrk_version(wrk: str) -> str:
-    out = subprocess.run([wrk, "-v"], capture_output=True, text=True)
+    out = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
     return (out.stdout + out.stderr).strip().splitlines()[0].split(" Copyright")[0] if (out.stdout + out.stderr).strip() else "?"
 
 
@@ -148,12 +152,12 @@ def venv_versions(python: Path | str, dists: list[str]) -> dict[str, str]:
     code = ("import json, sys, platform; from importlib import metadata as m\n"
             "def v(d):\n try: return m.version(d)\n except Exception: return None\n"
             f"print(json.dumps({{'python': platform.python_version(), **{{d: v(d) for d in {dists!r}}}}}))")
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
     return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr.strip()[-300:]}
 
 
 def dir_mb(path: Path) -> int:
-    out = subprocess.run(["du", "-sm", str(path)], capture_output=True, text=True)
+    out = subprocess.run(["du", "-sm", str(path)], capture_output=True, text=True, check=False)
     return int(out.stdout.split()[0]) if out.returncode == 0 else -1
 
 
@@ -269,7 +273,7 @@ def save_mlflow_model(fixture: Fixture, python: Path) -> Path:
     out = fixture.work / "mlflow_model"
     done = subprocess.run([str(python), str(APPS / "mlflow_export.py"), str(fixture.model_dir),
                            str(fixture.model_dir / "rows.json"), str(out)],
-                          capture_output=True, text=True, env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"})
+                          capture_output=True, text=True, check=False, env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"mlflow.sklearn.save_model failed: {done.stderr.strip()[-1500:]}")
     return out
@@ -320,23 +324,31 @@ def _records(f: Fixture, n: int) -> list[dict]:
     return f.rows[:n]
 
 
+def _uvicorn(venv: str, app: str, *extra: str) -> Callable[[int, Fixture], list[str]]:
+    return lambda port, f: [_bin(venv, "uvicorn"), app, "--app-dir", str(APPS), "--host", HOST, "--port", str(port),
+                            "--workers", "2", "--no-access-log", *extra]
+
+
+def _everloop(port: int, f: Fixture) -> list[str]:
+    return [_everloop_bin(), "serve", "--host", HOST, "--port", str(port), "--workers", "2", "--project", str(f.project)]
+
+
+def _everloop_body(f: Fixture, n: int) -> tuple[str, dict]:
+    return "/predict", ({"features": f.rows[0]} if n == 1 else {"instances": _records(f, n)})
+
+
 def servers() -> list[Server]:
-    uvicorn_app = lambda venv, app: lambda port, f: [  # noqa: E731
-        _bin(venv, "uvicorn"), app, "--app-dir", str(APPS), "--host", HOST, "--port", str(port),
-        "--workers", "2", "--no-access-log"]
-    everloop_cmd = lambda port, f: [_everloop_bin(), "serve", "--host", HOST, "--port", str(port),  # noqa: E731
-                                    "--workers", "2", "--project", str(f.project)]
-    everloop_body = lambda f, n: ("/predict", {"features": f.rows[0]} if n == 1 else {"instances": _records(f, n)})  # noqa: E731
+    """Every server, in the order they run (each in each one's own request format)."""
     return [
         Server("bare_asgi", "bare ASGI (constant answer)", "bare_asgi",
-               lambda port, f: uvicorn_app("bare_asgi", "bare_asgi:app")(port, f) + ["--lifespan", "off"],
+               _uvicorn("bare_asgi", "bare_asgi:app", "--lifespan", "off"),
                lambda f, n: ("/predict", f.rows[0] if n == 1 else _records(f, n)), None),
         Server("flask", "Flask + gunicorn -w 2", "flask",
                lambda port, f: [_bin("flask", "gunicorn"), "-w", "2", "-b", f"{HOST}:{port}", "--chdir", str(APPS),
                                 "flask_app:app"],
                lambda f, n: ("/predict", f.rows[0] if n == 1 else _records(f, n)),
                lambda a: _p1_lists(a["probabilities"])),
-        Server("fastapi", "FastAPI + uvicorn --workers 2", "fastapi", uvicorn_app("fastapi", "fastapi_app:app"),
+        Server("fastapi", "FastAPI + uvicorn --workers 2", "fastapi", _uvicorn("fastapi", "fastapi_app:app"),
                lambda f, n: ("/predict", f.rows[0]) if n == 1 else ("/predict_batch", _records(f, n)),
                lambda a: _p1_lists(a["probabilities"])),
         # The scoring server is uvicorn; UVICORN_ACCESS_LOG=false turns its access log off (uvicorn reads
@@ -353,9 +365,9 @@ def servers() -> list[Server]:
                                 str(APPS), "--host", HOST, "--port", str(port)],
                lambda f, n: ("/predict", {"rows": _records(f, n)}), _p1_lists,
                env={"BENTOML_DO_NOT_TRACK": "True"}),
-        Server("everloop", "everloop serve --workers 2", None, everloop_cmd, everloop_body, _p1_everloop,
+        Server("everloop", "everloop serve --workers 2", None, _everloop, _everloop_body, _p1_everloop,
                before=lambda f: set_prediction_log(f.project, True)),
-        Server("everloop_nolog", "everloop serve --workers 2, log off", None, everloop_cmd, everloop_body,
+        Server("everloop_nolog", "everloop serve --workers 2, log off", None, _everloop, _everloop_body,
                _p1_everloop, before=lambda f: set_prediction_log(f.project, False)),
     ]
 
@@ -462,8 +474,8 @@ def _ms(text: str) -> float:
 
 def parse_wrk(output: str) -> dict[str, Any]:
     rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
-    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.MULTILINE)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.MULTILINE)
     total = re.search(r"(\d+) requests in", output)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
@@ -494,7 +506,7 @@ def run_wrk(wrk: str, url: str, script: Path, connections: int, seconds: float) 
     threads = min(2, connections)
     command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "--latency",
                "-s", str(script), url]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     return parse_wrk(done.stdout)
@@ -513,8 +525,8 @@ def measure(server: Server, fixture: Fixture, wrk: str, seconds: float, warmup: 
         path, body = server.body(fixture, 1)
         ready = running.wait_ready(path, json.dumps(body).encode(), server.ready_timeout)
         check_answers(server, fixture, running)
-        say(f"  {server.key}: ready in {ready:.1f} s, answers checked; pid {running.process.pid}, "
-            f"{' '.join(running.command[:3])} ...")
+        command = " ".join(running.command).replace(str(BENCH), "bench").replace(str(fixture.work), "$TMP")
+        say(f"  ready in {ready:.1f} s, answers checked: {command}")
         cells: dict[tuple[int, int], dict] = {}
         for rows, connections in SCENARIOS:
             path, body = server.body(fixture, rows)
@@ -551,7 +563,10 @@ def tables(results: dict[str, dict], labels: dict[str, str]) -> str:
                 out.append(f"| {labels[key]} | failed | | | | | |")
                 continue
             cell = result["cells"][(rows, connections)]
-            ratio = f"{ever['rps'] / cell['rps']:.2f}x" if ever and cell["rps"] else "-"
+            ratio = "-"
+            if ever and cell["rps"]:
+                r = ever["rps"] / cell["rps"]
+                ratio = f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
             out.append(f"| {labels[key]} | {cell['rps']:,.1f} | {cell['rps'] * rows:,.0f} | {_fmt_ms(cell['p50_ms'])} | "
                        f"{_fmt_ms(cell['p99_ms'])} | {cell['errors']} | {ratio} |")
         out.append("")
@@ -661,7 +676,7 @@ def main() -> None:
             say(f"{server.label}:")
             try:
                 results[server.key] = measure(server, fixture, wrk, seconds, warmup, work / "logs", say)
-            except Exception as exc:  # one failing server must not lose the others' numbers
+            except Exception as exc:  # noqa: BLE001 - one failing server must not lose the others' numbers
                 results[server.key] = {"error": f"{type(exc).__name__}: {exc}"}
                 say(f"  {server.key} FAILED: {type(exc).__name__}: {exc}")
 

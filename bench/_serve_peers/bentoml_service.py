@@ -14,7 +14,6 @@ from typing import Any
 
 import bentoml
 import pandas as pd
-
 from common import load_features, load_model
 
 FEATURES = load_features()["names"]

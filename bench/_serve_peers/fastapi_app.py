@@ -5,10 +5,9 @@ Run: SERVE_MODEL_DIR=... OMP_NUM_THREADS=1 uvicorn fastapi_app:app --workers 2 -
 """
 
 import pandas as pd
+from common import load_features, load_model
 from fastapi import FastAPI
 from pydantic import create_model
-
-from common import load_features, load_model
 
 model = load_model()
 _spec = load_features()
@@ -18,8 +17,8 @@ Customer = create_model("Customer", **{n: ({"float": float, "int": int, "str": s
 app = FastAPI(title="churn")
 
 
-# `async def`: predict_proba is short CPU work; running it on the event loop skips the thread-pool
-# hop that a plain `def` endpoint pays on every request (measured faster here; see bench/README.md).
+# `async def`: predict_proba is short CPU-bound work that holds the GIL, so FastAPI's thread pool (what a
+# plain `def` endpoint runs in) adds a hop per request and no parallelism; the 2 workers are the parallelism.
 @app.post("/predict")
 async def predict(customer: Customer) -> dict:
     frame = pd.DataFrame([customer.model_dump()], columns=FEATURES)

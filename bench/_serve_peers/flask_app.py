@@ -5,9 +5,8 @@ Run: SERVE_MODEL_DIR=... OMP_NUM_THREADS=1 gunicorn -w 2 -b 127.0.0.1:PORT flask
 """
 
 import pandas as pd
-from flask import Flask, jsonify, request
-
 from common import load_features, load_model
+from flask import Flask, jsonify, request
 
 app = Flask(__name__)
 model = load_model()

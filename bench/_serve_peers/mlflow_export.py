@@ -17,9 +17,8 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mlflow
     import pandas as pd
-    from mlflow.models import infer_signature
-
     from common import load_features, load_model
+    from mlflow.models import infer_signature
 
     model = load_model()
     names = load_features()["names"]

@@ -541,8 +541,7 @@ def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with c
 def monitor_cmd(report: Optional[Path] = typer.Option(None, help="also write an HTML report here"),
                 project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """Check the latest window of predictions: drift, performance, health. Exit 1 on an alert."""
-    from everloop.monitor import list_runs, load_window, monitor, reference_frame, write_report
-    from everloop.registry import load_model
+    from everloop.monitor import list_runs, monitor, write_report
 
     spec, store = _project(project)
     result = monitor(store, spec)
@@ -561,12 +560,8 @@ def monitor_cmd(report: Optional[Path] = typer.Option(None, help="also write an 
         text += "\n" + "\n".join(f"[red]alert[/red]: {a}" for a in result.alerts)
     _emit(data, as_json, table if result.drift else None, text)
     if report:
-        model = load_model(store, result.model_version)
-        window = load_window(store, spec, result.model_version)
-        current = window.attrs.get("features")
         write_report(report, [r for r in list_runs(store) if r["model_version"] == result.model_version],
-                     reference=reference_frame(store, model), current=current,
-                     kinds={c.name: c.kind for c in model.schema.features})
+                     title=f"everloop monitoring: {spec.name}, model v{result.model_version}")
         if not as_json:
             console.print(f"report: {report}")
     if not result.ok:

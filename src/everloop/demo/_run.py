@@ -23,7 +23,7 @@ import yaml
 from everloop import data, registry, train
 from everloop.demo._scenario import START, make_churn
 from everloop.loop import run_once
-from everloop.monitor import list_runs, reference_frame, write_report
+from everloop.monitor import list_runs, write_report
 from everloop.serve import ServerProcess
 from everloop.spec import load_spec
 from everloop.store import STORE_DIR, Store
@@ -118,7 +118,6 @@ def run_demo(folder: str | Path, config: DemoConfig = DemoConfig(),
     clock = START + pd.Timedelta(minutes=config.history_rows)
     phases = ["stable"] * config.stable_windows + ["shifted"] * config.shifted_windows
     test_rows: list[pd.DataFrame] = []
-    shifted_first: pd.DataFrame | None = None
     with ServerProcess(folder) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         say(f"serving at {server.url} (log: {server.log_file})")
         for n, phase in enumerate(phases, start=1):
@@ -142,19 +141,13 @@ def run_demo(folder: str | Path, config: DemoConfig = DemoConfig(),
                 say(f"the server swapped to model v{decision.model_version} without a restart")
             elif phase == "shifted" and result.versions.get("after"):
                 test_rows.append(rows)
-            if phase == "shifted" and shifted_first is None:
-                shifted_first = rows
 
     result.comparison = _compare(store, spec, config, result.versions, test_rows)
     runs = list_runs(store, limit=len(phases))
-    old_model = registry.load_model(store, result.versions["before"])
     first_shift = config.stable_windows  # index of the first shifted window: the drift the loop acted on
     result.report = write_report(
         folder / "report.html", runs, title=f"everloop demo: {spec.name}",
-        focus=runs[first_shift] if shifted_first is not None else None,
-        reference=reference_frame(store, old_model),
-        current=shifted_first[old_model.schema.feature_names] if shifted_first is not None else None,
-        kinds={c.name: c.kind for c in old_model.schema.features},
+        focus=runs[first_shift] if len(runs) > first_shift else None,
         tables={"Windows": [_fmt_row(w) for w in result.windows],
                 "On held-out shifted traffic": [_fmt_row(result.comparison)]})
     return result

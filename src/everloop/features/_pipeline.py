@@ -14,10 +14,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from everloop.data import Schema
+from everloop.data._profile import MISSING_CATEGORY
 from everloop.errors import TrainError
 from everloop.spec import ProjectSpec
 
-MISSING_CATEGORY = "__missing__"
 
 
 def fill_missing_category(frame: pd.DataFrame | np.ndarray) -> np.ndarray:

@@ -12,13 +12,14 @@ import sqlalchemy as sa
 from everloop._jsonable import jsonable
 from everloop.data import get_dataset, ingest_frame, load_frame
 from everloop.errors import EverloopError
-from everloop.monitor import MonitorResult, monitor
+from everloop.monitor import MonitorResult, monitor, send_alert
 from everloop.registry import PRODUCTION, check_gate, get_model, set_alias
 from everloop.spec import ProjectSpec
 from everloop.store import Store
 from everloop.train import train
 
 CANDIDATE = "candidate"
+ALERTING = {"promoted", "kept_candidate", "failed"}  # decisions a person should hear about
 
 
 @dataclass
@@ -40,18 +41,18 @@ def run_once(store: Store, spec: ProjectSpec) -> LoopDecision:
     summary = _monitor_summary(result)
     fired = _triggers(store, spec, result)
     if not fired:
-        return _record(store, LoopDecision("idle", f"no trigger fired (status: {result.status})", [], summary))
+        return _record(store, LoopDecision("idle", f"no trigger fired (status: {result.status})", [], summary), spec)
     last = _last_retrain(store)
     cooldown = spec.retraining.cooldown_minutes * 60
     if last is not None and time.time() - last < cooldown:
         wait = (cooldown - (time.time() - last)) / 60
         return _record(store, LoopDecision("cooldown", f"{', '.join(fired)} fired, but the last retraining was "
                                            f"less than {spec.retraining.cooldown_minutes:g} min ago "
-                                           f"({wait:.1f} min to wait)", fired, summary))
+                                           f"({wait:.1f} min to wait)", fired, summary), spec)
     try:
         version, dataset_version, rows = _retrain(store, spec, fired)
     except EverloopError as exc:
-        return _record(store, LoopDecision("failed", f"retraining failed: {exc}", fired, summary))
+        return _record(store, LoopDecision("failed", f"retraining failed: {exc}", fired, summary), spec)
     gate = check_gate(store, spec, version)
     trained_on = f"dataset v{dataset_version} ({rows} rows)"
     if gate.passed:
@@ -59,10 +60,10 @@ def run_once(store: Store, spec: ProjectSpec) -> LoopDecision:
                   reason=f"retrained on {trained_on} after {', '.join(fired)}; passed the gate")
         return _record(store, LoopDecision("promoted", f"{', '.join(fired)} fired; model v{version} trained on "
                                            f"{trained_on} passed the gate and is in production", fired, summary,
-                                           version, gate.to_dict()))
+                                           version, gate.to_dict()), spec)
     set_alias(store, CANDIDATE, version, actor="everloop loop", reason="; ".join(gate.reasons))
     return _record(store, LoopDecision("kept_candidate", f"{', '.join(fired)} fired; model v{version} was refused by "
-                                       f"the gate: {'; '.join(gate.reasons)}", fired, summary, version, gate.to_dict()))
+                                       f"the gate: {'; '.join(gate.reasons)}", fired, summary, version, gate.to_dict()), spec)
 
 
 def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame:
@@ -97,6 +98,8 @@ def _triggers(store: Store, spec: ProjectSpec, result: MonitorResult) -> list[st
         fired.append("drift")
     if "performance" in triggers and result.performance.get("decayed"):
         fired.append("performance")
+    if "estimated_performance" in triggers and result.performance.get("estimated_decayed"):
+        fired.append("estimated_performance")
     if "schedule" in triggers and spec.retraining.schedule_minutes:
         since = time.time() - (_last_retrain(store) or get_model(store, PRODUCTION).created_at)
         if since >= spec.retraining.schedule_minutes * 60:
@@ -144,10 +147,13 @@ def _monitor_summary(result: MonitorResult) -> dict[str, Any]:
             "metric": result.performance.get("value"), "labelled_rows": result.performance.get("labelled_rows")}
 
 
-def _record(store: Store, decision: LoopDecision) -> LoopDecision:
+def _record(store: Store, decision: LoopDecision, spec: ProjectSpec | None = None) -> LoopDecision:
     evidence = {"triggers": decision.triggers, "monitor": decision.monitor, "model_version": decision.model_version,
                 "gate": decision.gate}
     with store.engine.begin() as conn:
         conn.execute(store.tables.loop_events.insert().values(action=decision.action, reason=decision.reason,
                                                               evidence=jsonable(evidence)))
+    if spec is not None and decision.action in ALERTING:
+        send_alert(spec, {"event": "loop", "action": decision.action, "reason": decision.reason,
+                          "model_version": decision.model_version, "gate": decision.gate})
     return decision

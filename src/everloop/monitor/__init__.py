@@ -1,8 +1,19 @@
 """Monitoring: data drift, prediction drift, performance with labels, health, and the HTML report."""
 
 from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport
-from everloop.monitor._monitor import MonitorResult, list_runs, load_window, monitor, reference_frame
+from everloop.data import ColumnProfile, Profile
+from everloop.monitor._estimate import estimate_metric
+from everloop.monitor._monitor import (
+    MonitorResult,
+    iter_window,
+    list_runs,
+    load_window,
+    monitor,
+    reference_frame,
+    reference_profiles,
+    send_alert,
+)
 from everloop.monitor._report import write_report
 
-__all__ = ["ColumnDrift", "DriftDetector", "DriftReport", "MonitorResult", "list_runs", "load_window", "monitor",
+__all__ = ["ColumnProfile", "Profile", "estimate_metric", "iter_window", "reference_profiles", "send_alert", "ColumnDrift", "DriftDetector", "DriftReport", "MonitorResult", "list_runs", "load_window", "monitor",
            "reference_frame", "write_report"]

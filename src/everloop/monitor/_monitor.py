@@ -1,24 +1,36 @@
-"""Monitoring one window of served predictions: data drift, prediction drift, performance, health."""
+"""Monitoring one window of served predictions: data drift, prediction drift, training-serving skew,
+performance (labelled, and estimated without labels), and system health.
+
+The window is read from the prediction log in batches and folded into profiles and small
+accumulators, so a window of any size is monitored in constant memory; the reference side was
+profiled once, at training, and is stored with the model.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
 from everloop._jsonable import jsonable
-from everloop.data import get_dataset, load_frame
+from everloop.data import Profile, get_dataset, load_frame
 from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport
-from everloop.registry import PRODUCTION, eval_frame, load_model
+from everloop.monitor._estimate import estimate_metric
+from everloop.registry import PRODUCTION, load_model
 from everloop.spec import ProjectSpec
 from everloop.store import Store
 from everloop.train import TrainedModel, as_labels, improvement, score
 
-REFERENCE_SAMPLE = 50_000
+log = logging.getLogger("everloop.monitor")
+READ_BATCH = 20_000
+LATENCY_BUCKETS_MS = np.concatenate([[0], np.geomspace(0.05, 60_000, 400)])
+WEBHOOK_ENV = "EVERLOOP_WEBHOOK_URL"
 
 
 @dataclass
@@ -29,6 +41,8 @@ class MonitorResult:
     prediction_drift: ColumnDrift | None
     performance: dict[str, Any]
     health: dict[str, Any]
+    skew: dict[str, Any] = field(default_factory=dict)
+    distributions: dict[str, Any] = field(default_factory=dict)  # coarse reference vs window, for reports
     alerts: list[str] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
 
@@ -36,7 +50,7 @@ class MonitorResult:
     def status(self) -> str:
         if not self.window["rows"]:
             return "no data"
-        kinds = [k for k in ("drift", "decay") if any(a.startswith(k) for a in self.alerts)]
+        kinds = [k for k in ("drift", "decay", "skew") if any(a.startswith(k) for a in self.alerts)]
         return "+".join(kinds) if kinds else "healthy"
 
     @property
@@ -44,76 +58,115 @@ class MonitorResult:
         return not self.alerts
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "model_version": self.model_version, "created_at": self.created_at,
-                "window": self.window, "alerts": self.alerts,
-                "drift": self.drift.to_dict() if self.drift else None,
-                "prediction_drift": self.prediction_drift.__dict__ if self.prediction_drift else None,
-                "performance": self.performance, "health": self.health}
+        return jsonable({"status": self.status, "model_version": self.model_version, "created_at": self.created_at,
+                         "window": self.window, "alerts": self.alerts,
+                         "drift": self.drift.to_dict() if self.drift else None,
+                         "prediction_drift": self.prediction_drift.__dict__ if self.prediction_drift else None,
+                         "performance": self.performance, "health": self.health, "skew": self.skew,
+                         "distributions": self.distributions})
+
+
+def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, record: bool = True,
+            notify: bool = True) -> MonitorResult:
+    """Check the latest window of the model's predictions against what it was trained on."""
+    trained = load_model(store, model)
+    profile, prediction_profile = reference_profiles(store, trained)
+    window = profile.window([])
+    scores = prediction_profile.window([])
+    acc = _Accumulator(trained)
+    for batch in iter_window(store, spec, trained.version):
+        features = batch.attrs["features"]
+        for name, column in window.columns.items():
+            if name in features:
+                column.update(features[name])
+        scores.columns["prediction"].update(_prediction_scores(trained, batch.attrs["predictions"]))
+        acc.update(batch)
+    info = acc.window_info()
+    if not info["rows"]:
+        return _finish(store, spec, MonitorResult(trained.version, info, None, None, {"labelled_rows": 0}, {}),
+                       record, notify)
+    d = spec.monitoring.drift
+    detector = DriftDetector(d.p_value, d.min_effect, d.max_drifted_share)
+    drift = detector.fit_profile(profile).score_profile(window)
+    prediction_drift = DriftDetector(d.p_value, d.min_effect).fit_profile(prediction_profile).score_profile(
+        scores).columns[0]
+    performance = acc.performance(spec)
+    skew = _skew(trained, profile, window, spec)
+    result = MonitorResult(trained.version, info, drift, prediction_drift, performance, acc.health(store, spec),
+                           skew, _coarse(profile, window, drift))
+    if drift.dataset_drift:
+        result.alerts.append(f"drift: {len(drift.drifted)} of {len(drift.columns)} features drifted "
+                             f"({drift.drifted_share:.0%} > {d.max_drifted_share:.0%}): {', '.join(drift.drifted)}")
+    if performance.get("decayed"):
+        result.alerts.append(f"decay: {performance['metric']} {performance['value']:.4f} on "
+                             f"{performance['labelled_rows']} labelled rows; {performance['why']}")
+    if performance.get("estimated_decayed"):
+        result.alerts.append(f"decay (estimated without labels): {performance['metric']} "
+                             f"{performance['estimated']:.4f}; {performance['estimated_why']}")
+    if skew.get("features"):
+        result.alerts.append(f"skew: serving values unlike training in {', '.join(skew['features'])}")
+    return _finish(store, spec, result, record, notify)
+
+
+def iter_window(store: Store, spec: ProjectSpec, model_version: int | None) -> Iterator[pd.DataFrame]:
+    """The latest window of logged predictions (by rows or minutes) with their labels, in batches."""
+    t = store.tables
+    window = spec.monitoring.window
+    base = (sa.select(t.predictions.c.seq, t.predictions.c.created_at, t.predictions.c.features,
+                      t.predictions.c.prediction, t.predictions.c.latency_ms, t.feedback.c.label)
+            .select_from(t.predictions.outerjoin(t.feedback, t.feedback.c.prediction_id == t.predictions.c.id)))
+    if model_version is not None:
+        base = base.where(t.predictions.c.model_version == model_version)
+    with store.engine.connect() as conn:
+        if window.minutes is not None:
+            start = conn.execute(sa.select(sa.func.max(t.predictions.c.created_at))).scalar() or time.time()
+            query = base.where(t.predictions.c.created_at >= start - window.minutes * 60)
+        else:  # the latest N rows: find the first seq of the window, then read forwards in order
+            seqs = sa.select(t.predictions.c.seq)
+            if model_version is not None:
+                seqs = seqs.where(t.predictions.c.model_version == model_version)
+            first = conn.execute(sa.select(sa.func.min(seqs.order_by(t.predictions.c.seq.desc())
+                                                       .limit(window.rows).subquery().c.seq))).scalar()
+            if first is None:
+                return
+            query = base.where(t.predictions.c.seq >= first)
+        result = conn.execution_options(yield_per=READ_BATCH).execute(query.order_by(t.predictions.c.seq))
+        for rows in result.partitions():
+            frame = pd.DataFrame({"seq": [r.seq for r in rows], "created_at": [r.created_at for r in rows],
+                                  "latency_ms": [r.latency_ms for r in rows], "label": [r.label for r in rows]})
+            frame.attrs["features"] = pd.DataFrame.from_records([r.features for r in rows])
+            frame.attrs["predictions"] = [r.prediction for r in rows]
+            yield frame
 
 
 def load_window(store: Store, spec: ProjectSpec, model_version: int | None = None) -> pd.DataFrame:
-    """The latest window of logged predictions (by rows or minutes), joined with their feedback labels."""
-    t = store.tables
-    query = (sa.select(t.predictions.c.seq, t.predictions.c.id, t.predictions.c.created_at,
-                       t.predictions.c.model_version, t.predictions.c.features, t.predictions.c.prediction,
-                       t.predictions.c.latency_ms, t.feedback.c.label)
-             .select_from(t.predictions.outerjoin(t.feedback, t.feedback.c.prediction_id == t.predictions.c.id)))
-    if model_version is not None:
-        query = query.where(t.predictions.c.model_version == model_version)
-    window = spec.monitoring.window
-    if window.minutes is not None:
-        query = query.where(t.predictions.c.created_at >= time.time() - window.minutes * 60)
-    else:
-        query = query.order_by(t.predictions.c.seq.desc()).limit(window.rows)
-    with store.engine.connect() as conn:
-        rows = conn.execute(query).all()
-    rows.sort(key=lambda r: r.seq)
-    if not rows:
-        return pd.DataFrame(columns=["seq", "id", "created_at", "model_version", "latency_ms", "label"])
-    frame = pd.DataFrame({"seq": [r.seq for r in rows], "id": [r.id for r in rows],
-                          "created_at": [r.created_at for r in rows], "model_version": [r.model_version for r in rows],
-                          "latency_ms": [r.latency_ms for r in rows], "label": [r.label for r in rows]})
-    features = pd.DataFrame.from_records([r.features for r in rows])
-    frame.attrs["features"] = features
-    frame.attrs["predictions"] = [r.prediction for r in rows]
+    """The whole window as one frame (for small windows and tests)."""
+    parts = list(iter_window(store, spec, model_version))
+    if not parts:
+        return pd.DataFrame(columns=["seq", "created_at", "latency_ms", "label"])
+    frame = pd.concat(parts, ignore_index=True)
+    frame.attrs["features"] = pd.concat([p.attrs["features"] for p in parts], ignore_index=True)
+    frame.attrs["predictions"] = [p for part in parts for p in part.attrs["predictions"]]
     return frame
 
 
-def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, record: bool = True) -> MonitorResult:
-    """Check the latest window of the model's predictions against its training data and thresholds."""
-    trained = load_model(store, model)
-    window = load_window(store, spec, trained.version)
-    info = _window_info(window)
-    if window.empty:
-        return _finish(store, MonitorResult(trained.version, info, None, None, {"labelled_rows": 0}, {}), record)
-    reference = reference_frame(store, trained)
-    current = window.attrs["features"]
+def reference_profiles(store: Store, trained: TrainedModel) -> tuple[Profile, Profile]:
+    """The profiles stored with the model at training (computed now, for models that have none)."""
+    stored = trained.manifest.get("monitoring", {})
+    if "profile" in stored:
+        return (Profile.from_dict(store.get_json(stored["profile"])),
+                Profile.from_dict(store.get_json(stored["prediction_profile"])))
+    rows = reference_frame(store, trained)
     kinds = {c.name: c.kind for c in trained.schema.features}
-    d = spec.monitoring.drift
-    detector = DriftDetector(d.p_value, d.min_effect, d.max_drifted_share).fit(reference, kinds)
-    drift = detector.score(current)
-    prediction_drift = _prediction_drift(store, trained, window.attrs["predictions"], detector)
-    performance = _performance(trained, spec, window)
-    health = _health(window)
-    alerts = []
-    if drift.dataset_drift:
-        alerts.append(f"drift: {len(drift.drifted)} of {len(drift.columns)} features drifted "
-                      f"({drift.drifted_share:.0%} > {d.max_drifted_share:.0%}): {', '.join(drift.drifted)}")
-    if performance.get("decayed"):
-        alerts.append(f"decay: {performance['metric']} {performance['value']:.4f} on {performance['labelled_rows']} "
-                      f"labelled rows; {performance['why']}")
-    return _finish(store, MonitorResult(trained.version, info, drift, prediction_drift, performance, health, alerts),
-                   record)
+    scores = _prediction_scores(trained, trained.predict_conformed(trained.conform(rows)[0]).records())
+    return Profile.reference(rows, kinds), Profile.reference(pd.DataFrame({"prediction": scores}),
+                                                             {"prediction": scores.attrs["kind"]})
 
 
 def reference_frame(store: Store, trained: TrainedModel) -> pd.DataFrame:
-    """The model's training data from the current world (its recent rows when the loop retrained it on
-    old + recent data), features only, sampled to a fixed size with a fixed seed."""
+    """The model's training rows of the current world (features only)."""
     frame = load_frame(store, get_dataset(store, trained.manifest["dataset_version"]))
-    frame = frame.iloc[trained.manifest.get("recent_from_row", 0):]
-    if len(frame) > REFERENCE_SAMPLE:
-        frame = frame.sample(REFERENCE_SAMPLE, random_state=0)
-    return frame[trained.schema.feature_names]
+    return frame.iloc[trained.manifest.get("recent_from_row", 0):][trained.schema.feature_names]
 
 
 def list_runs(store: Store, limit: int = 100) -> list[dict[str, Any]]:
@@ -123,79 +176,201 @@ def list_runs(store: Store, limit: int = 100) -> list[dict[str, Any]]:
     return list(reversed(rows))
 
 
-def _finish(store: Store, result: MonitorResult, record: bool) -> MonitorResult:
-    if record:
-        with store.engine.begin() as conn:
-            conn.execute(store.tables.monitor_runs.insert().values(
-                model_version=result.model_version, result=jsonable(result.to_dict())))
-    return result
+def send_alert(spec: ProjectSpec, payload: dict[str, Any]) -> bool:
+    """POST `payload` as JSON to the webhook (monitoring.webhook or EVERLOOP_WEBHOOK_URL), if one is set.
+    A failure is logged, never raised: alerting must not break monitoring."""
+    url = spec.monitoring.webhook or os.environ.get(WEBHOOK_ENV)
+    if not url:
+        return False
+    import httpx
+
+    try:
+        httpx.post(url, json=jsonable(payload), timeout=5).raise_for_status()
+        return True
+    except httpx.HTTPError as exc:
+        log.warning("alert webhook %s failed: %s", url, exc)
+        return False
 
 
-def _window_info(window: pd.DataFrame) -> dict[str, Any]:
-    if window.empty:
-        return {"rows": 0, "labelled_rows": 0, "from": None, "to": None}
-    return {"rows": len(window), "labelled_rows": int(window["label"].notna().sum()),
-            "from": float(window["created_at"].min()), "to": float(window["created_at"].max()),
-            "first_seq": int(window["seq"].iloc[0]), "last_seq": int(window["seq"].iloc[-1])}
+# -- pieces ---------------------------------------------------------------------------------------
 
 
-def _prediction_scores(trained: TrainedModel, predictions: list[dict[str, Any]]) -> tuple[str, pd.Series]:
-    """What prediction drift is measured on: P(positive class) for binary, the class for multiclass, the value for regression."""
-    if trained.task == "regression":
-        return "numeric", pd.Series([p["prediction"] for p in predictions], dtype=float)
-    classes = [str(c) for c in trained.classes]
-    if len(classes) == 2:
-        return "numeric", pd.Series([p["probabilities"][classes[1]] for p in predictions], dtype=float)
-    return "categorical", pd.Series([str(p["prediction"]) for p in predictions], dtype=object)
+class _Accumulator:
+    """Labels, scores, latencies and times of a window, folded in batch by batch."""
 
+    def __init__(self, trained: TrainedModel):
+        self.trained = trained
+        self.rows = 0
+        self.first_seq = self.last_seq = None
+        self.first_at = self.last_at = None
+        self.latency = np.zeros(len(LATENCY_BUCKETS_MS) + 1, dtype=np.int64)
+        self.labels: list[Any] = []
+        self.labelled_outputs: list[dict[str, Any]] = []
+        self.proba: list[np.ndarray] = []  # every row's probabilities, for estimation without labels
 
-def _prediction_drift(store: Store, trained: TrainedModel, served: list[dict[str, Any]],
-                      detector: DriftDetector) -> ColumnDrift:
-    """Served predictions against the model's predictions on its held-out evaluation rows
-    (its own training rows would give over-confident, unrepresentative scores)."""
-    kind, current = _prediction_scores(trained, served)
-    ref_features, _ = trained.conform(eval_frame(store, trained.manifest))
-    _, ref_scores = _prediction_scores(trained, trained.predict_conformed(ref_features).records())
-    one = DriftDetector(detector.p_value, detector.min_effect).fit(pd.DataFrame({"prediction": ref_scores}),
-                                                                   {"prediction": kind})
-    return one.score(pd.DataFrame({"prediction": current})).columns[0]
+    def update(self, batch: pd.DataFrame) -> None:
+        self.rows += len(batch)
+        self.first_seq = self.first_seq if self.first_seq is not None else int(batch["seq"].iloc[0])
+        self.last_seq = int(batch["seq"].iloc[-1])
+        lo, hi = float(batch["created_at"].min()), float(batch["created_at"].max())
+        self.first_at = lo if self.first_at is None else min(self.first_at, lo)
+        self.last_at = hi if self.last_at is None else max(self.last_at, hi)
+        self.latency += np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, batch["latency_ms"].to_numpy(dtype=float)),
+                                    minlength=len(self.latency))
+        outputs = batch.attrs["predictions"]
+        for label, output in zip(batch["label"], outputs):
+            if label is not None:
+                self.labels.append(label)
+                self.labelled_outputs.append(output)
+        if self.trained.task == "classification":
+            names = [str(c) for c in self.trained.classes]
+            self.proba.append(np.array([[o["probabilities"][n] for n in names] for o in outputs], dtype=float))
 
+    def window_info(self) -> dict[str, Any]:
+        return {"rows": self.rows, "labelled_rows": len(self.labels), "from": self.first_at, "to": self.last_at,
+                "first_seq": self.first_seq, "last_seq": self.last_seq}
 
-def _performance(trained: TrainedModel, spec: ProjectSpec, window: pd.DataFrame) -> dict[str, Any]:
-    metric = trained.manifest["metric"]
-    expected = trained.manifest["metrics"][metric]
-    labelled = window["label"].notna().to_numpy()
-    out: dict[str, Any] = {"metric": metric, "expected": expected, "labelled_rows": int(labelled.sum()),
-                           "value": None, "decayed": False}
-    if labelled.sum() < spec.monitoring.min_labelled_rows:
-        out["why"] = f"fewer than {spec.monitoring.min_labelled_rows} labelled rows"
+    def performance(self, spec: ProjectSpec) -> dict[str, Any]:
+        trained = self.trained
+        metric = trained.manifest["metric"]
+        expected = trained.manifest["metrics"][metric]
+        perf = spec.monitoring.performance
+        out: dict[str, Any] = {"metric": metric, "expected": expected, "labelled_rows": len(self.labels),
+                               "value": None, "decayed": False, "estimated": None, "estimated_decayed": False}
+        if self.proba:
+            calibration = trained.manifest.get("monitoring", {}).get("calibration")
+            estimated = estimate_metric(metric, np.vstack(self.proba), calibration)
+            if estimated is not None and np.isfinite(estimated):
+                out["estimated"] = estimated
+                reasons = _decay_reasons(metric, estimated, expected, perf)
+                out["estimated_decayed"] = bool(reasons)
+                out["estimated_why"] = "; ".join(reasons) or "within thresholds"
+        if len(self.labels) < spec.monitoring.min_labelled_rows:
+            out["why"] = f"fewer than {spec.monitoring.min_labelled_rows} labelled rows"
+            return out
+        if trained.task == "classification":
+            y = as_labels([str(v) for v in self.labels])
+            names = [str(c) for c in trained.classes]
+            proba = np.array([[o["probabilities"][n] for n in names] for o in self.labelled_outputs])
+            predicted = np.asarray([o["prediction"] for o in self.labelled_outputs]).astype(y.dtype)
+            value = score(metric, y, predicted, proba, trained.classes)
+        else:
+            value = score(metric, np.asarray(self.labels, dtype=float),
+                          np.array([o["prediction"] for o in self.labelled_outputs]))
+        out["value"] = value
+        reasons = _decay_reasons(metric, value, expected, perf)
+        out["decayed"] = bool(reasons) and bool(np.isfinite(value))
+        out["why"] = "; ".join(reasons) if reasons else "within thresholds"
         return out
-    served = [p for p, keep in zip(window.attrs["predictions"], labelled) if keep]
-    labels = window["label"][labelled].tolist()
-    if trained.task == "classification":
-        y = as_labels([str(v) for v in labels])
-        names = [str(c) for c in trained.classes]
-        proba = np.array([[p["probabilities"][n] for n in names] for p in served])
-        predicted = np.asarray([p["prediction"] for p in served]).astype(y.dtype)
-        value = score(metric, y, predicted, proba, trained.classes)
-    else:
-        value = score(metric, np.asarray(labels, dtype=float), np.array([p["prediction"] for p in served]))
-    out["value"] = value
-    perf = spec.monitoring.performance
+
+    def health(self, store: Store, spec: ProjectSpec) -> dict[str, Any]:
+        span = (self.last_at - self.first_at) if self.rows else 0.0
+        out = {"rows": self.rows, "rows_per_second": self.rows / span if span > 0 else None}
+        for q in (50, 95, 99):
+            out[f"latency_ms_p{q}"] = _quantile_from_counts(self.latency, LATENCY_BUCKETS_MS, q / 100)
+        out |= _errors(store, self.first_at, self.last_at)
+        return out
+
+
+def _decay_reasons(metric: str, value: float, expected: float, perf: Any) -> list[str]:
     reasons = []
+    if not np.isfinite(value):
+        return reasons
     if perf.min_metric is not None and improvement(metric, value, perf.min_metric) < 0:
         reasons.append(f"below monitoring.performance.min_metric {perf.min_metric}")
     if improvement(metric, value, expected) < -perf.max_drop:
         reasons.append(f"{abs(improvement(metric, value, expected)):.4f} worse than at training ({expected:.4f}; "
                        f"allowed drop {perf.max_drop})")
-    out["decayed"] = bool(reasons) and bool(np.isfinite(value))
-    out["why"] = "; ".join(reasons) if reasons else "within thresholds"
+    return reasons
+
+
+def _prediction_scores(trained: TrainedModel, predictions: list[dict[str, Any]]) -> pd.Series:
+    """What prediction drift is measured on: P(positive class) for binary, the class for multiclass,
+    the value for regression."""
+    if trained.task == "regression":
+        out = pd.Series([p["prediction"] for p in predictions], dtype=float)
+        kind = "numeric"
+    elif len(trained.classes) == 2:
+        positive = str(trained.classes[1])
+        out, kind = pd.Series([p["probabilities"][positive] for p in predictions], dtype=float), "numeric"
+    else:
+        out, kind = pd.Series([str(p["prediction"]) for p in predictions], dtype=object), "categorical"
+    out.attrs["kind"] = kind
     return out
 
 
-def _health(window: pd.DataFrame) -> dict[str, Any]:
-    latency = window["latency_ms"].to_numpy(dtype=float)
-    span = float(window["created_at"].max() - window["created_at"].min())
-    return {"rows": len(window), "rows_per_second": len(window) / span if span > 0 else None,
-            "latency_ms_p50": float(np.percentile(latency, 50)), "latency_ms_p95": float(np.percentile(latency, 95)),
-            "latency_ms_p99": float(np.percentile(latency, 99))}
+def _skew(trained: TrainedModel, reference: Profile, window: Profile, spec: ProjectSpec) -> dict[str, Any]:
+    """Training-serving skew: serving values a correct pipeline would not produce from the training
+    distribution (nulls the training data did not have, categories it never had, values outside
+    its whole range) -- a sign that serving computes a feature differently, not that the world moved."""
+    limits = spec.monitoring.skew
+    details, flagged = {}, []
+    for name, cur in window.columns.items():
+        ref = reference.columns[name]
+        if not cur.rows:
+            continue
+        null_change = cur.missing / cur.rows - (ref.missing / ref.rows if ref.rows else 0.0)
+        entry = {"null_rate_change": null_change}
+        if cur.kind == "categorical":
+            unseen = sum(n for k, n in cur.categories.items() if k not in ref.categories)
+            entry["unseen_share"] = unseen / max(cur.present, 1)
+        elif cur.counts is not None:
+            entry["outside_range_share"] = (cur.counts[0] + cur.counts[-1]) / max(cur.present, 1)
+        details[name] = entry
+        if (null_change > limits.max_null_rate_change or entry.get("unseen_share", 0) > limits.max_unseen_share
+                or entry.get("outside_range_share", 0) > limits.max_out_of_range_share):
+            flagged.append(name)
+    return {"features": flagged, "columns": details}
+
+
+def _coarse(reference: Profile, window: Profile, drift: DriftReport, top: int = 6) -> dict[str, Any]:
+    """Reference and window distributions of the most drifted features, coarsened to ~40 bins."""
+    out = {}
+    for column in sorted(drift.columns, key=lambda c: -(c.effect if np.isfinite(c.effect) else 0))[:top]:
+        ref, cur = reference.columns[column.column], window.columns[column.column]
+        if ref.kind == "categorical":
+            keys = sorted(set(ref.categories) | set(cur.categories), key=lambda k: -ref.categories.get(k, 0))[:30]
+            out[column.column] = {"kind": "categorical", "categories": keys,
+                                  "reference": [ref.categories.get(k, 0) for k in keys],
+                                  "current": [cur.categories.get(k, 0) for k in keys]}
+        else:
+            inner = ref.counts[1:-1]
+            groups = np.linspace(0, len(inner), min(40, len(inner)) + 1).astype(int) if len(inner) else np.array([0])
+            cuts = np.unique(groups[:-1])
+            out[column.column] = {"kind": ref.kind, "edges": ref.edges[np.minimum(groups, len(ref.edges) - 1)].tolist(),
+                                  "reference": np.add.reduceat(inner, cuts).tolist() if len(inner) else [],
+                                  "current": np.add.reduceat(cur.counts[1:-1], cuts).tolist() if len(inner) else []}
+    return out
+
+
+def _quantile_from_counts(counts: np.ndarray, edges: np.ndarray, q: float) -> float | None:
+    total = counts.sum()
+    if not total:
+        return None
+    index = int(np.searchsorted(np.cumsum(counts), q * total))
+    return float(edges[min(index, len(edges) - 1)])
+
+
+def _errors(store: Store, start: float | None, end: float | None) -> dict[str, Any]:
+    """Requests and client/server errors the service counted over the window's time span."""
+    if start is None:
+        return {}
+    t = store.tables.service_stats
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(sa.func.sum(t.c.requests), sa.func.sum(t.c.client_errors),
+                                     sa.func.sum(t.c.server_errors))
+                           .where(t.c.created_at >= start, t.c.created_at <= end + 60)).first()
+    requests, client, server = (int(v or 0) for v in row)
+    return {"requests": requests, "client_errors": client, "server_errors": server,
+            "error_rate": (client + server) / requests if requests else None}
+
+
+def _finish(store: Store, spec: ProjectSpec, result: MonitorResult, record: bool, notify: bool) -> MonitorResult:
+    if record:
+        with store.engine.begin() as conn:
+            conn.execute(store.tables.monitor_runs.insert().values(model_version=result.model_version,
+                                                                   result=result.to_dict()))
+    if notify and result.alerts:
+        send_alert(spec, {"event": "monitor", "status": result.status, "model_version": result.model_version,
+                          "alerts": result.alerts, "window": result.window})
+    return result

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -15,20 +14,18 @@ MAX_DISTRIBUTIONS = 6
 
 
 def write_report(path: str | Path, runs: list[dict[str, Any]], *, title: str = "everloop monitoring report",
-                 focus: dict[str, Any] | None = None, reference: pd.DataFrame | None = None,
-                 current: pd.DataFrame | None = None, kinds: dict[str, str] | None = None,
-                 tables: dict[str, list[dict[str, Any]]] | None = None) -> Path:
+                 focus: dict[str, Any] | None = None, tables: dict[str, list[dict[str, Any]]] | None = None) -> Path:
     """Write a self-contained HTML page (plotly inlined once, no network needed to view it).
 
-    `runs` are monitor results (as dicts) in time order. `focus` (a run, by default the last) with
-    the `reference` and `current` feature frames it compared adds distribution plots of its most
-    drifted features. `tables` are titled lists of rows shown first."""
+    `runs` are monitor results (as dicts) in time order; `focus` (a run, by default the last one with
+    drift results) adds its reference-vs-window distributions of the most drifted features, which
+    every stored run keeps in coarse bins. `tables` are titled lists of rows shown first."""
     figures = [_over_time(runs)] if runs else []
     if any(r.get("drift") for r in runs):
         figures.append(_feature_heatmap(runs))
-    focus = focus or (runs[-1] if runs else None)
-    if reference is not None and current is not None and focus and focus.get("drift"):
-        figures.append(_distributions(focus, reference, current, kinds or {}))
+    focus = focus or next((r for r in reversed(runs) if r.get("distributions")), None)
+    if focus and focus.get("distributions"):
+        figures.append(_distributions(focus))
     parts = []
     for n, fig in enumerate(figures):
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if n == 0 else False))
@@ -72,33 +69,27 @@ def _feature_heatmap(runs: list[dict[str, Any]]) -> go.Figure:
     return fig
 
 
-def _distributions(run: dict[str, Any], reference: pd.DataFrame, current: pd.DataFrame,
-                   kinds: dict[str, str]) -> go.Figure:
-    """Numeric columns as density lines over shared bins, categories as grouped bars: both stay
-    readable where overlaid bars would hide each other, and the page does not carry the raw rows."""
-    ranked = sorted(run["drift"]["columns"], key=lambda c: -(c["effect"] or 0))[:MAX_DISTRIBUTIONS]
-    fig = make_subplots(rows=len(ranked), cols=1, subplot_titles=[
-        f"{c['column']}: effect {c['effect']:.3f}, p={c['p_value']:.2g}{' (drift)' if c['drifted'] else ''}"
-        for c in ranked])
-    for row, c in enumerate(ranked, start=1):
-        name = c["column"]
-        frames = ((reference, "reference", "#1f77b4"), (current, "current", "#d62728"))
-        if kinds.get(name) == "numeric":
-            both = pd.to_numeric(pd.concat([reference[name], current[name]]), errors="coerce").dropna()
-            edges = np.histogram_bin_edges(both.clip(both.quantile(0.005), both.quantile(0.995)), bins=40)
-            for frame, label, color in frames:
-                values = pd.to_numeric(frame[name], errors="coerce").dropna()
-                counts, _ = np.histogram(values.clip(edges[0], edges[-1]), bins=edges)
-                shares = counts / max(counts.sum(), 1)
-                fig.add_trace(go.Scatter(x=edges[:-1], y=shares, mode="lines", line_shape="hv", name=label,
-                                         line={"color": color}, legendgroup=label, showlegend=row == 1), row, 1)
-        else:
-            for frame, label, color in frames:
-                shares = frame[name].astype(str).value_counts(normalize=True).sort_index()
-                fig.add_trace(go.Bar(x=list(shares.index), y=shares.to_numpy(), name=label, marker_color=color,
-                                     legendgroup=label, showlegend=row == 1), row, 1)
-    fig.update_layout(barmode="group", height=260 * len(ranked),
-                      title="Reference vs current, most drifted features (share of rows)")
+def _distributions(run: dict[str, Any]) -> go.Figure:
+    """Reference vs window of the run's most drifted features: numeric as density lines over the
+    reference's quantile bins, categories as grouped bars (shares of rows)."""
+    effects = {c["column"]: c for c in run["drift"]["columns"]}
+    names = list(run["distributions"])
+    fig = make_subplots(rows=len(names), cols=1, subplot_titles=[
+        f"{n}: effect {effects[n]['effect']:.3f}, p={effects[n]['p_value']:.2g}{' (drift)' if effects[n]['drifted'] else ''}"
+        for n in names])
+    for row, name in enumerate(names, start=1):
+        d = run["distributions"][name]
+        for side, color in (("reference", "#1f77b4"), ("current", "#d62728")):
+            counts = np.asarray(d[side], dtype=float)
+            shares = counts / counts.sum() if counts.sum() else counts
+            if d["kind"] == "categorical":
+                fig.add_trace(go.Bar(x=d["categories"], y=shares, name=side, marker_color=color, legendgroup=side,
+                                     showlegend=row == 1), row, 1)
+            else:
+                fig.add_trace(go.Scatter(x=d["edges"][:-1], y=shares, mode="lines", line_shape="hv", name=side,
+                                         line={"color": color}, legendgroup=side, showlegend=row == 1), row, 1)
+    fig.update_layout(barmode="group", height=260 * len(names),
+                      title="Reference vs window, most drifted features (share of rows)")
     return fig
 
 

@@ -54,7 +54,9 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     metrics = ServiceMetrics()
     holder = ModelHolder(store, on_swap=lambda m: metrics.model_version.set(m.version or 0),
                          on_failure=lambda v, e: metrics.reload_failures.inc())
-    prediction_log = PredictionLog(store, metrics=metrics) if spec.serving.log_predictions else None
+    # The writer thread always runs (it also records request counts); predictions only when logged.
+    prediction_log = PredictionLog(store, metrics=metrics)
+    log_rows = spec.serving.log_predictions
     batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024), on_batch=metrics.batch_rows.observe,
                            on_queue=metrics.batch_queue.set)
 
@@ -67,13 +69,11 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             pass
         if watch:
             holder.start(spec.serving.reload_seconds)
-        if prediction_log:
-            prediction_log.start()
+        prediction_log.start()
         yield
         batcher.stop()
         holder.stop()
-        if prediction_log:
-            prediction_log.stop()
+        prediction_log.stop()
         metrics.worker_exited()
 
     found = current_schema(store)
@@ -81,7 +81,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     app = FastAPI(title=f"everloop: {spec.name}", version="1", lifespan=lifespan,
                   description="Predictions, feedback and health of the production model of this project.")
     app.state.holder, app.state.store, app.state.log, app.state.metrics = holder, store, prediction_log, metrics
-    app.add_middleware(_MetricsMiddleware, metrics=metrics, batcher=batcher)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics, batcher=batcher, counts=prediction_log)
 
     @app.exception_handler(ClientError)
     async def _client_error(_request: Request, exc: ClientError) -> JSONResponse:
@@ -101,7 +101,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             raise ClientError(422, outcome.errors)
         ids = [uuid.uuid4().hex for _ in outcome.outputs]
         metrics.observe_predictions(outcome.outputs)
-        if prediction_log:
+        if log_rows:
             now, latency_ms = time.time(), (time.perf_counter() - started) * 1000
             prediction_log.put_many([
                 {"id": i, "created_at": now, "model_version": model.version, "features": f, "prediction": o,
@@ -212,7 +212,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             rows.append({"prediction_id": item["id"], "label": item["label"], "created_at": time.time()})
         if problems:
             raise ClientError(422, problems)
-        if prediction_log:
+        if log_rows:
             prediction_log.flush(timeout=5)  # a label may arrive right after its prediction
         unknown = record_feedback(store, rows)
         return JSONResponse({"accepted": len(rows) - len(unknown), "unknown_ids": unknown},
@@ -316,10 +316,11 @@ class _MetricsMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware overhead): counts and times every request, and tells the
     batcher as soon as a prediction request starts, so that it can wait for it to join a batch."""
 
-    def __init__(self, app: Any, metrics: ServiceMetrics, batcher: MicroBatcher):
+    def __init__(self, app: Any, metrics: ServiceMetrics, batcher: MicroBatcher, counts: PredictionLog):
         self.app = app
         self.metrics = metrics
         self.batcher = batcher
+        self.counts = counts
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -345,3 +346,4 @@ class _MetricsMiddleware:
             if scope.pop(ARRIVING, False):  # ended before its body was parsed (refused early)
                 self.batcher.arriving -= 1
             self.metrics.observe_request(scope.get("path", ""), status["code"], time.perf_counter() - started)
+            self.counts.count_request(status["code"])

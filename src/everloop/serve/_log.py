@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,6 +24,10 @@ class PredictionLog:
                  metrics: Any = None):
         self.store = store
         self.metrics = metrics
+        self.requests = [0, 0, 0]  # requests, client errors, server errors since the last flush
+        self.stats_interval = 2.0
+        self._last_stats = time.monotonic()
+        self._worker = f"{os.uname().nodename}:{os.getpid()}"
         self.queue: queue.Queue[dict[str, Any]] = queue.Queue(max_queue)
         self.batch = batch
         self.interval = interval
@@ -36,6 +41,14 @@ class PredictionLog:
 
     def start(self) -> None:
         self._thread.start()
+
+    def count_request(self, status: int) -> None:
+        counts = self.requests
+        counts[0] += 1
+        if 400 <= status < 500:
+            counts[1] += 1
+        elif status >= 500:
+            counts[2] += 1
 
     def put_many(self, rows: list[dict[str, Any]]) -> int:
         """Enqueue rows; returns how many were dropped because the queue was full."""
@@ -69,12 +82,28 @@ class PredictionLog:
         self._wake.set()
         self._thread.join(timeout=10)
         self._drain()
+        self._write_stats(force=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self._drain():
                 self._wake.wait(self.interval)
                 self._wake.clear()
+
+    def _write_stats(self, force: bool = False) -> None:
+        """Every few seconds, this worker's request and error counts, for the monitor's error rate."""
+        if not force and time.monotonic() - self._last_stats < self.stats_interval:
+            return
+        self._last_stats = time.monotonic()
+        counts, self.requests = self.requests, [0, 0, 0]
+        if not counts[0]:
+            return
+        try:
+            with self.store.engine.begin() as conn:
+                conn.execute(self.store.tables.service_stats.insert().values(
+                    worker=self._worker, requests=counts[0], client_errors=counts[1], server_errors=counts[2]))
+        except Exception as exc:  # counted in the log only: stats must never break serving
+            log.warning("service stats could not be written: %s", exc)
 
     def _drain(self) -> bool:
         rows: list[dict[str, Any]] = []
@@ -86,6 +115,7 @@ class PredictionLog:
         if self.metrics is not None:
             self.metrics.log_queue.set(self.queue.qsize())
             self.metrics.sample_process()  # the writer thread wakes about every interval: a cheap clock
+        self._write_stats()
         if not rows:
             return False
         try:

@@ -88,7 +88,7 @@ class DriftSpec(_Strict):
     max_drifted_share: float = Field(0.2, ge=0, le=1, description="dataset drift when more than this share of features drift")
     p_value: float = Field(0.01, gt=0, lt=1, description="a feature drifts when its test's p-value is below this ...")
     min_effect: float = Field(
-        0.05, ge=0, le=1,
+        0.03, ge=0, le=1,
         description="... and its effect size (KS statistic, or total variation distance for categories) is at least this",
     )
 
@@ -101,11 +101,20 @@ class PerformanceSpec(_Strict):
     )
 
 
+class SkewSpec(_Strict):
+    max_null_rate_change: float = Field(0.1, ge=0, le=1, description="serving null rate above training's by more")
+    max_unseen_share: float = Field(0.1, ge=0, le=1, description="share of serving values in unseen categories")
+    max_out_of_range_share: float = Field(0.1, ge=0, le=1, description="share of serving values outside the "
+                                          "training range")
+
+
 class MonitoringSpec(_Strict):
     window: WindowSpec = Field(default_factory=lambda: WindowSpec(rows=5000))
     drift: DriftSpec = Field(default_factory=DriftSpec)
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
+    skew: SkewSpec = Field(default_factory=SkewSpec)
     min_labelled_rows: int = Field(50, ge=1, description="fewest labelled rows a window needs for a metric")
+    webhook: str | None = Field(None, description="URL that alerts are POSTed to as JSON (or EVERLOOP_WEBHOOK_URL)")
 
 
 class RetrainDataSpec(_Strict):
@@ -125,7 +134,7 @@ class RetrainDataSpec(_Strict):
 
 
 class RetrainingSpec(_Strict):
-    triggers: list[Literal["drift", "performance", "schedule", "new_labels"]] = Field(
+    triggers: list[Literal["drift", "performance", "estimated_performance", "schedule", "new_labels"]] = Field(
         default_factory=lambda: ["drift", "performance"]
     )
     data: RetrainDataSpec = Field(default_factory=RetrainDataSpec)

@@ -106,6 +106,17 @@ monitor_runs = sa.Table(
     sa.Column("result", sa.JSON, nullable=False),
 )
 
+# The service's request counts, written by each worker about once a second: error rates for the monitor.
+service_stats = sa.Table(
+    "service_stats", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("worker", sa.String(64), nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("client_errors", sa.Integer, nullable=False),
+    sa.Column("server_errors", sa.Integer, nullable=False),
+)
+
 # The loop's audit trail: every decision with its evidence.
 loop_events = sa.Table(
     "loop_events", metadata,

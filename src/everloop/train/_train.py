@@ -18,12 +18,13 @@ import pandas as pd
 from sklearn.base import is_classifier
 from sklearn.utils.validation import has_fit_parameter
 from sklearn.dummy import DummyClassifier, DummyRegressor
+from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import LabelEncoder
 from threadpoolctl import threadpool_limits
 
-from everloop.data import Schema, get_dataset, get_schema, load_frame
+from everloop.data import Profile, Schema, get_dataset, get_schema, load_frame
 from everloop.errors import TrainError
 from everloop.features import build_features, custom_source_hash
 from everloop.spec import ProjectSpec
@@ -127,6 +128,7 @@ class Fitted:
     classes: list[Any] | None
     train_rows: pd.DataFrame
     eval_rows: pd.DataFrame
+    y_eval: np.ndarray  # the held-out labels as the estimator saw them (class codes for classifiers)
 
 
 def fit(frame: pd.DataFrame, schema: Schema, spec: ProjectSpec, *, recent_from_row: int = 0,
@@ -170,7 +172,7 @@ def fit(frame: pd.DataFrame, schema: Schema, spec: ProjectSpec, *, recent_from_r
     baseline = _evaluate(dummy.fit(train_rows[features], y_train), task, eval_rows[features], y_eval)
     slices = _slice_metrics(pipeline, task, metric, eval_rows, features, y_eval, spec.evaluation.slices)
     return Fitted(pipeline, task, metric, metrics, {metric: baseline[metric]}, slices, classes, train_rows,
-                  eval_rows)
+                  eval_rows, y_eval)
 
 
 def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *, reason: str = "",
@@ -183,8 +185,8 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
     started = time.perf_counter()
     dataset = get_dataset(store, dataset_version)
     schema = get_schema(store, dataset.schema_version)
-    fitted = fit(load_frame(store, dataset), schema, spec, recent_from_row=recent_from_row,
-                 recent_weight=recent_weight)
+    frame = load_frame(store, dataset)
+    fitted = fit(frame, schema, spec, recent_from_row=recent_from_row, recent_weight=recent_weight)
     features, target = schema.feature_names, schema.target.name
     slice_columns = [c for c in spec.evaluation.slices if c not in features and c != target]
     eval_artifact = store.put_frame(fitted.eval_rows[features + [target] + slice_columns])
@@ -212,6 +214,7 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
         "train_rows": len(fitted.train_rows),
         "eval_rows": len(fitted.eval_rows),
         "reason": reason,
+        "monitoring": monitoring_references(store, fitted, frame.iloc[recent_from_row:], schema),
     } | reproducibility_record(spec, store.root.parent)
     t = store.tables.models
     with store.engine.begin() as conn:
@@ -220,6 +223,31 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
             value=fitted.metrics[fitted.metric], reason=reason)).inserted_primary_key[0]
     return TrainResult(version, fitted.metric, fitted.metrics[fitted.metric], fitted.baseline[fitted.metric],
                        fitted.metrics, dataset.version, time.perf_counter() - started)
+
+
+def monitoring_references(store: Store, fitted: Fitted, reference_rows: pd.DataFrame, schema: Schema) -> dict[str, Any]:
+    """What the monitor compares every window with, computed once here and stored with the model:
+    the profile of the training rows of the current world, the profile of the model's scores on its
+    held-out rows, and (binary classifiers) the calibration map that confidence-based performance
+    estimation needs."""
+    kinds = {c.name: c.kind for c in schema.features}
+    features = schema.feature_names
+    profile = Profile.reference(reference_rows[features], kinds)
+    eval_features = fitted.eval_rows[features]
+    out: dict[str, Any] = {"profile": store.put_json(profile.to_dict())}
+    if fitted.task == "classification":
+        proba = fitted.pipeline.predict_proba(eval_features)
+        if proba.shape[1] == 2:
+            scores, kind = pd.Series(proba[:, 1]), "numeric"
+            iso = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(proba[:, 1], fitted.y_eval == 1)
+            out["calibration"] = {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+        else:
+            scores, kind = pd.Series(np.asarray(fitted.classes, dtype=object)[proba.argmax(axis=1)]).map(str), "categorical"
+    else:
+        scores, kind = pd.Series(fitted.pipeline.predict(eval_features)), "numeric"
+    out["prediction_profile"] = store.put_json(Profile.reference(pd.DataFrame({"prediction": scores}),
+                                                                 {"prediction": kind}).to_dict())
+    return out
 
 
 def reproducibility_record(spec: ProjectSpec, project_dir: Path) -> dict[str, Any]:
