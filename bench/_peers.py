@@ -10,6 +10,11 @@ Two uses:
   reads the frame, builds a pandera DataFrameSchema from the reference stats, validates with
   lazy=True (best of --repeat, the read not timed) and prints one JSON object: seconds, extra memory,
   counts per (column, rule) and versions.
+* `python _peers.py evidently REF.parquet CUR.parquet COLUMNS.json [--repeat-under S]` (Evidently 0.7's
+  venv): runs `Report([DataDriftPreset()], include_tests=True).run(current, reference)` on the two frames
+  (read from Parquet, not timed) with a DataDefinition of the numerical and categorical columns in
+  COLUMNS.json, once, or best of 3 when one run takes under S seconds (default 20), and prints one JSON
+  object: seconds, extra memory, each column's method, threshold, score and flag, the dataset verdict.
 """
 
 from __future__ import annotations
@@ -133,8 +138,71 @@ def pandera_worker(frame_path: str, stats_path: str, repeat: int) -> dict:
     }
 
 
+# -- the Evidently worker (Evidently 0.7's API: evidently.Report, evidently.presets) -------------------
+
+
+def _evidently_parse(snapshot) -> dict:
+    """Evidently's own verdicts from a snapshot: each column's ValueDrift test, and the DriftedColumnsCount
+    test (share of drifted columns < drift_share) for the dataset."""
+    body = snapshot.dict()
+    values = {m["id"]: m["value"] for m in body["metrics"]}
+    columns, dataset = {}, {}
+    for test in body["tests"]:
+        params = test["metric_config"]["params"]
+        kind = params.get("type", "")
+        if kind.endswith(":ValueDrift"):
+            columns[params["column"]] = {"method": params.get("method"), "threshold": params.get("threshold"),
+                                         "score": values.get(test["metric_config"]["metric_id"]),
+                                         "drifted": test["status"] == "FAIL"}
+        elif kind.endswith(":DriftedColumnsCount"):
+            value = values.get(test["metric_config"]["metric_id"]) or {}
+            dataset = {"drift_share": params.get("drift_share"), "drifted_count": value.get("count"),
+                       "drifted_share": value.get("share"), "dataset_drift": test["status"] == "FAIL",
+                       "test": test.get("description")}
+    return {"columns": columns, **dataset}
+
+
+def evidently_worker(reference_path: str, current_path: str, columns_path: str, repeat_under: float = 20.0) -> dict:
+    import gc
+
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    spec = json.loads(Path(columns_path).read_text())
+    reference, current = pd.read_parquet(reference_path), pd.read_parquet(current_path)
+    definition = DataDefinition(numerical_columns=spec["numerical"], categorical_columns=spec["categorical"])
+    start = time.perf_counter()
+    ref_ds = Dataset.from_pandas(reference, data_definition=definition)
+    cur_ds = Dataset.from_pandas(current, data_definition=definition)
+    from_pandas_s = time.perf_counter() - start
+    times, extra, parsed = [], [], None
+    while True:
+        snapshot = None
+        gc.collect()
+        base = rss_reset()
+        start = time.perf_counter()
+        snapshot = Report([DataDriftPreset()], include_tests=True).run(current_data=cur_ds, reference_data=ref_ds)
+        times.append(time.perf_counter() - start)
+        extra.append(rss_extra_mb(base))
+        parsed = _evidently_parse(snapshot)
+        if len(times) >= 3 or times[0] > repeat_under:
+            break
+    import evidently
+    import numpy
+    import pyarrow
+    import scipy
+    return {"seconds": min(times), "all_seconds": times, "from_pandas_seconds": from_pandas_s,
+            "extra_mb": max((e for e in extra if e is not None), default=None), **parsed,
+            "versions": {"evidently": evidently.__version__, "pandas": pd.__version__, "numpy": numpy.__version__,
+                         "scipy": scipy.__version__, "pyarrow": pyarrow.__version__}}
+
+
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "pandera":
+    if len(sys.argv) >= 5 and sys.argv[1] == "evidently":
+        under = float(sys.argv[sys.argv.index("--repeat-under") + 1]) if "--repeat-under" in sys.argv else 20.0
+        print(json.dumps(evidently_worker(sys.argv[2], sys.argv[3], sys.argv[4], under)))
+    elif len(sys.argv) >= 4 and sys.argv[1] == "pandera":
         n = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 3
         print(json.dumps(pandera_worker(sys.argv[2], sys.argv[3], n)))
     else:

@@ -8,6 +8,7 @@ micro-batch with other concurrent requests, log, answer.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -99,13 +101,11 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         outcome = await batcher.submit(model, rows)
         if outcome.errors:
             raise ClientError(422, outcome.errors)
-        ids = [uuid.uuid4().hex for _ in outcome.outputs]
+        ids = ids_for(len(outcome.outputs))
         metrics.observe_predictions(outcome.outputs)
         if log_rows:
-            now, latency_ms = time.time(), (time.perf_counter() - started) * 1000
-            prediction_log.put_many([
-                {"id": i, "created_at": now, "model_version": model.version, "features": f, "prediction": o,
-                 "latency_ms": latency_ms} for i, f, o in zip(ids, outcome.logged, outcome.outputs)])
+            prediction_log.put(ids, time.time(), model.version, outcome.logged, outcome.outputs,
+                               (time.perf_counter() - started) * 1000)
         return outcome, ids
 
     @app.post("/predict", openapi_extra=schemas["predict"], summary="Predict one row or a batch")
@@ -117,7 +117,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                                                                spec.serving.max_batch_rows))
         outcome, ids = await serve_rows(model, rows, started)
         answers = [{"id": i, **o} for i, o in zip(ids, outcome.outputs)]
-        return JSONResponse({"model_version": model.version, "predictions": answers})
+        return _json({"model_version": model.version, "predictions": answers})
 
     @app.post("/invocations", openapi_extra=schemas["invocations"], summary="MLflow scoring protocol")
     async def invocations(request: Request) -> JSONResponse:
@@ -128,7 +128,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         rows = await parsed(request, lambda raw: parse_invocations(raw, content_type, model.schema.feature_names,
                                                                    spec.serving.max_batch_rows))
         outcome, _ = await serve_rows(model, rows, started)
-        return JSONResponse(mlflow_answer([o["prediction"] for o in outcome.outputs]))
+        return _json(mlflow_answer([o["prediction"] for o in outcome.outputs]))
 
     @app.get("/version", summary="The server's version, as MLflow's scoring client asks")
     async def version() -> Response:
@@ -158,7 +158,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         labels = [o["prediction"] for o in outcome.outputs]
         proba = ([list(o["probabilities"].values()) for o in outcome.outputs]
                  if outcome.outputs and "probabilities" in outcome.outputs[0] else None)
-        return JSONResponse(v2_answer(spec.name, model.version, body.get("id"), labels, proba))
+        return _json(v2_answer(spec.name, model.version, body.get("id"), labels, proba))
 
     @app.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata")
     async def v2_metadata(name: str) -> dict[str, Any]:
@@ -261,6 +261,20 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
 
 
 # -- request handling -----------------------------------------------------------------------------
+
+
+_ID_PREFIX = uuid.uuid4().hex[:16]  # per worker process; a counter makes each id unique within it
+_id_counter = itertools.count()
+
+
+def ids_for(n: int) -> list[str]:
+    """Prediction ids: unique across workers and restarts, far cheaper than a uuid4 per row."""
+    return [f"{_ID_PREFIX}{next(_id_counter):x}" for _ in range(n)]
+
+
+def _json(content: Any) -> Response:
+    """A JSON answer encoded by orjson (several times faster than the standard encoder)."""
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 def _require_model(holder: ModelHolder) -> TrainedModel:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -33,6 +34,10 @@ class Rows:
 
 
 def loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass  # orjson is strict (no NaN/Infinity literals, 64-bit integers): the standard parser decides
     try:
         return json.loads(raw)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints past Python's digit limit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 
@@ -128,9 +129,15 @@ loop_events = sa.Table(
 )
 
 
+def dumps_json(value: object) -> str:
+    """JSON columns through orjson: the prediction log writes thousands of rows a second, and the
+    standard library's encoder would hold the GIL against the request handlers for most of it."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS).decode()
+
+
 def make_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        engine = sa.create_engine(url, connect_args={"timeout": 30}, json_serializer=dumps_json)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record):  # WAL lets the server log while the CLI reads
@@ -141,4 +148,4 @@ def make_engine(url: str) -> sa.Engine:
             cursor.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    return sa.create_engine(url, pool_pre_ping=True, json_serializer=dumps_json)
