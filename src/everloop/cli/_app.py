@@ -586,6 +586,34 @@ def loop_cmd(once: bool = typer.Option(False, "--once", help="one turn, then exi
         time.sleep(interval)
 
 
+@app.command("backtest")
+def backtest_cmd(path: Optional[Path] = typer.Argument(None, help="labelled data (default: the spec's data.source)"),
+                 initial_rows: Optional[int] = typer.Option(None, help="rows of the first training period"),
+                 window_rows: Optional[int] = typer.Option(None, help="rows per window (default: monitoring.window.rows)"),
+                 report: Optional[Path] = typer.Option(None, help="also write an HTML report here"),
+                 project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Replay labelled, time-ordered data through the retraining policy; compare with never and always retraining."""
+    from everloop.data import read_source
+    from everloop.loop import backtest, write_backtest_report
+    from everloop.spec import load_spec
+
+    spec = load_spec(project)
+    frame = read_source(path if path is not None else spec.data.source, project)
+    say = (lambda _m: None) if as_json else (lambda m: console.print(f"[dim]•[/dim] {m}"))
+    result = backtest(frame, spec, initial_rows=initial_rows, window_rows=window_rows, progress=say)
+    s = result.summary()
+    table = Table(title=f"backtest: {s['windows']} windows, {result.metric} per strategy")
+    for column in ("strategy", f"mean {result.metric}", "retrainings"):
+        table.add_column(column)
+    for name, label in (("policy", "the spec's policy"), ("never", "never retrain"), ("every_window", "every window")):
+        table.add_row(label, _num(s[f"mean_{name}"]), str(s["retrainings"][name]))
+    _emit(result.to_dict(), as_json, table)
+    if report:
+        write_backtest_report(report, result, title=f"everloop backtest: {spec.name}")
+        if not as_json:
+            console.print(f"report: {report}")
+
+
 def main() -> None:
     """Entry point: library errors become one clean message and an exit code."""
     try:

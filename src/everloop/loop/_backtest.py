@@ -1,0 +1,213 @@
+"""`everloop backtest`: replay a time-ordered labelled dataset through the retraining policy.
+
+Train on the first period; then, window by window, every strategy predicts the window before it
+may learn from it (so no strategy sees its own test rows): the spec's policy (monitor, triggers,
+cooldown, data selection, gate), never retraining, and retraining after every window. The metric
+over time and the number of retrainings of each show what a policy buys and what it costs, before
+it runs in production. Everything happens in memory; the store is not touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from everloop.data import Profile, Schema
+from everloop.errors import DataError, EverloopError
+from everloop.monitor import DriftDetector, estimate_metric
+from everloop.spec import ProjectSpec
+from everloop.train import Fitted, as_labels, fit, improvement, score
+
+
+@dataclass
+class _Model:
+    fitted: Fitted
+    rows: pd.DataFrame  # what it was trained on (reference + recent), for the next data selection
+    recent_from: int  # where the rows of its current world start in `rows`
+    profile: Profile
+    trained_at: Any  # the time (or window number) of its training, for the cooldown
+
+
+@dataclass
+class BacktestResult:
+    metric: str
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    retrainings: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"metric": self.metric, "windows": len(self.windows), "retrainings": self.retrainings}
+        for strategy in ("policy", "never", "every_window"):
+            values = [w[strategy] for w in self.windows if w[strategy] is not None and np.isfinite(w[strategy])]
+            out[f"mean_{strategy}"] = float(np.mean(values)) if values else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "windows": self.windows}
+
+
+def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None = None,
+             window_rows: int | None = None, progress: Callable[[str], None] | None = None) -> BacktestResult:
+    """Replay `frame` (labelled; ordered by data.timestamp when there is one) through the policy."""
+    if spec.data.timestamp and spec.data.timestamp in frame:
+        frame = frame.sort_values(spec.data.timestamp, kind="stable")
+    frame = frame.reset_index(drop=True)
+    window_rows = window_rows or spec.monitoring.window.rows or 1000
+    initial_rows = initial_rows or max(2 * window_rows, len(frame) // 5)
+    if len(frame) < initial_rows + window_rows:
+        raise DataError(f"{len(frame)} rows are too few to backtest: the first period takes {initial_rows} and each "
+                        f"window {window_rows}; pass smaller --initial-rows / --window-rows")
+    schema = Schema.infer(frame.iloc[:initial_rows], spec)
+    conformed, report = schema.conform(frame, mode="dataset")
+    if not report.ok:
+        raise DataError("the data do not match the schema inferred from its first period:\n" + report.summary(),
+                        report=report)
+    kinds = {c.name: c.kind for c in schema.features}
+    first = _train(conformed.iloc[:initial_rows], 0, schema, spec, kinds, when=_time(conformed, spec, 0))
+    result = BacktestResult(first.fitted.metric, retrainings={"policy": 0, "never": 0, "every_window": 0})
+    models = {"policy": first, "never": first, "every_window": first}
+    d = spec.monitoring.drift
+    for n, start in enumerate(range(initial_rows, len(conformed) - window_rows + 1, window_rows), start=1):
+        window = conformed.iloc[start:start + window_rows]
+        seen = conformed.iloc[:start + window_rows]
+        row: dict[str, Any] = {"window": n, "start": str(window[spec.data.timestamp].iloc[0])
+                               if spec.data.timestamp else start}
+        for name, model in models.items():
+            row[name] = _metric(model.fitted, window, schema)
+        policy = models["policy"]
+        drift = DriftDetector(d.p_value, d.min_effect, d.max_drifted_share).fit_profile(policy.profile).score(
+            window[schema.feature_names])
+        fired = _fired(spec, policy, drift.dataset_drift, row["policy"], window, schema, n)
+        row |= {"drifted_share": drift.drifted_share, "triggers": fired, "action": "idle"}
+        if fired and not _cooling(spec, policy, window, n):
+            candidate = _retrain(policy, seen, window, schema, spec, kinds, n)
+            if candidate is not None and _passes(candidate, policy, schema, spec):
+                models["policy"] = candidate
+                result.retrainings["policy"] += 1
+                row["action"] = "promoted"
+            else:
+                row["action"] = "refused"
+        elif fired:
+            row["action"] = "cooldown"
+        every = _retrain(models["every_window"], seen, window, schema, spec, kinds, n)
+        if every is not None:
+            models["every_window"] = every
+            result.retrainings["every_window"] += 1
+        result.windows.append(row)
+        if progress:
+            progress(f"window {n}: policy {row['policy']:.4f}, never {row['never']:.4f}, every window "
+                     f"{row['every_window']:.4f}; {row['action']}")
+    return result
+
+
+def write_backtest_report(path: Any, result: BacktestResult, title: str = "everloop backtest") -> Any:
+    """The metric per window for each strategy, with the policy's retrainings marked."""
+    import html
+    from pathlib import Path
+
+    import plotly.graph_objects as go
+
+    x = [w["window"] for w in result.windows]
+    fig = go.Figure()
+    for name, label in (("policy", "the spec's policy"), ("never", "never retrain"),
+                        ("every_window", "retrain every window")):
+        fig.add_trace(go.Scatter(x=x, y=[w[name] for w in result.windows], mode="lines+markers",
+                                 name=f"{label} ({result.retrainings[name]} retrainings)"))
+    promoted = [w for w in result.windows if w["action"] == "promoted"]
+    fig.add_trace(go.Scatter(x=[w["window"] for w in promoted], y=[w["policy"] for w in promoted], mode="markers",
+                             marker={"symbol": "star", "size": 14}, name="policy retrained after this window"))
+    fig.update_layout(title=f"{result.metric} per window (each model predicts a window before it may learn from it)",
+                      xaxis_title="window", yaxis_title=result.metric, height=480)
+    summary = result.summary()
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body style='font-family:system-ui,sans-serif;margin:2em'><h1>{html.escape(title)}</h1>"
+            f"<table>{rows}</table>{fig.to_html(full_html=False, include_plotlyjs='inline')}</body></html>")
+    Path(path).write_text(page, encoding="utf-8")
+    return Path(path)
+
+
+def _train(rows: pd.DataFrame, recent_from: int, schema: Schema, spec: ProjectSpec, kinds: dict[str, str],
+           when: Any) -> _Model:
+    fitted = fit(rows, schema, spec, recent_from_row=recent_from, recent_weight=spec.retraining.data.recent_weight)
+    profile = Profile.reference(rows.iloc[recent_from:][schema.feature_names], kinds)
+    return _Model(fitted, rows.reset_index(drop=True), recent_from, profile, when)
+
+
+def _retrain(current: _Model, seen: pd.DataFrame, window: pd.DataFrame, schema: Schema, spec: ProjectSpec,
+             kinds: dict[str, str], n: int) -> _Model | None:
+    """The spec's data selection: the latest recent_rows labelled rows, after the current model's own
+    training rows when include_reference is set."""
+    recent = seen.iloc[-spec.retraining.data.recent_rows:]
+    if spec.retraining.data.include_reference:  # as the live loop: the current model's whole training data
+        rows = pd.concat([current.rows, recent], ignore_index=True)
+        recent_from = len(current.rows)
+    else:
+        rows, recent_from = recent.reset_index(drop=True), 0
+    try:
+        return _train(rows, recent_from, schema, spec, kinds, when=_time(window, spec, -1, n))
+    except EverloopError:
+        return None
+
+
+def _passes(candidate: _Model, current: _Model, schema: Schema, spec: ProjectSpec) -> bool:
+    """The gate's rules on the candidate's held-out rows: beat the baseline, reach min_metric, and lose
+    no more than max_regression against the current model."""
+    metric = candidate.fitted.metric
+    mine = candidate.fitted.metrics[metric]
+    if not np.isfinite(mine) or improvement(metric, mine, candidate.fitted.baseline[metric]) <= 0:
+        return False
+    if spec.promotion.min_metric is not None and improvement(metric, mine, spec.promotion.min_metric) < 0:
+        return False
+    theirs = _metric(current.fitted, candidate.fitted.eval_rows, schema)
+    return improvement(metric, theirs, mine) <= spec.promotion.max_regression
+
+
+def _fired(spec: ProjectSpec, model: _Model, drifted: bool, value: float, window: pd.DataFrame, schema: Schema,
+           n: int) -> list[str]:
+    triggers, fired = spec.retraining.triggers, []
+    expected = model.fitted.metrics[model.fitted.metric]
+    metric, perf = model.fitted.metric, spec.monitoring.performance
+    if "drift" in triggers and drifted:
+        fired.append("drift")
+    if "performance" in triggers and np.isfinite(value) and (
+            improvement(metric, value, expected) < -perf.max_drop
+            or (perf.min_metric is not None and improvement(metric, value, perf.min_metric) < 0)):
+        fired.append("performance")
+    if "estimated_performance" in triggers and model.fitted.task == "classification":
+        proba = model.fitted.pipeline.predict_proba(window[schema.feature_names])
+        estimated = estimate_metric(metric, proba)
+        if estimated is not None and improvement(metric, estimated, expected) < -perf.max_drop:
+            fired.append("estimated_performance")
+    if "schedule" in triggers or "new_labels" in triggers:
+        fired.append("schedule" if "schedule" in triggers else "new_labels")  # every window brings new labels
+    return fired
+
+
+def _cooling(spec: ProjectSpec, model: _Model, window: pd.DataFrame, n: int) -> bool:
+    if not spec.data.timestamp or not isinstance(model.trained_at, pd.Timestamp):
+        return False
+    now = window[spec.data.timestamp].iloc[0]
+    return (now - model.trained_at).total_seconds() < spec.retraining.cooldown_minutes * 60
+
+
+def _time(frame: pd.DataFrame, spec: ProjectSpec, position: int, n: int = 0) -> Any:
+    if spec.data.timestamp and spec.data.timestamp in frame and len(frame):
+        return frame[spec.data.timestamp].iloc[position]
+    return n
+
+
+def _metric(fitted: Fitted, rows: pd.DataFrame, schema: Schema) -> float:
+    features = rows[schema.feature_names]
+    target = rows[schema.target.name]
+    if fitted.task == "classification":
+        y = as_labels(target)
+        proba = fitted.pipeline.predict_proba(features)
+        known = np.isin(y, np.asarray(fitted.classes, dtype=object))
+        if not known.all():  # a class the model never saw cannot be scored
+            y, proba = y[known], proba[known]
+        predicted = np.asarray(fitted.classes, dtype=object)[proba.argmax(axis=1)].astype(y.dtype)
+        return score(fitted.metric, y, predicted, proba, fitted.classes)
+    return score(fitted.metric, target.to_numpy(dtype=float), fitted.pipeline.predict(features))

@@ -1,0 +1,58 @@
+import pandas as pd
+import pytest
+
+from everloop.demo import make_churn
+from everloop.demo._scenario import START
+from everloop.errors import DataError
+from everloop.loop import backtest, write_backtest_report
+from everloop.spec import parse_spec
+
+
+def _spec(**retraining):
+    return parse_spec({"name": "bt", "data": {"source": "x.csv", "target": "churned", "id": "customer_id",
+                                              "timestamp": "event_time"},
+                       "model": {"params": {"max_iter": 60}},
+                       "monitoring": {"window": {"rows": 1500}, "performance": {"max_drop": 0.03}},
+                       "retraining": {"data": {"recent_rows": 1500}, "cooldown_minutes": 0} | retraining})
+
+
+def _history() -> pd.DataFrame:
+    stable = make_churn(6000, seed=21)
+    shifted = make_churn(7500, shifted=True, seed=22, start=START + pd.Timedelta(minutes=6000), id_offset=6000)
+    return pd.concat([stable, shifted], ignore_index=True)
+
+
+def test_the_policy_beats_never_retraining_and_costs_less_than_always(tmp_path):
+    result = backtest(_history(), _spec(), initial_rows=4500)
+    s = result.summary()
+    assert s["windows"] == 6
+    assert s["mean_policy"] > s["mean_never"] + 0.02
+    assert 1 <= s["retrainings"]["policy"] < s["retrainings"]["every_window"] == 6
+    first_shifted = result.windows[1]  # windows 1 is stable (rows 4500-6000), 2 is the first shifted one
+    assert first_shifted["triggers"] and first_shifted["action"] == "promoted"
+    assert result.windows[0]["action"] == "idle"
+    page = write_backtest_report(tmp_path / "bt.html", result).read_text()
+    assert "never retrain" in page and "plotly" in page.lower()
+
+
+def test_too_little_data_is_a_clear_error():
+    with pytest.raises(DataError, match="too few to backtest"):
+        backtest(make_churn(1000, seed=1), _spec())
+
+
+def test_backtest_command(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from everloop.cli import app
+    from tests.conftest import write_project
+
+    folder = write_project(tmp_path / "p")
+    history = tmp_path / "history.csv"
+    _history().to_csv(history, index=False)
+    out = CliRunner().invoke(app, ["backtest", str(history), "--initial-rows", "4500", "--window-rows", "3000",
+                                   "--json", "--project", str(folder)])
+    assert out.exit_code == 0, out.output
+    body = json.loads(out.output)
+    assert body["summary"]["windows"] == 3 and body["summary"]["retrainings"]["every_window"] == 3
