@@ -66,3 +66,75 @@ def test_failed_gate_keeps_production_and_alerts(client):
     assert registry.alias_version(store, registry.PRODUCTION) == 1
     assert registry.alias_version(store, CANDIDATE) == decision.model_version
     assert audit_trail(store)[-1]["action"] == "kept_candidate"
+
+
+def test_failed_gate_sends_an_alert(client):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    raw = client.spec.model_dump()
+    raw["promotion"]["min_metric"] = 0.999
+    raw["monitoring"]["webhook"] = f"http://127.0.0.1:{server.server_port}/"
+    _send(client, make_churn(1000, shifted=True, seed=15))
+    decision = run_once(client.store, parse_spec(raw))
+    server.shutdown()
+    assert decision.action == "kept_candidate"
+    loop_alerts = [r for r in received if r["event"] == "loop"]
+    assert loop_alerts and loop_alerts[0]["action"] == "kept_candidate"
+    assert "below promotion.min_metric" in loop_alerts[0]["reason"]
+
+
+def test_a_kill_during_retraining_leaves_everything_consistent(client):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import sqlalchemy as sa
+
+    from everloop import data
+
+    store = client.store
+    folder = store.root.parent
+    _send(client, make_churn(1000, shifted=True, seed=16))
+    original = (folder / "everloop.yaml").read_text()
+    slow = original.replace("max_iter: 50", "max_iter: 5000\n    early_stopping: false")
+    assert slow != original
+    (folder / "everloop.yaml").write_text(slow)
+    code = "from everloop.cli import main; main()"
+    process = subprocess.Popen([sys.executable, "-c", code, "loop", "--once", "--project", str(folder)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(data.list_datasets(store)) < 2:  # the retraining data is stored...
+        time.sleep(0.05)
+    time.sleep(0.5)  # ...and the retraining is under way
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(data.list_datasets(store)) == 2
+    assert registry.alias_version(store, registry.PRODUCTION) == 1, "production is untouched"
+    assert [m.version for m in registry.list_models(store)] == [1], "no half-registered model"
+    for model in registry.list_models(store):
+        registry.load_model(store, model.version)  # every artifact referenced is whole and verified
+    for dataset in data.list_datasets(store):
+        data.load_frame(store, dataset)
+    with store.engine.connect() as conn:
+        actions = conn.execute(sa.select(store.tables.loop_events.c.action)).scalars().all()
+    assert "promoted" not in actions
+    (folder / "everloop.yaml").write_text(original)
+    again = subprocess.run([sys.executable, "-c", code, "loop", "--once", "--json", "--project", str(folder)],
+                           capture_output=True, text=True, timeout=300)
+    assert json.loads(again.stdout)["action"] == "promoted", again.stderr
+    assert registry.alias_version(store, registry.PRODUCTION) == 2

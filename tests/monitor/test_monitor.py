@@ -1,0 +1,96 @@
+"""The monitor on a served model: streaming windows, skew, error rates, estimated performance, alerts."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from fastapi.testclient import TestClient
+
+from everloop.demo import make_churn
+from everloop.monitor import _monitor, list_runs, monitor
+from everloop.serve import create_app
+from everloop.spec import parse_spec
+
+DROP = ["customer_id", "event_time", "churned"]
+
+
+def _send(client, rows, labels=True, **overrides):
+    features = json.loads(rows.drop(columns=DROP).to_json(orient="records"))
+    for row in features:
+        row.update(overrides)
+    for start in range(0, len(rows), 250):
+        answer = client.post("/predict", json={"instances": features[start:start + 250]}).json()
+        if labels:
+            client.post("/feedback", json={"labels": [
+                {"id": p["id"], "label": y} for p, y in zip(answer["predictions"], rows["churned"].iloc[start:start + 250])]})
+    client.app.state.log.flush()
+
+
+@pytest.fixture
+def client(trained):
+    folder, spec, store = trained
+    with TestClient(create_app(folder, watch=False)) as c:
+        c.spec, c.store = spec, store
+        yield c
+
+
+def test_windows_stream_in_batches_with_the_same_result(client, monkeypatch):
+    _send(client, make_churn(1000, shifted=True, seed=31))
+    whole = monitor(client.store, client.spec, record=False)
+    monkeypatch.setattr(_monitor, "READ_BATCH", 97)
+    batched = monitor(client.store, client.spec, record=False)
+    assert [c.statistic for c in whole.drift.columns] == pytest.approx([c.statistic for c in batched.drift.columns])
+    assert whole.performance["value"] == pytest.approx(batched.performance["value"])
+    assert whole.window["rows"] == batched.window["rows"] == 1000
+
+
+def test_estimated_performance_without_labels(client):
+    _send(client, make_churn(1000, seed=32), labels=False)
+    result = monitor(client.store, client.spec, record=False)
+    performance = result.performance
+    assert performance["labelled_rows"] == 0 and performance["value"] is None
+    assert performance["estimated"] == pytest.approx(performance["expected"], abs=0.05)
+    assert not performance["estimated_decayed"]
+
+
+def test_skew_is_flagged_when_serving_sends_what_training_never_had(client):
+    _send(client, make_churn(600, seed=33), plan="gold-plus", satisfaction=None)
+    result = monitor(client.store, client.spec, record=False)
+    assert set(result.skew["features"]) == {"plan", "satisfaction"}
+    assert any(a.startswith("skew:") for a in result.alerts)
+
+
+def test_health_has_latency_and_error_rate(client):
+    _send(client, make_churn(300, seed=34))
+    for _ in range(10):
+        client.post("/predict", json={"features": {"age": "x"}})
+    client.app.state.log._write_stats(force=True)
+    health = monitor(client.store, client.spec, record=False).health
+    assert health["latency_ms_p50"] > 0 and health["latency_ms_p99"] >= health["latency_ms_p50"]
+    assert health["client_errors"] == 10 and 0 < health["error_rate"] < 1
+
+
+def test_alerts_reach_the_webhook_and_runs_are_stored(client):
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    raw = client.spec.model_dump()
+    raw["monitoring"]["webhook"] = f"http://127.0.0.1:{server.server_port}/alerts"
+    _send(client, make_churn(1000, shifted=True, seed=35))
+    result = monitor(client.store, parse_spec(raw))
+    server.shutdown()
+    assert result.status.startswith("drift") and received and received[0]["event"] == "monitor"
+    assert received[0]["alerts"] == result.alerts
+    stored = list_runs(client.store, limit=1)[-1]
+    assert stored["status"] == result.status and stored["distributions"]
