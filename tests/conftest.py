@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,40 @@ def write_project(folder: Path, rows: int = 2000, seed: int = 3, **overrides) ->
         spec[key] = value
     (folder / "everloop.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder
+
+
+def served_project(folder: Path, rows: int = 2000, db_url: str | None = None) -> tuple[Path, object, Store]:
+    """A project with its data ingested and one model trained and promoted: (folder, spec, store)."""
+    write_project(folder, rows=rows)
+    spec, store = load_spec(folder), Store.for_project(folder, db_url)
+    data.ingest(store, spec, base=folder)
+    registry.promote(store, spec, train.train(store, spec).version)
+    return folder, spec, store
+
+
+def feature_rows(frame) -> list[dict]:
+    """Rows of a churn frame as request bodies: the features only, JSON types."""
+    return json.loads(frame.drop(columns=["customer_id", "event_time", "churned"]).to_json(orient="records"))
+
+
+@pytest.fixture
+def webhook():
+    """A local HTTP server that records every JSON body POSTed to it: (url, received)."""
+    received: list = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/alerts", received
+    server.shutdown()
 
 
 @pytest.fixture

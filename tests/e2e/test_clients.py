@@ -8,11 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from everloop import data, registry, train
 from everloop.serve import ServerProcess
-from everloop.spec import load_spec
-from everloop.store import Store
-from tests.conftest import write_project
+from tests.conftest import served_project
 
 pytestmark = pytest.mark.e2e
 DROP = ["customer_id", "event_time", "churned"]
@@ -20,10 +17,7 @@ DROP = ["customer_id", "event_time", "churned"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = write_project(tmp_path_factory.mktemp("clients") / "p", rows=1000)
-    spec, store = load_spec(folder), Store.for_project(folder)
-    data.ingest(store, spec, base=folder)
-    registry.promote(store, spec, train.train(store, spec).version)
+    folder, spec, store = served_project(tmp_path_factory.mktemp("clients") / "p", rows=1000)
     frame = pd.read_csv(folder / "data" / "customers.csv").head(8).drop(columns=DROP)
     with ServerProcess(folder) as running:
         expected = httpx.post(running.url + "/predict",

@@ -1,19 +1,16 @@
 """The whole loop against a real uvicorn server on a loopback port, with real files and databases."""
 
-import json
 import threading
 import time
 
 import httpx
 import pytest
 
-from everloop import data, registry, train
+from everloop import registry, train
 from everloop.demo import DemoConfig, make_churn, run_demo
 from everloop.monitor import monitor
 from everloop.serve import ServerProcess
-from everloop.spec import load_spec
-from everloop.store import Store
-from tests.conftest import write_project
+from tests.conftest import feature_rows, served_project
 
 pytestmark = pytest.mark.e2e
 
@@ -34,12 +31,8 @@ def test_the_whole_loop_recovers_after_a_shift(tmp_path):
 
 
 def test_promotion_under_load_fails_no_request(tmp_path):
-    folder = write_project(tmp_path / "p")
-    spec, store = load_spec(folder), Store.for_project(folder)
-    data.ingest(store, spec, base=folder)
-    registry.promote(store, spec, train.train(store, spec).version)
-    rows = json.loads(make_churn(20, seed=5).drop(columns=["customer_id", "event_time", "churned"])
-                      .to_json(orient="records"))
+    folder, spec, store = served_project(tmp_path / "p")
+    rows = feature_rows(make_churn(20, seed=5))
     seen, failures, stop = [], [], threading.Event()
     with ServerProcess(folder) as server:
         def hammer():
@@ -70,12 +63,9 @@ def test_promotion_under_load_fails_no_request(tmp_path):
 
 
 def test_postgresql_store_with_a_real_server(tmp_path, pg_url):
-    folder = write_project(tmp_path / "p")
-    spec, store = load_spec(folder), Store.for_project(folder, pg_url)
-    data.ingest(store, spec, base=folder)
-    registry.promote(store, spec, train.train(store, spec).version)
+    folder, spec, store = served_project(tmp_path / "p", db_url=pg_url)
     shifted = make_churn(1000, shifted=True, seed=9)
-    features = json.loads(shifted.drop(columns=["customer_id", "event_time", "churned"]).to_json(orient="records"))
+    features = feature_rows(shifted)
     with ServerProcess(folder, env={"EVERLOOP_DB_URL": pg_url}) as server, \
             httpx.Client(base_url=server.url, timeout=30) as client:
         answer = client.post("/predict", json={"instances": features}).json()
@@ -88,12 +78,8 @@ def test_postgresql_store_with_a_real_server(tmp_path, pg_url):
 
 
 def test_metrics_add_up_across_workers(tmp_path):
-    folder = write_project(tmp_path / "p")
-    spec, store = load_spec(folder), Store.for_project(folder)
-    data.ingest(store, spec, base=folder)
-    registry.promote(store, spec, train.train(store, spec).version)
-    rows = json.loads(make_churn(3, seed=5).drop(columns=["customer_id", "event_time", "churned"])
-                      .to_json(orient="records"))
+    folder, spec, store = served_project(tmp_path / "p")
+    rows = feature_rows(make_churn(3, seed=5))
     with ServerProcess(folder, workers=2) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         for _ in range(40):
             assert client.post("/predict", json={"instances": rows}).status_code == 200

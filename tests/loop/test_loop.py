@@ -68,29 +68,13 @@ def test_failed_gate_keeps_production_and_alerts(client):
     assert audit_trail(store)[-1]["action"] == "kept_candidate"
 
 
-def test_failed_gate_sends_an_alert(client):
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    received = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - the http.server API
-            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_failed_gate_sends_an_alert(client, webhook):
+    url, received = webhook
     raw = client.spec.model_dump()
     raw["promotion"]["min_metric"] = 0.999
-    raw["monitoring"]["webhook"] = f"http://127.0.0.1:{server.server_port}/"
+    raw["monitoring"]["webhook"] = url
     _send(client, make_churn(1000, shifted=True, seed=15))
     decision = run_once(client.store, parse_spec(raw))
-    server.shutdown()
     assert decision.action == "kept_candidate"
     loop_alerts = [r for r in received if r["event"] == "loop"]
     assert loop_alerts and loop_alerts[0]["action"] == "kept_candidate"

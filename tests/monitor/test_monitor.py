@@ -1,8 +1,6 @@
 """The monitor on a served model: streaming windows, skew, error rates, estimated performance, alerts."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
@@ -71,25 +69,12 @@ def test_health_has_latency_and_error_rate(client):
     assert health["client_errors"] == 10 and 0 < health["error_rate"] < 1
 
 
-def test_alerts_reach_the_webhook_and_runs_are_stored(client):
-    received = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - the http.server API
-            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_alerts_reach_the_webhook_and_runs_are_stored(client, webhook):
+    url, received = webhook
     raw = client.spec.model_dump()
-    raw["monitoring"]["webhook"] = f"http://127.0.0.1:{server.server_port}/alerts"
+    raw["monitoring"]["webhook"] = url
     _send(client, make_churn(1000, shifted=True, seed=35))
     result = monitor(client.store, parse_spec(raw))
-    server.shutdown()
     assert result.status.startswith("drift") and received and received[0]["event"] == "monitor"
     assert received[0]["alerts"] == result.alerts
     stored = list_runs(client.store, limit=1)[-1]

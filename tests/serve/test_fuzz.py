@@ -20,15 +20,9 @@ json_values = st.recursive(
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from everloop import data, registry, train
-    from everloop.spec import load_spec
-    from everloop.store import Store
-    from tests.conftest import write_project
+    from tests.conftest import served_project
 
-    folder = write_project(tmp_path_factory.mktemp("fuzz") / "p", rows=600)
-    spec, store = load_spec(folder), Store.for_project(folder)
-    data.ingest(store, spec, base=folder)
-    registry.promote(store, spec, train.train(store, spec).version)
+    folder, spec, store = served_project(tmp_path_factory.mktemp("fuzz") / "p", rows=600)
     row = json.loads(pd.read_csv(folder / "data" / "customers.csv").head(1)
                      .drop(columns=["customer_id", "event_time", "churned"]).to_json(orient="records"))[0]
     with TestClient(create_app(folder, watch=False), raise_server_exceptions=False) as client:

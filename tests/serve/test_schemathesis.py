@@ -4,19 +4,13 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from everloop import data, registry, train
 from everloop.serve import create_app
-from everloop.spec import load_spec
-from everloop.store import Store
-from tests.conftest import write_project
+from tests.conftest import served_project
 
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):
-    folder = write_project(tmp_path_factory.mktemp("schemathesis") / "p", rows=600)
-    spec, store = load_spec(folder), Store.for_project(folder)
-    data.ingest(store, spec, base=folder)
-    registry.promote(store, spec, train.train(store, spec).version)
+    folder, spec, store = served_project(tmp_path_factory.mktemp("schemathesis") / "p", rows=600)
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(folder, watch=False))
 
 
