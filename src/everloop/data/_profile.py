@@ -54,10 +54,18 @@ class ColumnProfile:
     def update(self, series: pd.Series) -> None:
         self.rows += len(series)
         if self.kind == "categorical":
-            values = series.astype(object)
-            counts = values.where(values.notna(), MISSING_CATEGORY).map(str).value_counts()
-            self.missing += int(counts.get(MISSING_CATEGORY, 0))
-            for key, n in counts.items():
+            if isinstance(series.dtype, (pd.StringDtype, pd.ArrowDtype)):  # text already: count in Arrow
+                missing = int(series.isna().sum())
+                counts = series.value_counts(dropna=True)
+                items = list(counts.items()) + ([(MISSING_CATEGORY, missing)] if missing else [])
+            else:
+                values = series.astype(object)
+                counts = values.where(values.notna(), MISSING_CATEGORY).map(str).value_counts()
+                missing = int(counts.get(MISSING_CATEGORY, 0))
+                items = list(counts.items())
+            self.missing += missing
+            for key, n in items:
+                key = str(key)
                 if key in self.categories or len(self.categories) < MAX_CATEGORIES:
                     self.categories[key] = self.categories.get(key, 0) + int(n)
                 else:

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 from scipy import stats
+from scipy.spatial import distance
 
 from everloop.data import ColumnProfile, Profile
 
@@ -133,6 +134,5 @@ def _psi(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 def _jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
-    mid = 0.5 * (p + q)
-    kl = lambda x, y: float(np.sum(np.where(x > 0, x * np.log2(np.where(x > 0, x, 1) / y), 0.0)))  # noqa: E731
-    return float(np.sqrt(max(0.5 * kl(p, mid) + 0.5 * kl(q, mid), 0.0)))
+    """Jensen-Shannon distance, natural logarithm (as scipy and Evidently report it)."""
+    return float(distance.jensenshannon(p, q))
