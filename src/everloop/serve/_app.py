@@ -8,6 +8,7 @@ micro-batch with other concurrent requests, log, answer.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import time
@@ -71,6 +72,11 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             pass
         if watch:
             holder.start(spec.serving.reload_seconds)
+        # The model, the app and the libraries are long-lived: move them out of the garbage collector's
+        # sight, and let it run less often, so that its pauses stop showing in the latency tail.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         prediction_log.start()
         yield
         batcher.stop()

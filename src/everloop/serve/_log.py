@@ -87,12 +87,15 @@ class PredictionLog:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
-        self._drain()
+        while self._drain():  # everything still queued, batch after batch
+            pass
         self._write_stats(force=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if not self._drain():
+            # A full batch: write on. Less: wait for more (or a flush), so that a busy service writes a
+            # few large transactions a second instead of a small one per request.
+            if self._drain() < self.batch:
                 self._wake.wait(self.interval)
                 self._wake.clear()
 
@@ -111,7 +114,8 @@ class PredictionLog:
         except Exception as exc:  # counted in the log only: stats must never break serving
             log.warning("service stats could not be written: %s", exc)
 
-    def _drain(self) -> bool:
+    def _drain(self) -> int:
+        """Write what is queued (up to one batch); returns how many rows that was."""
         rows: list[tuple] = []
         while len(rows) < self.batch:
             try:
@@ -126,7 +130,7 @@ class PredictionLog:
             self.metrics.sample_process()  # the writer thread wakes about every interval: a cheap clock
         self._write_stats()
         if not rows:
-            return False
+            return 0
         try:
             with self.store.engine.begin() as conn:
                 conn.exec_driver_sql(self._insert_sql(), rows)
@@ -136,7 +140,7 @@ class PredictionLog:
             if self.metrics is not None:
                 self.metrics.log_failed.inc(len(rows))
             log.error("prediction log: %d rows could not be written: %s", len(rows), exc)
-        return True
+        return len(rows)
 
 
     def _insert_sql(self) -> str:
