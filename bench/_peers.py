@@ -207,3 +207,19 @@ if __name__ == "__main__":
         print(json.dumps(pandera_worker(sys.argv[2], sys.argv[3], n)))
     else:
         sys.exit(__doc__)
+
+
+def timed(fn, repeat: int = 3):
+    """Best seconds of `repeat` runs, the largest extra peak RSS (MB) of a run, all times, the last result."""
+    import gc
+
+    times, extra, result = [], [], None
+    for _ in range(repeat):
+        result = None
+        gc.collect()
+        base = rss_reset()
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+        extra.append(rss_extra_mb(base))
+    return min(times), max((e for e in extra if e is not None), default=None), times, result

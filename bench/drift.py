@@ -219,20 +219,6 @@ def scipy_pass(reference: pd.DataFrame, current: pd.DataFrame) -> dict[str, dict
     return out
 
 
-def timed(fn, repeat: int = 3):
-    """Best seconds of `repeat` runs, the largest extra peak RSS (MB) of a run, all times, the last result."""
-    times, extra, result = [], [], None
-    for _ in range(repeat):
-        result = None
-        gc.collect()
-        base = _peers.rss_reset()
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-        extra.append(_peers.rss_extra_mb(base))
-    return min(times), max((e for e in extra if e is not None), default=None), times, result
-
-
 def run_evidently(python: Path, ref_path: Path, cur_path: Path, tmp: Path) -> dict:
     columns = tmp / "columns.json"
     columns.write_text(json.dumps({"numerical": NUMERIC, "categorical": list(CATEGORICAL)}))
@@ -338,10 +324,10 @@ def main() -> None:
 
         # everloop: fit + score (headline), then score only with a fitted detector
         try:
-            seconds, extra, times, report = timed(lambda: everloop_run(reference, current))
+            seconds, extra, times, report = _peers.timed(lambda: everloop_run(reference, current))
             from everloop.monitor import DriftDetector
             fitted = DriftDetector().fit(reference, KINDS)
-            score_s, score_mb, score_times, _ = timed(lambda: fitted.score(current))
+            score_s, score_mb, score_times, _ = _peers.timed(lambda: fitted.score(current))
             fitted = None
             per_col = {c.column: c for c in report.columns}
             results["everloop"] = {
@@ -358,7 +344,7 @@ def main() -> None:
             results["everloop"] = {"seconds": None, "extra_mb": None, "flags": None, "share": None,
                                    "dataset_drift": None, "rule": "share > 0.2", "detail": {}}
 
-        seconds, extra, times, sp = timed(lambda: scipy_pass(reference, current))
+        seconds, extra, times, sp = _peers.timed(lambda: scipy_pass(reference, current))
         share = sum(r["drifted"] for r in sp.values()) / len(sp)
         results["scipy"] = {"seconds": seconds, "extra_mb": extra, "times": times,
                             "flags": {c: r["drifted"] for c, r in sp.items()}, "share": share,

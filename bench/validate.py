@@ -176,20 +176,6 @@ def everloop_counts(report) -> dict[tuple[str, str], int]:
     return out
 
 
-def timed(fn, repeat: int = 3):
-    """Best seconds of `repeat` runs, the largest extra peak RSS (MB) of a run, and the last result."""
-    times, extra, result = [], [], None
-    for _ in range(repeat):
-        result = None
-        gc.collect()
-        base = _peers.rss_reset()
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-        extra.append(_peers.rss_extra_mb(base))
-    return min(times), max((e for e in extra if e is not None), default=None), result
-
-
 def run_pandera(python: Path, frame_path: Path, stats: dict, tmp: Path) -> dict:
     stats_path = tmp / "stats.json"
     stats_path.write_text(json.dumps(stats))
@@ -294,7 +280,7 @@ def main() -> None:
               f"(25 features + label), {len(plants)} planted problems")
 
         results: dict[str, dict] = {}
-        seconds, extra, counts = timed(lambda: pandas_check(frame, stats))
+        seconds, extra, _, counts = _peers.timed(lambda: pandas_check(frame, stats))
         results["plain pandas"] = {"seconds": seconds, "extra_mb": extra, "counts": counts}
 
         spec = parse_spec({"name": "bench", "data": {"source": "x.parquet", "target": "label"}})
@@ -309,7 +295,7 @@ def main() -> None:
         check = ((lambda: schema.validate(frame, mode="dataset")) if entry == "validate"
                  else (lambda: schema.conform(frame, mode="dataset")[1]))
         try:
-            seconds, extra, report = timed(check)
+            seconds, extra, _, report = _peers.timed(check)
             results[f"everloop ({entry})"] = {"seconds": seconds, "extra_mb": extra, "counts": everloop_counts(report)}
             print("everloop report:\n  " + report.summary().replace("\n", "\n  "))
         except Exception as exc:  # noqa: BLE001 - a crash is a result too

@@ -47,6 +47,34 @@ def feature_rows(frame) -> list[dict]:
     return json.loads(frame.drop(columns=["customer_id", "event_time", "churned"]).to_json(orient="records"))
 
 
+def send_traffic(client, rows, labels: bool = True, **overrides) -> None:
+    """POST a churn frame to a service in batches of 250 (with `overrides` in every row), send its labels
+    to /feedback unless `labels` is False, and wait until the prediction log has written it all."""
+    features = feature_rows(rows)
+    for row in features:
+        row.update(overrides)
+    for start in range(0, len(rows), 250):
+        answer = client.post("/predict", json={"instances": features[start:start + 250]}).json()
+        if labels:
+            truth = rows["churned"].iloc[start:start + 250].tolist()
+            client.post("/feedback", json={"labels": [{"id": p["id"], "label": y}
+                                                      for p, y in zip(answer["predictions"], truth)]})
+    client.app.state.log.flush()
+
+
+@pytest.fixture
+def client(trained):
+    """An in-process client of the service of the `trained` project, with .spec and .store attached."""
+    from fastapi.testclient import TestClient
+
+    from everloop.serve import create_app
+
+    folder, spec, store = trained
+    with TestClient(create_app(folder, watch=False)) as client:
+        client.spec, client.store = spec, store
+        yield client
+
+
 @pytest.fixture
 def webhook():
     """A local HTTP server that records every JSON body POSTed to it: (url, received)."""

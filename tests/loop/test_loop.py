@@ -1,43 +1,24 @@
 import json
 
-import pytest
-from fastapi.testclient import TestClient
 
 from everloop import registry
 from everloop.demo import make_churn
 from everloop.loop import CANDIDATE, audit_trail, run_once
 from everloop.monitor import monitor
-from everloop.serve import create_app
 from everloop.spec import parse_spec
-
-
-def _send(client, rows):
-    features = json.loads(rows.drop(columns=["customer_id", "event_time", "churned"]).to_json(orient="records"))
-    for start in range(0, len(rows), 250):
-        answer = client.post("/predict", json={"instances": features[start:start + 250]}).json()
-        labels = rows["churned"].iloc[start:start + 250].tolist()
-        client.post("/feedback", json={"labels": [{"id": p["id"], "label": y}
-                                                  for p, y in zip(answer["predictions"], labels)]})
-
-
-@pytest.fixture
-def client(trained):
-    folder, spec, store = trained
-    with TestClient(create_app(folder, watch=False)) as c:
-        c.spec, c.store = spec, store
-        yield c
+from tests.conftest import send_traffic
 
 
 def test_no_data_then_healthy_means_idle(client):
     assert run_once(client.store, client.spec).action == "idle"
-    _send(client, make_churn(1000, seed=11))
+    send_traffic(client, make_churn(1000, seed=11))
     decision = run_once(client.store, client.spec)
     assert decision.action == "idle" and decision.monitor["status"] == "healthy"
 
 
 def test_shift_triggers_retraining_promotion_then_cooldown(client):
     store, spec = client.store, client.spec
-    _send(client, make_churn(1000, shifted=True, seed=12))
+    send_traffic(client, make_churn(1000, shifted=True, seed=12))
     result = monitor(store, spec, record=False)
     assert result.drift.dataset_drift and "monthly_charges" in result.drift.drifted
     decision = run_once(store, spec)
@@ -48,7 +29,7 @@ def test_shift_triggers_retraining_promotion_then_cooldown(client):
     history = registry.alias_history(store)
     assert history[-1]["actor"] == "everloop loop" and "passed the gate" in history[-1]["reason"]
     client.app.state.holder.refresh()
-    _send(client, make_churn(1000, shifted=True, seed=13))
+    send_traffic(client, make_churn(1000, shifted=True, seed=13))
     again = run_once(store, spec)
     assert again.action in ("idle", "cooldown")
     actions = [e["action"] for e in audit_trail(store)]
@@ -60,7 +41,7 @@ def test_failed_gate_keeps_production_and_alerts(client):
     raw = client.spec.model_dump()
     raw["promotion"]["min_metric"] = 0.999
     strict = parse_spec(raw)
-    _send(client, make_churn(1000, shifted=True, seed=14))
+    send_traffic(client, make_churn(1000, shifted=True, seed=14))
     decision = run_once(store, strict)
     assert decision.action == "kept_candidate" and "below promotion.min_metric" in decision.reason
     assert registry.alias_version(store, registry.PRODUCTION) == 1
@@ -73,7 +54,7 @@ def test_failed_gate_sends_an_alert(client, webhook):
     raw = client.spec.model_dump()
     raw["promotion"]["min_metric"] = 0.999
     raw["monitoring"]["webhook"] = url
-    _send(client, make_churn(1000, shifted=True, seed=15))
+    send_traffic(client, make_churn(1000, shifted=True, seed=15))
     decision = run_once(client.store, parse_spec(raw))
     assert decision.action == "kept_candidate"
     loop_alerts = [r for r in received if r["event"] == "loop"]
@@ -93,7 +74,7 @@ def test_a_kill_during_retraining_leaves_everything_consistent(client):
 
     store = client.store
     folder = store.root.parent
-    _send(client, make_churn(1000, shifted=True, seed=16))
+    send_traffic(client, make_churn(1000, shifted=True, seed=16))
     original = (folder / "everloop.yaml").read_text()
     slow = original.replace("max_iter: 50", "max_iter: 5000\n    early_stopping: false")
     assert slow != original

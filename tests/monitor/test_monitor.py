@@ -1,40 +1,17 @@
 """The monitor on a served model: streaming windows, skew, error rates, estimated performance, alerts."""
 
-import json
 
 import pytest
-from fastapi.testclient import TestClient
 
 from everloop.demo import make_churn
 from everloop.monitor import _monitor, list_runs, monitor
-from everloop.serve import create_app
 from everloop.spec import parse_spec
+from tests.conftest import send_traffic
 
-DROP = ["customer_id", "event_time", "churned"]
-
-
-def _send(client, rows, labels=True, **overrides):
-    features = json.loads(rows.drop(columns=DROP).to_json(orient="records"))
-    for row in features:
-        row.update(overrides)
-    for start in range(0, len(rows), 250):
-        answer = client.post("/predict", json={"instances": features[start:start + 250]}).json()
-        if labels:
-            client.post("/feedback", json={"labels": [
-                {"id": p["id"], "label": y} for p, y in zip(answer["predictions"], rows["churned"].iloc[start:start + 250])]})
-    client.app.state.log.flush()
-
-
-@pytest.fixture
-def client(trained):
-    folder, spec, store = trained
-    with TestClient(create_app(folder, watch=False)) as c:
-        c.spec, c.store = spec, store
-        yield c
 
 
 def test_windows_stream_in_batches_with_the_same_result(client, monkeypatch):
-    _send(client, make_churn(1000, shifted=True, seed=31))
+    send_traffic(client, make_churn(1000, shifted=True, seed=31))
     whole = monitor(client.store, client.spec, record=False)
     monkeypatch.setattr(_monitor, "READ_BATCH", 97)
     batched = monitor(client.store, client.spec, record=False)
@@ -44,7 +21,7 @@ def test_windows_stream_in_batches_with_the_same_result(client, monkeypatch):
 
 
 def test_estimated_performance_without_labels(client):
-    _send(client, make_churn(1000, seed=32), labels=False)
+    send_traffic(client, make_churn(1000, seed=32), labels=False)
     result = monitor(client.store, client.spec, record=False)
     performance = result.performance
     assert performance["labelled_rows"] == 0 and performance["value"] is None
@@ -53,14 +30,14 @@ def test_estimated_performance_without_labels(client):
 
 
 def test_skew_is_flagged_when_serving_sends_what_training_never_had(client):
-    _send(client, make_churn(600, seed=33), plan="gold-plus", satisfaction=None)
+    send_traffic(client, make_churn(600, seed=33), plan="gold-plus", satisfaction=None)
     result = monitor(client.store, client.spec, record=False)
     assert set(result.skew["features"]) == {"plan", "satisfaction"}
     assert any(a.startswith("skew:") for a in result.alerts)
 
 
 def test_health_has_latency_and_error_rate(client):
-    _send(client, make_churn(300, seed=34))
+    send_traffic(client, make_churn(300, seed=34))
     for _ in range(10):
         client.post("/predict", json={"features": {"age": "x"}})
     client.app.state.log._write_stats(force=True)
@@ -73,7 +50,7 @@ def test_alerts_reach_the_webhook_and_runs_are_stored(client, webhook):
     url, received = webhook
     raw = client.spec.model_dump()
     raw["monitoring"]["webhook"] = url
-    _send(client, make_churn(1000, shifted=True, seed=35))
+    send_traffic(client, make_churn(1000, shifted=True, seed=35))
     result = monitor(client.store, parse_spec(raw))
     assert result.status.startswith("drift") and received and received[0]["event"] == "monitor"
     assert received[0]["alerts"] == result.alerts
