@@ -554,8 +554,17 @@ def monitor_cmd(report: Optional[Path] = typer.Option(None, help="also write an 
         for c in result.drift.columns:
             table.add_row(c.column, c.kind, c.method, _num(c.effect), f"{c.p_value:.3g}", "yes" if c.drifted else "")
     p = result.performance
-    text = (f"performance: {p.get('metric')} {_num(p.get('value'))} (at training {_num(p.get('expected'))}); "
+    text = (f"performance: {p.get('metric')} {_num(p.get('value'))} on labelled rows, "
+            f"{_num(p.get('estimated'))} estimated without labels (at training {_num(p.get('expected'))}); "
             f"{p.get('why', '')}")
+    if result.status == "no data":
+        text = f"no predictions of model v{result.model_version} in the log yet: nothing to monitor"
+    elif result.skew.get("features"):
+        text += f"\nskew: {', '.join(result.skew['features'])}"
+    h = result.health
+    if h.get("latency_ms_p99") is not None:
+        text += (f"\nhealth: {_num(h.get('rows_per_second'))} rows/s, latency p50 {_num(h['latency_ms_p50'])} ms, "
+                 f"p99 {_num(h['latency_ms_p99'])} ms, error rate {_num(h.get('error_rate'))}")
     if result.alerts:
         text += "\n" + "\n".join(f"[red]alert[/red]: {a}" for a in result.alerts)
     _emit(data, as_json, table if result.drift else None, text)
