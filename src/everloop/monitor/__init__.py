@@ -9,11 +9,10 @@ from everloop.monitor._monitor import (
     list_runs,
     load_window,
     monitor,
-    reference_frame,
     reference_profiles,
     send_alert,
 )
 from everloop.monitor._report import write_report
 
-__all__ = ["ColumnProfile", "Profile", "estimate_metric", "iter_window", "reference_profiles", "send_alert", "ColumnDrift", "DriftDetector", "DriftReport", "MonitorResult", "list_runs", "load_window", "monitor",
-           "reference_frame", "write_report"]
+__all__ = ["ColumnDrift", "ColumnProfile", "DriftDetector", "DriftReport", "MonitorResult", "Profile", "estimate_metric",
+           "iter_window", "list_runs", "load_window", "monitor", "reference_profiles", "send_alert", "write_report"]

@@ -19,7 +19,8 @@ import pandas as pd
 import sqlalchemy as sa
 
 from everloop._jsonable import jsonable
-from everloop.data import Profile, get_dataset, load_frame
+from everloop.data import Profile
+from everloop.errors import StoreError
 from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport
 from everloop.monitor._estimate import estimate_metric
 from everloop.registry import PRODUCTION, load_model
@@ -151,22 +152,13 @@ def load_window(store: Store, spec: ProjectSpec, model_version: int | None = Non
 
 
 def reference_profiles(store: Store, trained: TrainedModel) -> tuple[Profile, Profile]:
-    """The profiles stored with the model at training (computed now, for models that have none)."""
+    """The profiles of the model's training rows and of its held-out scores, stored with it at training."""
     stored = trained.manifest.get("monitoring", {})
-    if "profile" in stored:
-        return (Profile.from_dict(store.get_json(stored["profile"])),
-                Profile.from_dict(store.get_json(stored["prediction_profile"])))
-    rows = reference_frame(store, trained)
-    kinds = {c.name: c.kind for c in trained.schema.features}
-    scores = _prediction_scores(trained, trained.predict_conformed(trained.conform(rows)[0]).records())
-    return Profile.reference(rows, kinds), Profile.reference(pd.DataFrame({"prediction": scores}),
-                                                             {"prediction": scores.attrs["kind"]})
-
-
-def reference_frame(store: Store, trained: TrainedModel) -> pd.DataFrame:
-    """The model's training rows of the current world (features only)."""
-    frame = load_frame(store, get_dataset(store, trained.manifest["dataset_version"]))
-    return frame.iloc[trained.manifest.get("recent_from_row", 0):][trained.schema.feature_names]
+    if "profile" not in stored:
+        raise StoreError(f"model v{trained.version} has no reference profile (it was trained by an older "
+                         "development build); retrain it")
+    return (Profile.from_dict(store.get_json(stored["profile"])),
+            Profile.from_dict(store.get_json(stored["prediction_profile"])))
 
 
 def list_runs(store: Store, limit: int = 100) -> list[dict[str, Any]]:
@@ -288,15 +280,11 @@ def _prediction_scores(trained: TrainedModel, predictions: list[dict[str, Any]])
     """What prediction drift is measured on: P(positive class) for binary, the class for multiclass,
     the value for regression."""
     if trained.task == "regression":
-        out = pd.Series([p["prediction"] for p in predictions], dtype=float)
-        kind = "numeric"
-    elif len(trained.classes) == 2:
+        return pd.Series([p["prediction"] for p in predictions], dtype=float)
+    if len(trained.classes) == 2:
         positive = str(trained.classes[1])
-        out, kind = pd.Series([p["probabilities"][positive] for p in predictions], dtype=float), "numeric"
-    else:
-        out, kind = pd.Series([str(p["prediction"]) for p in predictions], dtype=object), "categorical"
-    out.attrs["kind"] = kind
-    return out
+        return pd.Series([p["probabilities"][positive] for p in predictions], dtype=float)
+    return pd.Series([str(p["prediction"]) for p in predictions], dtype=object)
 
 
 def _skew(trained: TrainedModel, reference: Profile, window: Profile, spec: ProjectSpec) -> dict[str, Any]:
