@@ -2,10 +2,10 @@
 
 from everloop.features._pipeline import (
     MISSING_CATEGORY,
+    FastFeatures,
     build_features,
     custom_source_hash,
     fill_missing_category,
-    transform_features,
 )
 
-__all__ = ["MISSING_CATEGORY", "build_features", "custom_source_hash", "fill_missing_category", "transform_features"]
+__all__ = ["MISSING_CATEGORY", "FastFeatures", "build_features", "custom_source_hash", "fill_missing_category"]

@@ -18,7 +18,7 @@ from sklearn.pipeline import Pipeline
 
 from everloop.data import Schema, ValidationReport
 from everloop.errors import StoreError, TrainError
-from everloop.features import transform_features
+from everloop.features import FastFeatures
 from everloop.store import Store
 
 ARTIFACT_FORMAT = 1
@@ -46,26 +46,27 @@ class TrainedModel:
     pipeline: Pipeline
     schema: Schema
     manifest: dict[str, Any]
-    fast: bool = False  # predict through `transform_features` (set by `check_fast_path`)
+    fast: FastFeatures | None = None  # the low-overhead feature path, once `check_fast_path` approved it
 
     def check_fast_path(self, frame: pd.DataFrame) -> bool:
         """Use the low-overhead feature path only if it gives exactly the pipeline's outputs on `frame`."""
         features, report = self.conform(frame)
         if not report.ok or features.empty:
             return False
-        self.fast = False
+        self.fast = None
         slow = self._outputs(features)
-        self.fast = True
         try:
-            self.fast = bool(np.array_equal(slow, self._outputs(features)))
+            self.fast = FastFeatures(self.pipeline.named_steps["features"])
+            if not np.array_equal(slow, self._outputs(features)):
+                self.fast = None
         except Exception:  # a step that needs a frame: keep the pipeline's own path
-            self.fast = False
-        return self.fast
+            self.fast = None
+        return self.fast is not None
 
     def _outputs(self, features: pd.DataFrame) -> np.ndarray:
         features = features[self.schema.feature_names]
-        if self.fast:
-            encoded = transform_features(self.pipeline.named_steps["features"], features)
+        if self.fast is not None:
+            encoded = self.fast.transform(features)
             estimator = self.pipeline.named_steps["model"]
             return estimator.predict_proba(encoded) if self.task == "classification" else estimator.predict(encoded)
         return self.pipeline.predict_proba(features) if self.task == "classification" else self.pipeline.predict(features)
