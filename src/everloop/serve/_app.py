@@ -355,9 +355,11 @@ class _MetricsMiddleware:
             await send(message)
 
         path = scope.get("path", "")
-        if scope.get("method") == "POST" and (path in PREDICTION_METHODS or path.endswith("/infer")):
+        predicting = scope.get("method") == "POST" and (path in PREDICTION_METHODS or path.endswith("/infer"))
+        if predicting:
             scope[ARRIVING] = True
             self.batcher.arriving += 1
+            self.batcher.active += 1
         self.metrics.inflight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
@@ -365,5 +367,7 @@ class _MetricsMiddleware:
             self.metrics.inflight.dec()
             if scope.pop(ARRIVING, False):  # ended before its body was parsed (refused early)
                 self.batcher.arriving -= 1
+            if predicting:
+                self.batcher.active -= 1
             self.metrics.observe_request(scope.get("path", ""), status["code"], time.perf_counter() - started)
             self.counts.count_request(status["code"])
