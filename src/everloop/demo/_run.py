@@ -27,7 +27,7 @@ from everloop.monitor import list_runs, write_report
 from everloop.serve import ServerProcess
 from everloop.spec import load_spec
 from everloop.store import STORE_DIR, Store
-from everloop.train import score
+from everloop.train import score_labels
 
 TARGET = "churned"
 ID = "customer_id"
@@ -196,8 +196,8 @@ def _compare(store: Store, spec: Any, config: DemoConfig, versions: dict[str, in
     for name, model in (("old", registry.load_model(store, versions["before"])),
                         ("retrained", registry.load_model(store, versions["after"])), ("direct", direct)):
         predictions = model.predict(test)
-        out[name] = score(spec.evaluation.metric, test[TARGET].to_numpy(), predictions.labels.astype(int),
-                          predictions.proba, predictions.classes)
+        out[name] = score_labels(spec.evaluation.metric, test[TARGET], predictions.labels, predictions.proba,
+                                 predictions.classes)
     return out
 
 

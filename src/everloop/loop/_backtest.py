@@ -19,7 +19,7 @@ from everloop.data import Profile, Schema
 from everloop.errors import DataError, EverloopError
 from everloop.monitor import DriftDetector, estimate_metric
 from everloop.spec import ProjectSpec
-from everloop.train import Fitted, as_labels, fit, improvement, score
+from everloop.train import Fitted, as_labels, fit, improvement, score_labels
 
 
 @dataclass
@@ -208,6 +208,6 @@ def _metric(fitted: Fitted, rows: pd.DataFrame, schema: Schema) -> float:
         known = np.isin(y, np.asarray(fitted.classes, dtype=object))
         if not known.all():  # a class the model never saw cannot be scored
             y, proba = y[known], proba[known]
-        predicted = np.asarray(fitted.classes, dtype=object)[proba.argmax(axis=1)].astype(y.dtype)
-        return score(fitted.metric, y, predicted, proba, fitted.classes)
-    return score(fitted.metric, target.to_numpy(dtype=float), fitted.pipeline.predict(features))
+        predicted = np.asarray(fitted.classes, dtype=object)[proba.argmax(axis=1)]
+        return score_labels(fitted.metric, y, predicted, proba, fitted.classes)
+    return score_labels(fitted.metric, target, fitted.pipeline.predict(features))

@@ -7,7 +7,6 @@ from everloop.monitor._monitor import (
     MonitorResult,
     iter_window,
     list_runs,
-    load_window,
     monitor,
     reference_profiles,
     send_alert,
@@ -15,4 +14,4 @@ from everloop.monitor._monitor import (
 from everloop.monitor._report import write_report
 
 __all__ = ["ColumnDrift", "ColumnProfile", "DriftDetector", "DriftReport", "MonitorResult", "Profile", "estimate_metric",
-           "iter_window", "list_runs", "load_window", "monitor", "reference_profiles", "send_alert", "write_report"]
+           "iter_window", "list_runs", "monitor", "reference_profiles", "send_alert", "write_report"]

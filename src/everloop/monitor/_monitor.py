@@ -26,7 +26,7 @@ from everloop.monitor._estimate import estimate_metric
 from everloop.registry import PRODUCTION, load_model
 from everloop.spec import ProjectSpec
 from everloop.store import Store
-from everloop.train import TrainedModel, as_labels, improvement, score
+from everloop.train import TrainedModel, improvement, score_labels
 
 log = logging.getLogger("everloop.monitor")
 READ_BATCH = 20_000
@@ -140,17 +140,6 @@ def iter_window(store: Store, spec: ProjectSpec, model_version: int | None) -> I
             yield frame
 
 
-def load_window(store: Store, spec: ProjectSpec, model_version: int | None = None) -> pd.DataFrame:
-    """The whole window as one frame (for small windows and tests)."""
-    parts = list(iter_window(store, spec, model_version))
-    if not parts:
-        return pd.DataFrame(columns=["seq", "created_at", "latency_ms", "label"])
-    frame = pd.concat(parts, ignore_index=True)
-    frame.attrs["features"] = pd.concat([p.attrs["features"] for p in parts], ignore_index=True)
-    frame.attrs["predictions"] = [p for part in parts for p in part.attrs["predictions"]]
-    return frame
-
-
 def reference_profiles(store: Store, trained: TrainedModel) -> tuple[Profile, Profile]:
     """The profiles of the model's training rows and of its held-out scores, stored with it at training."""
     stored = trained.manifest.get("monitoring", {})
@@ -240,15 +229,13 @@ class _Accumulator:
         if len(self.labels) < spec.monitoring.min_labelled_rows:
             out["why"] = f"fewer than {spec.monitoring.min_labelled_rows} labelled rows"
             return out
+        predicted = [o["prediction"] for o in self.labelled_outputs]
         if trained.task == "classification":
-            y = as_labels([str(v) for v in self.labels])
             names = [str(c) for c in trained.classes]
             proba = np.array([[o["probabilities"][n] for n in names] for o in self.labelled_outputs])
-            predicted = np.asarray([o["prediction"] for o in self.labelled_outputs]).astype(y.dtype)
-            value = score(metric, y, predicted, proba, trained.classes)
+            value = score_labels(metric, [str(v) for v in self.labels], predicted, proba, trained.classes)
         else:
-            value = score(metric, np.asarray(self.labels, dtype=float),
-                          np.array([o["prediction"] for o in self.labelled_outputs]))
+            value = score_labels(metric, self.labels, predicted)
         out["value"] = value
         reasons = _decay_reasons(metric, value, expected, perf)
         out["decayed"] = bool(reasons) and bool(np.isfinite(value))

@@ -183,7 +183,7 @@ def parse_v2(body: Any, names: list[str], max_rows: int) -> Rows:
         data = _flat(item["data"])
         if int(np.prod(item["shape"])) != len(data):
             problems.append({"loc": ["inputs", n, "data"], "msg": f"{len(data)} values do not fill shape {item['shape']}"})
-        columns[item["name"]] = [_decode(v) for v in data]
+        columns[item["name"]] = data  # BYTES arrive as JSON strings already; numbers as numbers
     if problems:
         raise ClientError(422, problems)
     lengths = {len(v) for v in columns.values()}
@@ -196,7 +196,7 @@ def parse_v2(body: Any, names: list[str], max_rows: int) -> Rows:
 
 
 def _v2_tensor(item: dict[str, Any], names: list[str], max_rows: int) -> Rows:
-    shape, data = item["shape"], [_decode(v) for v in _flat(item["data"])]
+    shape, data = item["shape"], _flat(item["data"])
     if len(shape) != 2 or shape[1] != len(names) or shape[0] * shape[1] != len(data):
         raise ClientError(422, [{"loc": ["inputs", 0], "msg": f"expected one input per feature ({', '.join(names)}) "
                                                           f"or one tensor of shape [rows, {len(names)}] in that order"}])
@@ -212,10 +212,6 @@ def _flat(data: Any) -> list[Any]:
     for value in data:
         out.extend(_flat(value) if isinstance(value, list) else [value])
     return out
-
-
-def _decode(value: Any) -> Any:
-    return value  # BYTES arrive as JSON strings already; numbers as numbers
 
 
 def v2_answer(model_name: str, version: int | None, request_id: str | None, labels: list[Any],

@@ -76,6 +76,16 @@ def as_labels(values: Any) -> np.ndarray:
     return series.to_numpy()
 
 
+def score_labels(metric: str, truth: Any, predicted: Any, proba: np.ndarray | None = None,
+                 classes: list[Any] | None = None) -> float:
+    """`metric` of predictions against raw truth values. With `classes` (classification), truth goes
+    through `as_labels` and the predicted labels are cast to its type, so "1", 1 and 1.0 are one class."""
+    if classes is None:
+        return score(metric, np.asarray(truth, dtype=float), np.asarray(predicted, dtype=float))
+    y = as_labels(truth)
+    return score(metric, y, np.asarray(predicted, dtype=object).astype(y.dtype), proba, classes)
+
+
 def make_estimator(spec: ProjectSpec, task: str) -> Any:
     path = spec.model.estimator or DEFAULT_ESTIMATORS[task]
     module_name, _, name = path.rpartition(".")
