@@ -246,6 +246,37 @@ class Schema:
         checked = self.check(frame, mode=mode, coerce=True)
         return checked.frame, checked.report
 
+    def conform_records(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray] | None:
+        """The features of request rows as `conform(mode="request")` would coerce them, when every value
+        is plainly of its column's type (numbers for numeric columns, scalars for categorical ones).
+        None when any value needs a closer look: the caller then runs `check`, which decides and names
+        every problem. A shortcut for well-formed requests, not a second set of rules: each value it
+        accepts, `check` accepts too and coerces the same way (tested property by property)."""
+        out: dict[str, np.ndarray] = {}
+        for col in self.features:
+            values = [r.get(col.name) for r in records]
+            if col.kind == "numeric":
+                if not all(v is None or type(v) is float or type(v) is int for v in values):
+                    return None
+                try:
+                    array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+                except OverflowError:
+                    return None
+                if np.isinf(array).any():
+                    return None
+            elif col.kind == "categorical":
+                if not all(v is None or type(v) is str or type(v) is bool or type(v) is float
+                           or (type(v) is int and abs(v) < 2**53) for v in values):
+                    return None
+                array = np.empty(len(values), dtype=object)
+                present = [n for n, v in enumerate(values) if v is not None and v == v]  # v == v: not NaN
+                if present:
+                    array[present] = _category_strings(np.array([values[n] for n in present], dtype=object))
+            else:  # date/times: parsing has too many forms for a shortcut
+                return None
+            out[col.name] = array
+        return out
+
     def check(self, frame: pd.DataFrame, *, mode: Mode = "dataset", coerce: bool = True,
               whole: bool = True) -> Checked:
         """The checks behind `validate` and `conform`. `whole=False` says the frame is one batch of

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import importlib
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn import config_context
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
@@ -29,48 +27,6 @@ def fill_missing_category(frame: pd.DataFrame | np.ndarray) -> np.ndarray:
         values = values.copy()
         values[missing] = MISSING_CATEGORY
     return values
-
-
-NUMPY_BRANCHES = ("numeric", "categorical")  # branches whose steps take plain arrays as well as frames
-
-
-class FastFeatures:
-    """What `features.transform(frame)` returns, computed by the same fitted steps without the
-    ColumnTransformer's per-call overhead: the serving path, where a call is a handful of rows.
-
-    The numeric and categorical branches get plain arrays, built column by column, and run through
-    shallow copies of their fitted steps that forget the column names they were fitted with (so
-    scikit-learn neither checks names nor warns on every call; the schema has already checked the
-    rows). Branches that may need column names (date parts, user transformers) still get a frame.
-    """
-
-    def __init__(self, features: ColumnTransformer):
-        self.branches: list[tuple[str, Any, list[str]]] = []
-        for name, transformer, columns in features.transformers_:
-            if name == "remainder":
-                continue
-            if name in NUMPY_BRANCHES:
-                steps = [copy.copy(step) for _, step in transformer.steps]
-                for step in steps:
-                    if hasattr(step, "feature_names_in_"):
-                        del step.feature_names_in_
-                self.branches.append((name, steps, list(columns)))
-            else:
-                self.branches.append((name, transformer, list(columns)))
-
-    def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        parts = []
-        with config_context(assume_finite=True):
-            for name, steps, columns in self.branches:
-                if name in NUMPY_BRANCHES:
-                    kind = float if name == "numeric" else object
-                    data: Any = np.column_stack([frame[c].to_numpy(dtype=kind) for c in columns])
-                    for step in steps:
-                        data = step.transform(data)
-                else:
-                    data = steps.transform(frame[columns])
-                parts.append(np.asarray(data, dtype=float))
-        return np.hstack(parts) if len(parts) > 1 else parts[0]
 
 
 DATETIME_PARTS = ("year", "month", "day", "day_of_week", "hour")

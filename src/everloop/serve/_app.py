@@ -56,7 +56,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     store = store or Store.for_project(project_dir)
     metrics = ServiceMetrics()
     holder = ModelHolder(store, on_swap=lambda m: metrics.model_version.set(m.version or 0),
-                         on_failure=lambda v, e: metrics.reload_failures.inc())
+                         on_failure=lambda v, e: metrics.reload_failures.inc(),
+                         compile_trees=spec.serving.compile_trees)
     # The writer thread always runs (it also records request counts); predictions only when logged.
     prediction_log = PredictionLog(store, metrics=metrics)
     log_rows = spec.serving.log_predictions
@@ -245,6 +246,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         model = _require_model(holder)
         m = model.manifest
         return {"name": spec.name, "version": model.version, "task": model.task, "metric": m["metric"],
+                "predictor": "compiled" if model.compiled is not None else "scikit-learn",
                 "metrics": m["metrics"], "baseline": m["baseline"], "classes": model.classes,
                 "features": model.schema.feature_names, "schema": model.schema.to_dict(),
                 "lineage": {"dataset_version": m["dataset_version"], "dataset_hash": m["dataset_hash"],

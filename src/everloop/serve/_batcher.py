@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 
 from everloop._jsonable import jsonable
@@ -24,10 +25,13 @@ from everloop.serve._protocols import Rows
 from everloop.train import TrainedModel
 
 
+SHORTCUT_ROWS = 256
+
+
 @dataclass
 class Outcome:
     outputs: list[dict[str, Any]] = field(default_factory=list)  # one per row: prediction (+ probabilities)
-    logged: list[dict[str, Any]] = field(default_factory=list)  # the validated features, JSON-ready
+    logged: "FeatureSlice | None" = None  # the validated features of these rows, for the prediction log
     errors: list[dict[str, Any]] = field(default_factory=list)  # 422 details when a row is invalid
     batch_rows: int = 0  # how many rows shared the model call
 
@@ -125,9 +129,27 @@ class MicroBatcher:
 
     def _process(self, jobs: list[_Job]) -> None:
         model = jobs[0].model
-        names = model.schema.feature_names
         records = [r for job in jobs for r in job.rows.records]
-        frame = pd.DataFrame.from_records(records, columns=names)
+        # Well-formed rows of small batches take the shortcut (for thousands of rows the schema's
+        # vectorised check is faster); anything unusual goes through the full check.
+        shortcut = model.fast is not None and len(records) <= SHORTCUT_ROWS
+        columns = model.schema.conform_records(records) if shortcut else None
+        if columns is None:
+            self._process_checked(jobs, records)
+            return
+        outputs = model.predict_conformed(columns).records()
+        logged = BatchFeatures(list(columns), [c.tolist() for c in columns.values()])
+        if self.on_batch:
+            self.on_batch(len(records))
+        start = 0
+        for job in jobs:
+            end = start + len(job.rows.records)
+            job.future.set_result(Outcome(outputs[start:end], logged.slice(start, end), batch_rows=len(records)))
+            start = end
+
+    def _process_checked(self, jobs: list[_Job], records: list[dict[str, Any]]) -> None:
+        model = jobs[0].model
+        frame = pd.DataFrame.from_records(records, columns=model.schema.feature_names)
         checked = model.schema.check(frame, mode="request", coerce=True)
         bad = checked.bad_rows if checked.bad_rows is not None else np.zeros(len(frame), dtype=bool)
         outputs: list[dict[str, Any] | None] = [None] * len(frame)
@@ -145,8 +167,41 @@ class MicroBatcher:
             if bad[start:end].any():
                 job.future.set_result(Outcome(errors=_errors(checked.reasons, frame, job.rows, start, end)))
             else:
-                job.future.set_result(Outcome(outputs[start:end], logged[start:end], batch_rows=len(frame)))
+                job.future.set_result(Outcome(outputs[start:end], logged.slice(start, end), batch_rows=len(frame)))
             start = end
+
+
+class BatchFeatures:
+    """A micro-batch's validated features, column by column, JSON-ready (None for missing). Requests
+    log slices of it; the log's writer thread encodes each batch's rows once, off the request path."""
+
+    def __init__(self, names: list[str], columns: list[list[Any]]):
+        self.names = names
+        self.columns = columns
+        self._json: list[bytes] | None = None
+
+    def slice(self, start: int, end: int) -> "FeatureSlice":
+        return FeatureSlice(self, start, end)
+
+    def json_rows(self) -> list[bytes]:
+        if self._json is None:  # one thread (the writer) encodes; a race would only encode twice
+            dumps, names = orjson.dumps, self.names
+            self._json = [dumps(dict(zip(names, row))) for row in zip(*self.columns)]
+        return self._json
+
+
+@dataclass
+class FeatureSlice:
+    batch: BatchFeatures
+    start: int
+    end: int
+
+    def json_rows(self) -> list[bytes]:
+        return self.batch.json_rows()[self.start:self.end]
+
+    def records(self) -> list[dict[str, Any]]:
+        names = self.batch.names
+        return [dict(zip(names, row)) for row in zip(*(c[self.start:self.end] for c in self.batch.columns))]
 
 
 def _errors(reasons: list[tuple[np.ndarray, str, str]], frame: pd.DataFrame, rows: Rows, start: int,
@@ -159,9 +214,8 @@ def _errors(reasons: list[tuple[np.ndarray, str, str]], frame: pd.DataFrame, row
     return detail
 
 
-def _loggable(features: pd.DataFrame) -> list[dict[str, Any]]:
-    """Rows as JSON-ready dicts: missing values as None, date/times as ISO text (built column by column:
-    pandas' own to_dict costs more than the model call for a few rows)."""
+def _loggable(features: pd.DataFrame) -> BatchFeatures:
+    """Columns as JSON-ready lists: missing values as None, date/times as ISO text."""
     columns = []
     for name in features.columns:
         series = features[name]
@@ -170,5 +224,4 @@ def _loggable(features: pd.DataFrame) -> list[dict[str, Any]]:
         else:
             values = [None if v is None or v != v else v for v in series.tolist()]  # v != v: NaN
         columns.append(values)
-    names = list(features.columns)
-    return [dict(zip(names, row)) for row in zip(*columns)]
+    return BatchFeatures(list(features.columns), columns)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
 from everloop.errors import EverloopError
 from everloop.registry import PRODUCTION, alias_version, eval_frame, load_model
+from everloop.serve._compiled import compile_trees
 from everloop.store import Store
 from everloop.train import TrainedModel
 
@@ -21,8 +23,9 @@ class ModelHolder:
     so a swap never changes the model under a request in flight."""
 
     def __init__(self, store: Store, alias: str = PRODUCTION, on_swap: Callable[[TrainedModel], None] | None = None,
-                 on_failure: Callable[[int, Exception], None] | None = None):
+                 on_failure: Callable[[int, Exception], None] | None = None, compile_trees: bool = True):
         self.store = store
+        self.compile_trees = compile_trees
         self.alias = alias
         self.current: TrainedModel | None = None
         self.last_error: str | None = None
@@ -44,7 +47,8 @@ class ModelHolder:
             try:
                 model = load_model(self.store, target)
                 _warm(model)
-                model.check_fast_path(eval_frame(self.store, model.manifest).head(200))
+                probe = eval_frame(self.store, model.manifest).head(200)
+                model.check_fast_path(probe)
             except (EverloopError, Exception) as exc:  # a broken model must never replace a working one
                 self._refused.add(target)
                 self.last_error = f"model v{target} refused: {exc}"
@@ -57,6 +61,9 @@ class ModelHolder:
             if self._on_swap:
                 self._on_swap(model)
             log.info("serving model v%s", target)
+            if self.compile_trees and model.fast is not None:
+                threading.Thread(target=_compile, args=(model, probe, self.store.root / "compiled"),
+                                 name="everloop-compile", daemon=True).start()
             return True
 
     def start(self, interval: float) -> None:
@@ -72,6 +79,15 @@ class ModelHolder:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _compile(model: TrainedModel, probe: pd.DataFrame, cache: Path) -> None:
+    """Off the request path: compile the model's trees and, once they match scikit-learn, serve them."""
+    compiled = compile_trees(model.pipeline.named_steps["model"], model.task == "classification",
+                             model.probe_encoded(probe), cache)
+    if compiled is not None:
+        model.compiled = compiled  # one attribute write: the next micro-batch picks it up
+        log.info("model v%s: serving its compiled trees", model.version)
 
 
 def _warm(model: TrainedModel) -> None:

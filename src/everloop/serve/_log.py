@@ -12,12 +12,15 @@ import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import sqlalchemy as sa
 
 from everloop.store import Store
+
+if TYPE_CHECKING:
+    from everloop.serve._batcher import FeatureSlice
 
 log = logging.getLogger("everloop.serve")
 
@@ -56,7 +59,7 @@ class PredictionLog:
         elif status >= 500:
             counts[2] += 1
 
-    def put(self, ids: list[str], created_at: float, model_version: int | None, features: list[dict[str, Any]],
+    def put(self, ids: list[str], created_at: float, model_version: int | None, features: FeatureSlice,
             outputs: list[dict[str, Any]], latency_ms: float) -> int:
         """Enqueue one request's rows; returns how many were dropped because the queue was full."""
         dropped = 0
@@ -123,8 +126,8 @@ class PredictionLog:
             except queue.Empty:
                 break
             dumps = orjson.dumps
-            rows.extend((i, at, version, dumps(f).decode(), dumps(o).decode(), latency)
-                        for i, f, o in zip(ids, features, outputs))
+            rows.extend((i, at, version, f.decode(), dumps(o).decode(), latency)
+                        for i, f, o in zip(ids, features.json_rows(), outputs))
         if self.metrics is not None:
             self.metrics.log_queue.set(self.queue.qsize())
             self.metrics.sample_process()  # the writer thread wakes about every interval: a cheap clock

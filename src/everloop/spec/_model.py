@@ -147,6 +147,8 @@ class ServingSpec(_Strict):
     max_batch_rows: int = Field(10000, gt=0, description="largest batch one request may send (413 above)")
     log_predictions: bool = Field(True, description="write every prediction to the store's prediction log")
     reload_seconds: float = Field(1.0, gt=0, description="how often the service checks the production alias")
+    compile_trees: bool = Field(True, description="serve tree ensembles compiled to native code (TL2cgen, needs a "
+                                                  "C compiler) once they match scikit-learn; off: scikit-learn serves")
 
 
 class ProjectSpec(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pickle
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -19,6 +20,7 @@ from sklearn.pipeline import Pipeline
 from everloop.data import Schema, ValidationReport
 from everloop.errors import StoreError, TrainError
 from everloop.features import FastFeatures
+from everloop.features._fast import Columns
 from everloop.store import Store
 
 ARTIFACT_FORMAT = 1
@@ -47,12 +49,15 @@ class TrainedModel:
     schema: Schema
     manifest: dict[str, Any]
     fast: FastFeatures | None = None  # the low-overhead feature path, once `check_fast_path` approved it
+    compiled: Callable[[np.ndarray], np.ndarray] | None = None  # the estimator as native code (serving)
 
     def check_fast_path(self, frame: pd.DataFrame) -> bool:
-        """Use the low-overhead feature path only if it gives exactly the pipeline's outputs on `frame`."""
+        """Use the low-overhead feature path only if it gives exactly the pipeline's outputs on `frame`
+        (and on the same rows with missing values and unseen categories)."""
         features, report = self.conform(frame)
         if not report.ok or features.empty:
             return False
+        features = pd.concat([features, _unusual_rows(features)], ignore_index=True)
         self.fast = None
         slow = self._outputs(features)
         try:
@@ -63,12 +68,20 @@ class TrainedModel:
             self.fast = None
         return self.fast is not None
 
-    def _outputs(self, features: pd.DataFrame) -> np.ndarray:
-        features = features[self.schema.feature_names]
+    def probe_encoded(self, frame: pd.DataFrame) -> np.ndarray:
+        """`frame`'s rows (and their unusual variants) as the estimator sees them: to check a compiled estimator."""
+        features, _ = self.conform(frame)
+        features = pd.concat([features, _unusual_rows(features)], ignore_index=True)
+        return self.pipeline.named_steps["features"].transform(features[self.schema.feature_names])
+
+    def _outputs(self, features: Columns) -> np.ndarray:
         if self.fast is not None:
             encoded = self.fast.transform(features)
+            if self.compiled is not None:
+                return self.compiled(encoded)
             estimator = self.pipeline.named_steps["model"]
             return estimator.predict_proba(encoded) if self.task == "classification" else estimator.predict(encoded)
+        features = features[self.schema.feature_names]
         return self.pipeline.predict_proba(features) if self.task == "classification" else self.pipeline.predict(features)
 
     @property
@@ -83,8 +96,9 @@ class TrainedModel:
         """Validate and coerce request rows (features only) through the schema."""
         return self.schema.conform(frame, mode="request")
 
-    def predict_conformed(self, features: pd.DataFrame) -> Predictions:
-        """Predict rows that already went through `conform`."""
+    def predict_conformed(self, features: Columns) -> Predictions:
+        """Predict rows that already went through `conform` (a frame, or with the fast path on, the
+        columns `Schema.conform_records` returns)."""
         outputs = self._outputs(features)
         if self.task == "classification":
             classes = self.classes  # proba columns are class codes 0..k-1, in manifest order
@@ -100,6 +114,21 @@ class TrainedModel:
         if not report.ok:
             raise DataError("rows do not match the model's schema:\n" + report.summary(), report=report)
         return self.predict_conformed(features)
+
+
+def _unusual_rows(features: pd.DataFrame, n: int = 20) -> pd.DataFrame:
+    """Copies of a few rows where each numeric value is missing and each category missing or unseen:
+    the cases a fast path most easily gets wrong."""
+    head = features.head(n)
+    missing = head.copy()
+    unseen = head.copy()
+    for name in head.columns:
+        if head[name].dtype == object:
+            missing[name] = None
+            unseen[name] = "\x00unseen"
+        elif pd.api.types.is_float_dtype(head[name]):
+            missing[name] = np.nan
+    return pd.concat([missing, unseen], ignore_index=True)
 
 
 def save_model(store: Store, pipeline: Pipeline, schema: Schema, custom: str | None = None) -> str:

@@ -1,0 +1,148 @@
+"""The serving path of the fitted feature steps: the same outputs, without scikit-learn's per-call overhead.
+
+A request batch is a handful of rows, and for so few rows scikit-learn's input checks cost far more
+than the arithmetic: a fitted OneHotEncoder takes ~0.6 ms to encode 8 rows. `FastFeatures` replays
+the fitted parameters of the common steps with plain numpy (imputer statistics, scaler means and
+scales, encoder lookup tables read off the fitted encoder itself) and runs every other step as it
+is. It is used only after `TrainedModel.check_fast_path` has seen it give the pipeline's exact
+outputs, so it is an optimisation, never a second definition of the features.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn import config_context
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
+
+NUMPY_BRANCHES = ("numeric", "categorical")  # branches whose steps take plain arrays as well as frames
+UNKNOWN = "\x00everloop-unseen\x00"  # a category no training set holds: probes the encoder's unknown handling
+
+Columns = Mapping[str, Any]  # a DataFrame, or a dict of column arrays by name
+
+
+class FastFeatures:
+    """What `features.transform(frame)` returns, for a frame or a dict of column arrays."""
+
+    def __init__(self, features: ColumnTransformer):
+        self.branches: list[tuple[str, Any, list[str]]] = []
+        for name, transformer, columns in features.transformers_:
+            if name == "remainder":
+                continue
+            if name in NUMPY_BRANCHES:
+                self.branches.append((name, [_replay(step) for _, step in transformer.steps], list(columns)))
+            else:
+                self.branches.append((name, transformer, list(columns)))
+
+    def transform(self, columns: Columns) -> np.ndarray:
+        parts = []
+        with config_context(assume_finite=True):
+            for name, steps, names in self.branches:
+                if name in NUMPY_BRANCHES:
+                    kind = float if name == "numeric" else object
+                    data: Any = np.column_stack([_array(columns[c], kind) for c in names])
+                    for step in steps:
+                        data = step.transform(data)
+                else:  # date parts and user transformers may need names: they get a frame
+                    frame = columns[names] if isinstance(columns, pd.DataFrame) else pd.DataFrame(
+                        {c: columns[c] for c in names})
+                    data = steps.transform(frame)
+                parts.append(np.asarray(data, dtype=float))
+        return np.hstack(parts) if len(parts) > 1 else parts[0]
+
+
+def _array(column: Any, kind: type) -> np.ndarray:
+    if isinstance(column, pd.Series):
+        return column.to_numpy(dtype=kind)
+    return np.asarray(column, dtype=kind)
+
+
+def _replay(step: Any) -> Any:
+    """A numpy stand-in for a fitted step where one exists, else a copy of the step that forgot the
+    column names it was fitted with (the schema has checked the rows; names would only warn)."""
+    try:
+        if type(step) is SimpleImputer and step.strategy != "constant" and not step.add_indicator:
+            return _Impute(step)
+        if type(step) is StandardScaler:
+            return _Scale(step)
+        if type(step) in (OneHotEncoder, OrdinalEncoder):
+            return _Lookup(step)
+    except Exception:  # a configuration the stand-ins do not cover: the step itself runs
+        pass
+    step = copy.copy(step)
+    if hasattr(step, "feature_names_in_"):
+        del step.feature_names_in_
+    return step
+
+
+class _Impute:
+    def __init__(self, step: SimpleImputer):
+        if np.isnan(step.statistics_).any() or (step.missing_values == step.missing_values):
+            raise ValueError("only NaN markers and columns with a statistic")  # both: leave it to the step
+        self.fill = np.asarray(step.statistics_, dtype=float)
+
+    def transform(self, data: np.ndarray) -> np.ndarray:
+        data = np.asarray(data, dtype=float)
+        missing = np.isnan(data)
+        return np.where(missing, self.fill, data) if missing.any() else data
+
+
+class _Scale:
+    def __init__(self, step: StandardScaler):
+        self.mean = step.mean_ if step.with_mean else None
+        self.scale = step.scale_ if step.with_std else None
+
+    def transform(self, data: np.ndarray) -> np.ndarray:
+        data = np.array(data, dtype=float)  # a copy, as the scaler makes: callers may reuse their input
+        if self.mean is not None:
+            data -= self.mean
+        if self.scale is not None:
+            data /= self.scale
+        return data
+
+
+class _Lookup:
+    """A fitted one-hot or ordinal encoder as one table per input column: each known category, and any
+    unseen one, maps to the output block the encoder itself gives it (probed once, here)."""
+
+    def __init__(self, step: OneHotEncoder | OrdinalEncoder):
+        widths = (list(step._n_features_outs) if isinstance(step, OneHotEncoder)
+                  else [1] * len(step.categories_))
+        probe_rows = max(len(c) for c in step.categories_) + 1
+        probe = np.empty((probe_rows, len(step.categories_)), dtype=object)
+        for j, categories in enumerate(step.categories_):
+            values = list(categories) + [UNKNOWN]
+            probe[:, j] = [values[min(i, len(values) - 1)] for i in range(probe_rows)]
+            probe[len(categories):, j] = UNKNOWN
+        with config_context(assume_finite=True):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "unknown categories found": the probe means it
+                encoded = step.transform(probe)
+        encoded = encoded.toarray() if hasattr(encoded, "toarray") else np.asarray(encoded, dtype=float)
+        self.width = int(sum(widths))
+        self.tables: list[tuple[int, int, dict[Any, int], np.ndarray]] = []
+        start = 0
+        for j, categories in enumerate(step.categories_):
+            end = start + widths[j]
+            table = np.ascontiguousarray(encoded[: len(categories) + 1, start:end])  # the last row: unseen
+            codes = {value: n for n, value in enumerate(categories)}
+            self.tables.append((start, end, codes, table))
+            start = end
+        if start != encoded.shape[1]:
+            raise ValueError("the encoder's output blocks do not add up")
+
+    def transform(self, data: np.ndarray) -> np.ndarray:
+        out = np.empty((len(data), self.width), dtype=float)
+        for j, (start, end, codes, table) in enumerate(self.tables):
+            unseen = len(table) - 1
+            rows = np.fromiter((codes.get(v, unseen) for v in data[:, j]), dtype=np.intp, count=len(data))
+            out[:, start:end] = table[rows]
+        return out
