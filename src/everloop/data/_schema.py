@@ -14,6 +14,7 @@ values, not on every row).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -210,11 +211,11 @@ class Schema:
     def by_role(self, role: Role) -> list[ColumnSchema]:
         return [c for c in self.columns if c.role == role]
 
-    @property
+    @cached_property  # a frozen schema: computed once (the service asks on every request)
     def features(self) -> list[ColumnSchema]:
         return self.by_role("feature")
 
-    @property
+    @cached_property
     def feature_names(self) -> list[str]:
         return [c.name for c in self.features]
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
+import logging
 import os
 import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from everloop.data import current_schema
@@ -44,6 +47,8 @@ from everloop.spec import ProjectSpec, load_spec
 from everloop.store import Store
 from everloop.train import TrainedModel
 
+log = logging.getLogger("everloop.serve")
+
 ADMIN_TOKEN_ENV = "EVERLOOP_ADMIN_TOKEN"
 API_TOKEN_ENV = "EVERLOOP_API_TOKEN"
 
@@ -61,6 +66,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     # The writer thread always runs (it also records request counts); predictions only when logged.
     prediction_log = PredictionLog(store, metrics=metrics)
     log_rows = spec.serving.log_predictions
+    api_token = os.environ.get(API_TOKEN_ENV)  # read once: the environment of a running service is fixed
     batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024), on_batch=metrics.batch_rows.observe,
                            on_queue=metrics.batch_queue.set)
 
@@ -87,21 +93,21 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
 
     found = current_schema(store)
     schemas = request_schemas(found[1] if found else None)
-    app = FastAPI(title=f"everloop: {spec.name}", version="1", lifespan=lifespan,
+    app = Service(title=f"everloop: {spec.name}", version="1", lifespan=lifespan,
                   description="Predictions, feedback and health of the production model of this project.")
     app.state.holder, app.state.store, app.state.log, app.state.metrics = holder, store, prediction_log, metrics
-    app.add_middleware(_MetricsMiddleware, metrics=metrics, batcher=batcher, counts=prediction_log)
+    app.metrics, app.batcher, app.counts = metrics, batcher, prediction_log
 
     @app.exception_handler(ClientError)
     async def _client_error(_request: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
-    async def parsed(request: Request, parse: Any) -> Rows:
-        """Read and parse a body; then the request no longer counts as arriving (see _MetricsMiddleware)."""
+    def parsed(scope: dict, raw: bytes, parse: Any) -> Rows:
+        """Parse a body; then the request no longer counts as arriving (see _Accounting)."""
         try:
-            return parse(await _body(request))
+            return parse(raw)
         finally:
-            if request.scope.pop(ARRIVING, False):
+            if scope.pop(ARRIVING, False):
                 batcher.arriving -= 1
 
     async def serve_rows(model: TrainedModel, rows: Rows, started: float) -> tuple[Outcome, list[str]]:
@@ -115,27 +121,63 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                                (time.perf_counter() - started) * 1000)
         return outcome, ids
 
-    @app.post("/predict", openapi_extra=schemas["predict"], summary="Predict one row or a batch")
-    async def predict(request: Request) -> JSONResponse:
+    # The prediction endpoints, as functions of (scope, headers, body) -> JSON bytes: the hot path calls
+    # them straight from ASGI (see Service), the FastAPI routes below only for /docs and tests' clients.
+
+    async def predict(scope: dict, headers: Headers, raw: bytes) -> bytes:
         started = time.perf_counter()
         model = _require_model(holder)
-        _check_api_token(request)
-        rows = await parsed(request, lambda raw: parse_predict(loads(raw), model.schema.feature_names,
-                                                               spec.serving.max_batch_rows))
+        _check_api_token(headers, api_token)
+        rows = parsed(scope, raw, lambda raw: parse_predict(loads(raw), model.schema.feature_names,
+                                                            spec.serving.max_batch_rows))
         outcome, ids = await serve_rows(model, rows, started)
         answers = [{"id": i, **o} for i, o in zip(ids, outcome.outputs)]
-        return _json({"model_version": model.version, "predictions": answers})
+        return _dumps({"model_version": model.version, "predictions": answers})
 
-    @app.post("/invocations", openapi_extra=schemas["invocations"], summary="MLflow scoring protocol")
-    async def invocations(request: Request) -> JSONResponse:
+    async def invocations(scope: dict, headers: Headers, raw: bytes) -> bytes:
         started = time.perf_counter()
         model = _require_model(holder)
-        _check_api_token(request)
-        content_type = request.headers.get("content-type", "application/json")
-        rows = await parsed(request, lambda raw: parse_invocations(raw, content_type, model.schema.feature_names,
-                                                                   spec.serving.max_batch_rows))
+        _check_api_token(headers, api_token)
+        content_type = headers.get("content-type", "application/json")
+        rows = parsed(scope, raw, lambda raw: parse_invocations(raw, content_type, model.schema.feature_names,
+                                                                spec.serving.max_batch_rows))
         outcome, _ = await serve_rows(model, rows, started)
-        return _json(mlflow_answer([o["prediction"] for o in outcome.outputs]))
+        return _dumps(mlflow_answer([o["prediction"] for o in outcome.outputs]))
+
+    async def v2_infer(scope: dict, headers: Headers, raw: bytes) -> bytes:
+        started = time.perf_counter()
+        model = _require_model(holder)
+        _check_api_token(headers, api_token)
+        _check_name(scope["path"].split("/")[3], spec)
+        bodies: list[Any] = []
+
+        def parse(raw: bytes) -> Rows:
+            bodies.append(loads(raw))
+            return parse_v2(bodies[0], model.schema.feature_names, spec.serving.max_batch_rows)
+
+        rows = parsed(scope, raw, parse)
+        body = bodies[0]  # a dict: parse_v2 refuses anything else
+        outcome, _ = await serve_rows(model, rows, started)
+        labels = [o["prediction"] for o in outcome.outputs]
+        proba = ([list(o["probabilities"].values()) for o in outcome.outputs]
+                 if outcome.outputs and "probabilities" in outcome.outputs[0] else None)
+        return _dumps(v2_answer(spec.name, model.version, body.get("id"), labels, proba))
+
+    app.hot_paths = {"/predict": predict, "/invocations": invocations, V2_INFER: v2_infer}
+
+    def route(handler: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            raw = await _body(request)
+            return Response(await handler(request.scope, request.headers, raw), media_type="application/json")
+        return endpoint
+
+    app.post("/predict", openapi_extra=schemas["predict"], summary="Predict one row or a batch")(route(predict))
+    app.post("/invocations", openapi_extra=schemas["invocations"], summary="MLflow scoring protocol")(
+        route(invocations))
+
+    @app.post(V2_INFER, openapi_extra=schemas["v2"], summary="Open Inference Protocol")
+    async def v2_route(name: str, request: Request) -> Response:
+        return await route(v2_infer)(request)
 
     @app.get("/version", summary="The server's version, as MLflow's scoring client asks")
     async def version() -> Response:
@@ -146,26 +188,6 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     @app.get("/ping", summary="Readiness, as MLflow and SageMaker callers expect")
     async def ping() -> Response:
         return Response(status_code=200 if holder.current is not None else 503)
-
-    @app.post("/v2/models/{name}/infer", openapi_extra=schemas["v2"], summary="Open Inference Protocol")
-    async def v2_infer(name: str, request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        model = _require_model(holder)
-        _check_api_token(request)
-        _check_name(name, spec)
-        bodies: list[Any] = []
-
-        def parse(raw: bytes) -> Rows:
-            bodies.append(loads(raw))
-            return parse_v2(bodies[0], model.schema.feature_names, spec.serving.max_batch_rows)
-
-        rows = await parsed(request, parse)
-        body = bodies[0]  # a dict: parse_v2 refuses anything else
-        outcome, _ = await serve_rows(model, rows, started)
-        labels = [o["prediction"] for o in outcome.outputs]
-        proba = ([list(o["probabilities"].values()) for o in outcome.outputs]
-                 if outcome.outputs and "probabilities" in outcome.outputs[0] else None)
-        return _json(v2_answer(spec.name, model.version, body.get("id"), labels, proba))
 
     @app.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata")
     async def v2_metadata(name: str) -> dict[str, Any]:
@@ -199,7 +221,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
 
     @app.post("/feedback", openapi_extra=schemas["feedback"], summary="Ground-truth labels for earlier predictions")
     async def feedback(request: Request) -> JSONResponse:
-        _check_api_token(request)
+        _check_api_token(request.headers, api_token)
         model = _require_model(holder)
         body = loads(await _body(request))
         listed = isinstance(body, dict) and "labels" in body
@@ -280,9 +302,13 @@ def ids_for(n: int) -> list[str]:
     return [f"{_ID_PREFIX}{next(_id_counter):x}" for _ in range(n)]
 
 
-def _json(content: Any) -> Response:
-    """A JSON answer encoded by orjson (several times faster than the standard encoder)."""
-    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+def _dumps(content: Any) -> bytes:
+    """JSON by orjson (several times faster than the standard encoder); integers past 64 bits, which
+    only a client can have sent (and an error may quote), by the standard one."""
+    try:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:
+        return json.dumps(content, default=str).encode()
 
 
 def _require_model(holder: ModelHolder) -> TrainedModel:
@@ -292,9 +318,8 @@ def _require_model(holder: ModelHolder) -> TrainedModel:
     return model
 
 
-def _check_api_token(request: Request) -> None:
-    expected = os.environ.get(API_TOKEN_ENV)
-    if expected and request.headers.get("authorization") != f"Bearer {expected}":
+def _check_api_token(headers: Headers, expected: str | None) -> None:
+    if expected and headers.get("authorization") != f"Bearer {expected}":
         raise ClientError(401, "a valid bearer token is required")
 
 
@@ -331,45 +356,98 @@ def _limit_threads() -> None:
 
 
 PREDICTION_METHODS = {"/predict", "/invocations"}
+V2_INFER = "/v2/models/{name}/infer"
 ARRIVING = "everloop.arriving"
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+Handler = Callable[[dict, Headers, bytes], Awaitable[bytes]]
 
 
-class _MetricsMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware overhead): counts and times every request, and tells the
-    batcher as soon as a prediction request starts, so that it can wait for it to join a batch."""
+def _is_v2_infer(path: str) -> bool:
+    return path.startswith("/v2/models/") and path.endswith("/infer") and path.count("/") == 4
 
-    def __init__(self, app: Any, metrics: ServiceMetrics, batcher: MicroBatcher, counts: PredictionLog):
-        self.app = app
-        self.metrics = metrics
-        self.batcher = batcher
-        self.counts = counts
+
+class Service(FastAPI):
+    """The FastAPI app with a hot path in front of it: the prediction endpoints are called straight
+    from ASGI (FastAPI's routing, request objects and middleware cost more than a micro-batched
+    prediction), every other path goes through FastAPI. Every request is counted and timed, and a
+    prediction request tells the batcher as soon as it starts, so that it can wait for it to join a batch."""
+
+    hot_paths: dict[str, Handler]
+    metrics: ServiceMetrics
+    batcher: MicroBatcher
+    counts: PredictionLog
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await super().__call__(scope, receive, send)
             return
         started = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_wrapper(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        path = scope.get("path", "")
-        predicting = scope.get("method") == "POST" and (path in PREDICTION_METHODS or path.endswith("/infer"))
-        if predicting:
+        path = scope["path"]
+        handler = None
+        if scope["method"] == "POST":
+            handler = self.hot_paths.get(path) or (self.hot_paths[V2_INFER] if _is_v2_infer(path) else None)
+        if handler is not None:
             scope[ARRIVING] = True
             self.batcher.arriving += 1
             self.batcher.active += 1
         self.metrics.inflight.inc()
+        status = [500]
         try:
-            await self.app(scope, receive, send_wrapper)
+            if handler is not None:
+                status[0] = await _answer(handler, scope, receive, send)
+            else:
+                async def send_wrapper(message: dict) -> None:
+                    if message["type"] == "http.response.start":
+                        status[0] = message["status"]
+                    await send(message)
+
+                await super().__call__(scope, receive, send_wrapper)
         finally:
             self.metrics.inflight.dec()
             if scope.pop(ARRIVING, False):  # ended before its body was parsed (refused early)
                 self.batcher.arriving -= 1
-            if predicting:
+            if handler is not None:
                 self.batcher.active -= 1
-            self.metrics.observe_request(scope.get("path", ""), status["code"], time.perf_counter() - started)
-            self.counts.count_request(status["code"])
+            self.metrics.observe_request(path, status[0], time.perf_counter() - started)
+            self.counts.count_request(status[0])
+
+
+async def _answer(handler: Handler, scope: dict, receive: Any, send: Any) -> int:
+    """Read the body, call the handler, send its JSON (or the client error's); returns the status."""
+    headers = Headers(scope=scope)
+    try:
+        body, status = await handler(scope, headers, await _read_body(headers, receive)), 200
+    except ClientError as exc:
+        body, status = _dumps({"detail": exc.detail}), exc.status
+    except _Disconnected:
+        return 499  # the client left: nobody to answer (nginx's code for it, in the metrics only)
+    except Exception:  # a bug, not the client's input: logged, and answered as FastAPI would
+        log.exception("prediction request failed")
+        body, status = b'{"detail":"Internal Server Error"}', 500
+    await send({"type": "http.response.start", "status": status,
+                "headers": JSON_HEADERS + [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _read_body(headers: Headers, receive: Any) -> bytes:
+    length = headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise ClientError(413, f"the body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ClientError(413, f"the body is over the limit of {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)

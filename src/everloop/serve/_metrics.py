@@ -53,6 +53,9 @@ class ServiceMetrics:
         self.memory = Gauge("everloop_process_resident_memory_bytes", "resident memory of the service's workers",
                             registry=r, multiprocess_mode="livesum")
 
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._classes: dict[str, Any] = {}
+
     def exposition(self) -> bytes:
         if not self.multiprocess:
             self.sample_process()
@@ -76,14 +79,20 @@ class ServiceMetrics:
             multiprocess.mark_process_dead(os.getpid())
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        if path in KNOWN_PATHS:
-            endpoint = path
-        elif path.startswith("/v2/models/"):
-            endpoint = "/v2/models/{name}/" + path.rsplit("/", 1)[-1] if path.count("/") == 4 else "/v2/models/{name}"
-        else:
-            endpoint = "other"  # bounded label cardinality
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        children = self._children.get((path, status))
+        if children is None:
+            if path in KNOWN_PATHS:
+                endpoint = path
+            elif path.startswith("/v2/models/"):
+                endpoint = ("/v2/models/{name}/" + path.rsplit("/", 1)[-1] if path.count("/") == 4
+                            else "/v2/models/{name}")
+            else:
+                endpoint = "other"  # bounded label cardinality
+            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+            if len(self._children) < 1000:  # looking labels up costs more than the update: keep them
+                self._children[(path, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_predictions(self, outputs: list[dict[str, Any]]) -> None:
         if outputs and "probabilities" in outputs[0]:
@@ -92,7 +101,10 @@ class ServiceMetrics:
                 key = str(o["prediction"])
                 counts[key] = counts.get(key, 0) + 1
             for key, n in counts.items():
-                self.predictions.labels(key).inc(n)
+                child = self._classes.get(key)
+                if child is None:
+                    child = self._classes[key] = self.predictions.labels(key)
+                child.inc(n)
         else:
             for o in outputs:
                 self.predicted_value.observe(o["prediction"])
