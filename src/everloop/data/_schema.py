@@ -33,6 +33,10 @@ EXAMPLES = 3
 NULL_RATE_SLACK = 0.01  # a column's null rate may exceed the schema's by this much before it is reported
 RANGE_MARGIN = 0.25  # inferred ranges are widened by this share of their span on each side
 
+_PLAIN_NUMBERS = {int, float, type(None)}  # what `conform_records` takes as is (bool is not an int here)
+_PLAIN_TEXT = {str, type(None)}
+_PLAIN_SCALARS = {str, int, float, bool, type(None)}
+
 Kind = Literal["numeric", "categorical", "datetime"]
 Role = Literal["feature", "target", "id", "timestamp"]
 Severity = Literal["error", "warning"]
@@ -256,18 +260,23 @@ class Schema:
         out: dict[str, np.ndarray] = {}
         for col in self.features:
             values = [r.get(col.name) for r in records]
+            types = set(map(type, values))  # one pass in C; the checks below look at the few types only
             if col.kind == "numeric":
-                if not all(v is None or type(v) is float or type(v) is int for v in values):
+                if not types <= _PLAIN_NUMBERS:
                     return None
-                try:
-                    array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-                except OverflowError:
+                try:  # numpy reads None as NaN, as the full check does
+                    array = np.array(values, dtype=np.float64)
+                except OverflowError:  # an integer past float's range
                     return None
                 if np.isinf(array).any():
                     return None
             elif col.kind == "categorical":
-                if not all(v is None or type(v) is str or type(v) is bool or type(v) is float
-                           or (type(v) is int and abs(v) < 2**53) for v in values):
+                if types <= _PLAIN_TEXT:
+                    out[col.name] = np.array(values, dtype=object)
+                    continue
+                if (not types <= _PLAIN_SCALARS
+                        or (bool in types and (int in types or float in types))  # pandas counts True as 1
+                        or (int in types and any(type(v) is int and abs(v) >= 2**53 for v in values))):
                     return None
                 array = np.empty(len(values), dtype=object)
                 present = [n for n, v in enumerate(values) if v is not None and v == v]  # v == v: not NaN

@@ -9,12 +9,10 @@ micro-batch with other concurrent requests, log, answer.
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import logging
 import os
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -67,8 +65,16 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     prediction_log = PredictionLog(store, metrics=metrics)
     log_rows = spec.serving.log_predictions
     api_token = os.environ.get(API_TOKEN_ENV)  # read once: the environment of a running service is fixed
+
+    def predicted(model: TrainedModel, ids: list[str], features: Any, rows: list[int] | None,
+                  outputs: list[dict[str, Any]], latencies: list[float]) -> None:
+        """Once per model call: count the answers in /metrics, and log them (one chunk per call)."""
+        metrics.observe_predictions(outputs)
+        if log_rows:
+            prediction_log.put(ids, time.time(), model.version, features, rows, outputs, latencies)
+
     batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024), on_batch=metrics.batch_rows.observe,
-                           on_queue=metrics.batch_queue.set)
+                           on_queue=metrics.batch_queue.set, on_predicted=predicted)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -111,15 +117,10 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                 batcher.arriving -= 1
 
     async def serve_rows(model: TrainedModel, rows: Rows, started: float) -> tuple[Outcome, list[str]]:
-        outcome = await batcher.submit(model, rows)
+        outcome = await batcher.submit(model, rows, started)
         if outcome.errors:
             raise ClientError(422, outcome.errors)
-        ids = ids_for(len(outcome.outputs))
-        metrics.observe_predictions(outcome.outputs)
-        if log_rows:
-            prediction_log.put(ids, time.time(), model.version, outcome.logged, outcome.outputs,
-                               (time.perf_counter() - started) * 1000)
-        return outcome, ids
+        return outcome, outcome.ids
 
     # The prediction endpoints, as functions of (scope, headers, body) -> JSON bytes: the hot path calls
     # them straight from ASGI (see Service), the FastAPI routes below only for /docs and tests' clients.
@@ -291,15 +292,6 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
 
 
 # -- request handling -----------------------------------------------------------------------------
-
-
-_ID_PREFIX = uuid.uuid4().hex[:16]  # per worker process; a counter makes each id unique within it
-_id_counter = itertools.count()
-
-
-def ids_for(n: int) -> list[str]:
-    """Prediction ids: unique across workers and restarts, far cheaper than a uuid4 per row."""
-    return [f"{_ID_PREFIX}{next(_id_counter):x}" for _ in range(n)]
 
 
 def _dumps(content: Any) -> bytes:

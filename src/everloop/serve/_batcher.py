@@ -11,10 +11,12 @@ next one; requests already known to be on their way are always waited for.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import orjson
@@ -25,13 +27,10 @@ from everloop.serve._protocols import Rows
 from everloop.train import TrainedModel
 
 
-SHORTCUT_ROWS = 256
-
-
 @dataclass
 class Outcome:
     outputs: list[dict[str, Any]] = field(default_factory=list)  # one per row: prediction (+ probabilities)
-    logged: "FeatureSlice | None" = None  # the validated features of these rows, for the prediction log
+    ids: list[str] = field(default_factory=list)  # one prediction id per row
     errors: list[dict[str, Any]] = field(default_factory=list)  # 422 details when a row is invalid
     batch_rows: int = 0  # how many rows shared the model call
 
@@ -41,11 +40,27 @@ class _Job:
     model: TrainedModel
     rows: Rows
     future: asyncio.Future
+    started: float  # perf_counter() when the request arrived: the logged latency counts from here
+
+
+_ID_PREFIX = uuid.uuid4().hex[:16]  # per worker process; a counter makes each id unique within it
+_id_counter = itertools.count()
+
+
+def ids_for(n: int) -> list[str]:
+    """Prediction ids: unique across workers and restarts, far cheaper than a uuid4 per row."""
+    return [f"{_ID_PREFIX}{next(_id_counter):x}" for _ in range(n)]
+
+
+# What the batcher reports of each model call's answered rows: (model, ids, features, which of the
+# features' rows (None: all), outputs, latencies in ms). The service logs them and counts them in /metrics.
+OnPredicted = Callable[[TrainedModel, list[str], "BatchFeatures", "list[int] | None", list[dict[str, Any]],
+                        list[float]], None]
 
 
 class MicroBatcher:
     def __init__(self, max_rows: int = 1024, on_batch: Any = None, max_wait_s: float = 0.002,
-                 on_queue: Any = None):
+                 on_queue: Any = None, on_predicted: OnPredicted | None = None):
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.arriving = 0  # requests being read and parsed right now: worth waiting a moment for
@@ -56,15 +71,16 @@ class MicroBatcher:
         self.recent_seconds = 0.0
         self.on_batch = on_batch  # called with the number of rows of each model call (for metrics)
         self.on_queue = on_queue  # called with the queue's length when it changes (for metrics)
+        self.on_predicted = on_predicted
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    async def submit(self, model: TrainedModel, rows: Rows) -> Outcome:
+    async def submit(self, model: TrainedModel, rows: Rows, started: float) -> Outcome:
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._run())
-        job = _Job(model, rows, loop.create_future())
+        job = _Job(model, rows, loop.create_future(), started)
         self.queue.append(job)
         if self.on_queue:
             self.on_queue(len(self.queue))
@@ -130,22 +146,24 @@ class MicroBatcher:
     def _process(self, jobs: list[_Job]) -> None:
         model = jobs[0].model
         records = [r for job in jobs for r in job.rows.records]
-        # Well-formed rows of small batches take the shortcut (for thousands of rows the schema's
-        # vectorised check is faster); anything unusual goes through the full check.
-        shortcut = model.fast is not None and len(records) <= SHORTCUT_ROWS
-        columns = model.schema.conform_records(records) if shortcut else None
+        # Well-formed rows take the shortcut; anything unusual goes through the schema's full check.
+        columns = model.schema.conform_records(records) if model.fast is not None else None
         if columns is None:
             self._process_checked(jobs, records)
             return
         outputs = model.predict_conformed(columns).records()
-        logged = BatchFeatures(list(columns), [c.tolist() for c in columns.values()])
+        ids = ids_for(len(records))
         if self.on_batch:
             self.on_batch(len(records))
-        start = 0
+        start, now, latencies = 0, time.perf_counter(), []
         for job in jobs:
             end = start + len(job.rows.records)
-            job.future.set_result(Outcome(outputs[start:end], logged.slice(start, end), batch_rows=len(records)))
+            job.future.set_result(Outcome(outputs[start:end], ids[start:end], batch_rows=len(records)))
+            latencies += [(now - job.started) * 1000] * (end - start)
             start = end
+        if self.on_predicted:
+            features = BatchFeatures(list(columns), [c.tolist() for c in columns.values()])
+            self.on_predicted(model, ids, features, None, outputs, latencies)
 
     def _process_checked(self, jobs: list[_Job], records: list[dict[str, Any]]) -> None:
         model = jobs[0].model
@@ -158,50 +176,38 @@ class MicroBatcher:
             features = checked.frame if not bad.any() else checked.frame.iloc[good]
             for position, output in zip(good, model.predict_conformed(features).records()):
                 outputs[position] = output
-        logged = _loggable(checked.frame)
+        ids = ids_for(len(frame))
         if self.on_batch:
             self.on_batch(len(frame))
-        start = 0
+        start, now, latencies, answered = 0, time.perf_counter(), [], []
         for job in jobs:
             end = start + len(job.rows.records)
-            if bad[start:end].any():
+            if bad[start:end].any():  # the whole request is refused, naming each bad field
                 job.future.set_result(Outcome(errors=_errors(checked.reasons, frame, job.rows, start, end)))
             else:
-                job.future.set_result(Outcome(outputs[start:end], logged.slice(start, end), batch_rows=len(frame)))
+                job.future.set_result(Outcome(outputs[start:end], ids[start:end], batch_rows=len(frame)))
+                latencies += [(now - job.started) * 1000] * (end - start)
+                answered += range(start, end)
             start = end
+        if self.on_predicted and answered:
+            self.on_predicted(model, [ids[p] for p in answered], _loggable(checked.frame), answered,
+                              [outputs[p] for p in answered], latencies)
 
 
 class BatchFeatures:
-    """A micro-batch's validated features, column by column, JSON-ready (None for missing). Requests
-    log slices of it; the log's writer thread encodes each batch's rows once, off the request path."""
+    """A micro-batch's validated features, column by column, JSON-ready (None for missing): the log's
+    writer thread encodes the rows, off the request path."""
 
     def __init__(self, names: list[str], columns: list[list[Any]]):
         self.names = names
         self.columns = columns
         self._json: list[bytes] | None = None
 
-    def slice(self, start: int, end: int) -> "FeatureSlice":
-        return FeatureSlice(self, start, end)
-
-    def json_rows(self) -> list[bytes]:
-        if self._json is None:  # one thread (the writer) encodes; a race would only encode twice
+    def json_rows(self) -> list[str]:
+        if self._json is None:  # only the log's writer thread encodes
             dumps, names = orjson.dumps, self.names
-            self._json = [dumps(dict(zip(names, row))) for row in zip(*self.columns)]
+            self._json = [dumps(dict(zip(names, row))).decode() for row in zip(*self.columns)]
         return self._json
-
-
-@dataclass
-class FeatureSlice:
-    batch: BatchFeatures
-    start: int
-    end: int
-
-    def json_rows(self) -> list[bytes]:
-        return self.batch.json_rows()[self.start:self.end]
-
-    def records(self) -> list[dict[str, Any]]:
-        names = self.batch.names
-        return [dict(zip(names, row)) for row in zip(*(c[self.start:self.end] for c in self.batch.columns))]
 
 
 def _errors(reasons: list[tuple[np.ndarray, str, str]], frame: pd.DataFrame, rows: Rows, start: int,

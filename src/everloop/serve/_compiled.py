@@ -105,7 +105,10 @@ def _build(model: Any, cache: Path) -> Path:
     import tl2cgen
 
     checkpoint = model.serialize_bytes()
-    key = hashlib.sha256(checkpoint + platform.machine().encode() + tl2cgen.__version__.encode()).hexdigest()[:32]
+    params = {"quantize": 1,  # thresholds as integer indices: ~15% faster, the same answers
+              "parallel_comp": max(1, min(8, model.num_tree // 50))}
+    key = hashlib.sha256(checkpoint + platform.machine().encode() + tl2cgen.__version__.encode()
+                         + repr(sorted(params.items())).encode()).hexdigest()[:32]
     cache.mkdir(parents=True, exist_ok=True)
     library = cache / f"{key}.so"
     with open(cache / f"{key}.lock", "w") as lock:
@@ -113,7 +116,6 @@ def _build(model: Any, cache: Path) -> Path:
         if not library.exists():
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 built = Path(tmp) / library.name
-                tl2cgen.export_lib(model, toolchain=_toolchain(), libpath=str(built), nthread=1,
-                                   params={"parallel_comp": max(1, min(8, model.num_tree // 50))})
+                tl2cgen.export_lib(model, toolchain=_toolchain(), libpath=str(built), nthread=1, params=params)
                 os.replace(built, library)  # whole or absent, also if this process dies mid-build
     return library

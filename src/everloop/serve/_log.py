@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
+import functools
+import itertools
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -20,14 +22,17 @@ import sqlalchemy as sa
 from everloop.store import Store
 
 if TYPE_CHECKING:
-    from everloop.serve._batcher import FeatureSlice
+    from everloop.serve._batcher import BatchFeatures
 
 log = logging.getLogger("everloop.serve")
 
+ROWS_PER_INSERT = 250  # 1,500 parameters a statement: under SQLite's limit (32,766) and PostgreSQL's (65,535)
+
 
 class PredictionLog:
-    """Requests put chunks of rows here and return at once; a thread writes them to the store in
-    batches. When the queue is full a chunk's rows are dropped and counted (never silently)."""
+    """The batcher puts each micro-batch's rows here in one chunk and returns at once; a thread writes
+    them to the store in batches. When `max_queue` rows wait already, a chunk's rows are dropped and
+    counted (never silently)."""
 
     def __init__(self, store: Store, max_queue: int = 100_000, batch: int = 2000, interval: float = 0.2,
                  metrics: Any = None):
@@ -37,13 +42,16 @@ class PredictionLog:
         self.stats_interval = 2.0
         self._last_stats = time.monotonic()
         self._worker = f"{os.uname().nodename}:{os.getpid()}"
-        self.queue: queue.Queue[tuple] = queue.Queue(max_queue // 10)  # chunks, of one request each
+        # A deque, not a queue.Queue: appends and pops are atomic, without a lock and a condition per call.
+        self.queue: deque[tuple] = deque()
+        self.max_queue = max_queue
         self.batch = batch
         self.interval = interval
         self.dropped = 0
+        self.enqueued = 0  # rows put (by the event loop's thread only)
+        self.taken = 0  # rows taken off the queue (by the writer thread only)
         self.written = 0
         self.failed = 0
-        self.enqueued = 0
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by flush(), so a waiting caller is not held for a whole interval
         self._thread = threading.Thread(target=self._run, name="everloop-prediction-log", daemon=True)
@@ -59,21 +67,21 @@ class PredictionLog:
         elif status >= 500:
             counts[2] += 1
 
-    def put(self, ids: list[str], created_at: float, model_version: int | None, features: FeatureSlice,
-            outputs: list[dict[str, Any]], latency_ms: float) -> int:
-        """Enqueue one request's rows; returns how many were dropped because the queue was full."""
-        dropped = 0
-        try:
-            self.queue.put_nowait((ids, created_at, model_version, features, outputs, latency_ms))
-            self.enqueued += len(ids)
-        except queue.Full:
-            dropped = len(ids)
-        self.dropped += dropped
+    def put(self, ids: list[str], created_at: float, model_version: int | None, features: BatchFeatures,
+            rows: list[int] | None, outputs: list[dict[str, Any]], latencies_ms: list[float]) -> int:
+        """Enqueue the rows of one micro-batch (`rows`: which of `features`' rows, None for all);
+        returns how many were dropped because the queue was full."""
+        waiting = self.enqueued - self.taken
+        if waiting + len(ids) > self.max_queue:
+            self.dropped += len(ids)
+            if self.metrics is not None:
+                self.metrics.log_dropped.inc(len(ids))
+            return len(ids)
+        self.queue.append((ids, created_at, model_version, features, rows, outputs, latencies_ms))
+        self.enqueued += len(ids)
         if self.metrics is not None:
-            self.metrics.log_queue.set(self.queue.qsize())
-            if dropped:
-                self.metrics.log_dropped.inc(dropped)
-        return dropped
+            self.metrics.log_queue.set(waiting + len(ids))
+        return 0
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written."""
@@ -120,23 +128,30 @@ class PredictionLog:
     def _drain(self) -> int:
         """Write what is queued (up to one batch); returns how many rows that was."""
         rows: list[tuple] = []
+        dumps = orjson.dumps
         while len(rows) < self.batch:
             try:
-                ids, at, version, features, outputs, latency = self.queue.get_nowait()
-            except queue.Empty:
+                ids, at, version, features, positions, outputs, latencies = self.queue.popleft()
+            except IndexError:
                 break
-            dumps = orjson.dumps
-            rows.extend((i, at, version, f.decode(), dumps(o).decode(), latency)
-                        for i, f, o in zip(ids, features.json_rows(), outputs))
+            self.taken += len(ids)
+            encoded = features.json_rows()
+            if positions is not None:
+                encoded = [encoded[p] for p in positions]
+            rows.extend(zip(ids, itertools.repeat(at), itertools.repeat(version), encoded,
+                            [dumps(o).decode() for o in outputs], latencies))
         if self.metrics is not None:
-            self.metrics.log_queue.set(self.queue.qsize())
+            self.metrics.log_queue.set(self.enqueued - self.taken)
             self.metrics.sample_process()  # the writer thread wakes about every interval: a cheap clock
         self._write_stats()
         if not rows:
             return 0
         try:
             with self.store.engine.begin() as conn:
-                conn.exec_driver_sql(self._insert_sql(), rows)
+                for start in range(0, len(rows), ROWS_PER_INSERT):
+                    group = rows[start:start + ROWS_PER_INSERT]
+                    conn.exec_driver_sql(self._insert_sql(len(group)),
+                                         tuple(itertools.chain.from_iterable(group)))
             self.written += len(rows)
         except Exception as exc:  # counted and logged: the service keeps answering
             self.failed += len(rows)
@@ -146,13 +161,17 @@ class PredictionLog:
         return len(rows)
 
 
-    def _insert_sql(self) -> str:
-        """A plain INSERT in the driver's parameter style (JSON columns cast where the type is strict)."""
+    @functools.lru_cache(maxsize=8)
+    def _insert_sql(self, n: int) -> str:
+        """An INSERT of `n` rows in one statement, in the driver's parameter style (JSON columns cast where
+        the type is strict). One statement, not executemany: the driver releases and retakes the GIL
+        around every statement it runs, and under load each retake waits for the request thread."""
         dialect = self.store.engine.dialect
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
         json = f"CAST({mark} AS JSON)" if dialect.name == "postgresql" else mark
+        values = f"({mark}, {mark}, {mark}, {json}, {json}, {mark})"
         return ("INSERT INTO predictions (id, created_at, model_version, features, prediction, latency_ms) "
-                f"VALUES ({mark}, {mark}, {mark}, {json}, {json}, {mark})")
+                "VALUES " + ", ".join([values] * n))
 
 
 def record_feedback(store: Store, rows: list[dict[str, Any]]) -> list[str]:
