@@ -258,6 +258,7 @@ class Schema:
         every problem. A shortcut for well-formed requests, not a second set of rules: each value it
         accepts, `check` accepts too and coerces the same way (tested property by property)."""
         out: dict[str, np.ndarray] = {}
+        numbers: list[np.ndarray] = []
         for col in self.features:
             values = [r.get(col.name) for r in records]
             types = set(map(type, values))  # one pass in C; the checks below look at the few types only
@@ -268,8 +269,7 @@ class Schema:
                     array = np.array(values, dtype=np.float64)
                 except OverflowError:  # an integer past float's range
                     return None
-                if np.isinf(array).any():
-                    return None
+                numbers.append(array)
             elif col.kind == "categorical":
                 if types <= _PLAIN_TEXT:
                     out[col.name] = np.array(values, dtype=object)
@@ -285,6 +285,8 @@ class Schema:
             else:  # date/times: parsing has too many forms for a shortcut
                 return None
             out[col.name] = array
+        if numbers and np.isinf(np.concatenate(numbers)).any():  # one check for every numeric column
+            return None
         return out
 
     def check(self, frame: pd.DataFrame, *, mode: Mode = "dataset", coerce: bool = True,

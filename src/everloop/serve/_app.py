@@ -116,11 +116,10 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             if scope.pop(ARRIVING, False):
                 batcher.arriving -= 1
 
-    async def serve_rows(model: TrainedModel, rows: Rows, started: float) -> tuple[Outcome, list[str]]:
-        outcome = await batcher.submit(model, rows, started)
+    def answered(outcome: Outcome) -> Outcome:
         if outcome.errors:
             raise ClientError(422, outcome.errors)
-        return outcome, outcome.ids
+        return outcome
 
     # The prediction endpoints, as functions of (scope, headers, body) -> JSON bytes: the hot path calls
     # them straight from ASGI (see Service), the FastAPI routes below only for /docs and tests' clients.
@@ -131,8 +130,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         _check_api_token(headers, api_token)
         rows = parsed(scope, raw, lambda raw: parse_predict(loads(raw), model.schema.feature_names,
                                                             spec.serving.max_batch_rows))
-        outcome, ids = await serve_rows(model, rows, started)
-        answers = [{"id": i, **o} for i, o in zip(ids, outcome.outputs)]
+        outcome = answered(await batcher.submit(model, rows, started))
+        answers = [{"id": i, **o} for i, o in zip(outcome.ids, outcome.outputs)]
         return _dumps({"model_version": model.version, "predictions": answers})
 
     async def invocations(scope: dict, headers: Headers, raw: bytes) -> bytes:
@@ -142,7 +141,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         content_type = headers.get("content-type", "application/json")
         rows = parsed(scope, raw, lambda raw: parse_invocations(raw, content_type, model.schema.feature_names,
                                                                 spec.serving.max_batch_rows))
-        outcome, _ = await serve_rows(model, rows, started)
+        outcome = answered(await batcher.submit(model, rows, started))
         return _dumps(mlflow_answer([o["prediction"] for o in outcome.outputs]))
 
     async def v2_infer(scope: dict, headers: Headers, raw: bytes) -> bytes:
@@ -158,7 +157,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
 
         rows = parsed(scope, raw, parse)
         body = bodies[0]  # a dict: parse_v2 refuses anything else
-        outcome, _ = await serve_rows(model, rows, started)
+        outcome = answered(await batcher.submit(model, rows, started))
         labels = [o["prediction"] for o in outcome.outputs]
         proba = ([list(o["probabilities"].values()) for o in outcome.outputs]
                  if outcome.outputs and "probabilities" in outcome.outputs[0] else None)
@@ -383,7 +382,7 @@ class Service(FastAPI):
             scope[ARRIVING] = True
             self.batcher.arriving += 1
             self.batcher.active += 1
-        self.metrics.inflight.inc()
+        self.metrics.inflight_now += 1  # an int: the gauge is sampled from it (see ServiceMetrics.sample)
         status = [500]
         try:
             if handler is not None:
@@ -396,7 +395,7 @@ class Service(FastAPI):
 
                 await super().__call__(scope, receive, send_wrapper)
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.inflight_now -= 1
             if scope.pop(ARRIVING, False):  # ended before its body was parsed (refused early)
                 self.batcher.arriving -= 1
             if handler is not None:

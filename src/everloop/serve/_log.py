@@ -78,9 +78,7 @@ class PredictionLog:
                 self.metrics.log_dropped.inc(len(ids))
             return len(ids)
         self.queue.append((ids, created_at, model_version, features, rows, outputs, latencies_ms))
-        self.enqueued += len(ids)
-        if self.metrics is not None:
-            self.metrics.log_queue.set(waiting + len(ids))
+        self.enqueued += len(ids)  # the queue's gauge is set by the writer, a few times a second
         return 0
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -142,7 +140,7 @@ class PredictionLog:
                             [dumps(o).decode() for o in outputs], latencies))
         if self.metrics is not None:
             self.metrics.log_queue.set(self.enqueued - self.taken)
-            self.metrics.sample_process()  # the writer thread wakes about every interval: a cheap clock
+            self.metrics.sample()  # the writer thread wakes about every interval: a cheap clock
         self._write_stats()
         if not rows:
             return 0

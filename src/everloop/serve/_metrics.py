@@ -53,19 +53,22 @@ class ServiceMetrics:
         self.memory = Gauge("everloop_process_resident_memory_bytes", "resident memory of the service's workers",
                             registry=r, multiprocess_mode="livesum")
 
+        self.inflight_now = 0  # kept by the request path as a plain int; `sample` copies it to the gauge
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._classes: dict[str, Any] = {}
 
     def exposition(self) -> bytes:
+        self.sample()
         if not self.multiprocess:
-            self.sample_process()
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
 
-    def sample_process(self) -> None:
-        """This worker's CPU time and resident memory (each worker samples itself, about once a second)."""
+    def sample(self) -> None:
+        """Gauges read off this worker a few times a second (not on every request): requests in flight,
+        CPU time and resident memory."""
+        self.inflight.set(self.inflight_now)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.cpu.set(usage.ru_utime + usage.ru_stime)
         try:
