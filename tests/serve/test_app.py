@@ -107,6 +107,13 @@ def test_health_ready_model_and_metrics(client):
     assert "everloop_model_version 1.0" in text
     assert "everloop_prediction_log_dropped" in text and "everloop_request_latency_seconds_bucket" in text
     assert "process_resident_memory_bytes" in text and "everloop_inflight_requests" in text
+    for _ in range(5):
+        client.post("/predict", json={"features": rows[0]})
+    text = client.get("/metrics").text
+    assert 'everloop_requests_total{endpoint="/predict",status="200"} 6.0' in text
+    # the latency histogram counted every /predict request once (its +Inf bucket is cumulative)
+    assert 'everloop_request_latency_seconds_bucket{endpoint="/predict",le="+Inf"} 7.0' in text
+    assert 'everloop_request_latency_seconds_count{endpoint="/predict"} 7.0' in text
 
 
 def test_not_ready_without_a_production_model(tmp_path):

@@ -19,7 +19,9 @@ import pandas as pd
 from sklearn import config_context
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
-from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder, StandardScaler
+
+from everloop.features._pipeline import MISSING_CATEGORY, fill_missing_category
 
 NUMPY_BRANCHES = ("numeric", "categorical")  # branches whose steps take plain arrays as well as frames
 UNKNOWN = "\x00everloop-unseen\x00"  # a category no training set holds: probes the encoder's unknown handling
@@ -36,24 +38,39 @@ class FastFeatures:
             if name == "remainder":
                 continue
             if name in NUMPY_BRANCHES:
-                self.branches.append((name, [_replay(step) for _, step in transformer.steps], list(columns)))
+                steps = [_replay(step) for _, step in transformer.steps]
+                if name == "categorical" and len(steps) == 2 and isinstance(steps[0], _FillMissing) \
+                        and isinstance(steps[1], _Lookup):
+                    steps = _EncodeColumns(steps[1])  # both steps at once, column by column: no stacking
+                self.branches.append((name, steps, list(columns)))
             else:
                 self.branches.append((name, transformer, list(columns)))
+        # scikit-learn's config only matters to the steps that still run as themselves
+        self.needs_config = any(not isinstance(steps, _EncodeColumns) and
+                                not all(isinstance(s, _REPLAYS) for s in (steps if isinstance(steps, list) else [steps]))
+                                for _, steps, _ in self.branches)
 
     def transform(self, columns: Columns) -> np.ndarray:
+        if self.needs_config:
+            with config_context(assume_finite=True):
+                return self._transform(columns)
+        return self._transform(columns)
+
+    def _transform(self, columns: Columns) -> np.ndarray:
         parts = []
-        with config_context(assume_finite=True):
-            for name, steps, names in self.branches:
-                if name in NUMPY_BRANCHES:
-                    kind = float if name == "numeric" else object
-                    data: Any = np.column_stack([_array(columns[c], kind) for c in names])
-                    for step in steps:
-                        data = step.transform(data)
-                else:  # date parts and user transformers may need names: they get a frame
-                    frame = columns[names] if isinstance(columns, pd.DataFrame) else pd.DataFrame(
-                        {c: columns[c] for c in names})
-                    data = steps.transform(frame)
-                parts.append(np.asarray(data, dtype=float))
+        for name, steps, names in self.branches:
+            if isinstance(steps, _EncodeColumns):
+                data: Any = steps.transform(columns, names)
+            elif name in NUMPY_BRANCHES:
+                kind = float if name == "numeric" else object
+                data = np.column_stack([_array(columns[c], kind) for c in names])
+                for step in steps:
+                    data = step.transform(data)
+            else:  # date parts and user transformers may need names: they get a frame
+                frame = columns[names] if isinstance(columns, pd.DataFrame) else pd.DataFrame(
+                    {c: columns[c] for c in names})
+                data = steps.transform(frame)
+            parts.append(np.asarray(data, dtype=float))
         return np.hstack(parts) if len(parts) > 1 else parts[0]
 
 
@@ -67,6 +84,8 @@ def _replay(step: Any) -> Any:
     """A numpy stand-in for a fitted step where one exists, else a copy of the step that forgot the
     column names it was fitted with (the schema has checked the rows; names would only warn)."""
     try:
+        if type(step) is FunctionTransformer and step.func is fill_missing_category and step.kw_args is None:
+            return _FillMissing()
         if type(step) is SimpleImputer and step.strategy != "constant" and not step.add_indicator:
             return _Impute(step)
         if type(step) is StandardScaler:
@@ -79,6 +98,13 @@ def _replay(step: Any) -> Any:
     if hasattr(step, "feature_names_in_"):
         del step.feature_names_in_
     return step
+
+
+class _FillMissing:
+    """`fill_missing_category`: None and NaN become the explicit missing token."""
+
+    def transform(self, data: np.ndarray) -> np.ndarray:
+        return fill_missing_category(data)
 
 
 class _Impute:
@@ -146,3 +172,28 @@ class _Lookup:
             rows = np.fromiter((codes.get(v, unseen) for v in data[:, j]), dtype=np.intp, count=len(data))
             out[:, start:end] = table[rows]
         return out
+
+
+class _EncodeColumns:
+    """Missing-token filling and a lookup encoder, done column by column straight from the request's
+    columns (no object matrix is stacked first)."""
+
+    def __init__(self, lookup: _Lookup):
+        self.lookup = lookup
+
+    def transform(self, columns: Columns, names: list[str]) -> np.ndarray:
+        n = len(columns[names[0]])
+        out = np.empty((n, self.lookup.width), dtype=float)
+        for name, (start, end, codes, table) in zip(names, self.lookup.tables):
+            values = columns[name]
+            if isinstance(values, pd.Series):
+                values = values.to_numpy(dtype=object)
+            unseen = len(table) - 1
+            missing = codes.get(MISSING_CATEGORY, unseen)
+            rows = np.fromiter((missing if v is None or v != v else codes.get(v, unseen) for v in values),
+                               dtype=np.intp, count=n)  # v != v: NaN
+            out[:, start:end] = table[rows]
+        return out
+
+
+_REPLAYS = (_FillMissing, _Impute, _Scale, _Lookup)

@@ -8,6 +8,7 @@ micro-batch with other concurrent requests, log, answer.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
@@ -91,7 +92,10 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
         prediction_log.start()
+        flusher = asyncio.get_running_loop().create_task(_flush_metrics(metrics))
         yield
+        flusher.cancel()
+        metrics.flush_requests()
         batcher.stop()
         holder.stop()
         prediction_log.stop()
@@ -337,6 +341,12 @@ def _label_problem(model: TrainedModel, label: Any) -> str | None:
     if isinstance(label, (dict, list)) or str(label) not in known:
         return f"expected one of the classes {known}, got {label!r}"
     return None
+
+
+async def _flush_metrics(metrics: ServiceMetrics, every: float = 0.25) -> None:
+    while True:
+        await asyncio.sleep(every)
+        metrics.flush_requests()
 
 
 def _limit_threads() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import resource
 from typing import Any
@@ -54,10 +55,12 @@ class ServiceMetrics:
                             registry=r, multiprocess_mode="livesum")
 
         self.inflight_now = 0  # kept by the request path as a plain int; `sample` copies it to the gauge
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._pending: dict[tuple[str, int], list[Any]] = {}
+        self._bounds = [*LATENCY_BUCKETS, float("inf")]
         self._classes: dict[str, Any] = {}
 
     def exposition(self) -> bytes:
+        self.flush_requests()
         self.sample()
         if not self.multiprocess:
             return generate_latest(self.registry)
@@ -82,20 +85,40 @@ class ServiceMetrics:
             multiprocess.mark_process_dead(os.getpid())
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        children = self._children.get((path, status))
-        if children is None:
-            if path in KNOWN_PATHS:
-                endpoint = path
-            elif path.startswith("/v2/models/"):
-                endpoint = ("/v2/models/{name}/" + path.rsplit("/", 1)[-1] if path.count("/") == 4
-                            else "/v2/models/{name}")
-            else:
-                endpoint = "other"  # bounded label cardinality
-            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
-            if len(self._children) < 1000:  # looking labels up costs more than the update: keep them
-                self._children[(path, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """Count and time one request. Kept in plain Python numbers and written to the metrics by
+        `flush_requests` (a few times a second, and before every exposition): in multiprocess mode each
+        metric update is a locked write to a memory-mapped file, several per request."""
+        pending = self._pending.get((path, status))
+        if pending is None:
+            if len(self._pending) >= 1000:  # bounded label cardinality; unknown paths share "other"
+                path = "other"
+            pending = self._pending.setdefault((path, status), [self._labelled(path, status), 0, 0.0,
+                                                                [0] * len(self._bounds)])
+        pending[1] += 1
+        pending[2] += seconds
+        pending[3][bisect.bisect_left(self._bounds, seconds)] += 1
+
+    def flush_requests(self) -> None:
+        """Write the counts kept by `observe_request` (called from the event loop's thread only)."""
+        for pending in self._pending.values():
+            if not pending[1]:
+                continue
+            (counter, histogram), count, total, buckets = pending
+            pending[1:] = [0, 0.0, [0] * len(buckets)]
+            counter.inc(count)
+            histogram._sum.inc(total)  # what Histogram.observe does per value, per bucket at once
+            for child, n in zip(histogram._buckets, buckets):
+                if n:
+                    child.inc(n)
+
+    def _labelled(self, path: str, status: int) -> tuple[Any, Any]:
+        if path in KNOWN_PATHS:
+            endpoint = path
+        elif path.startswith("/v2/models/"):
+            endpoint = "/v2/models/{name}/" + path.rsplit("/", 1)[-1] if path.count("/") == 4 else "/v2/models/{name}"
+        else:
+            endpoint = "other"  # bounded label cardinality
+        return self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint)
 
     def observe_predictions(self, outputs: list[dict[str, Any]]) -> None:
         if outputs and "probabilities" in outputs[0]:
