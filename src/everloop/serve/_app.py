@@ -75,8 +75,11 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         if log_rows:
             prediction_log.put(ids, time.time(), model.version, features, rows, outputs, latencies)
 
-    batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024), on_batch=metrics.batch_rows.observe,
-                           on_queue=metrics.batch_queue.set, on_predicted=predicted)
+    gathering = spec.serving.micro_batching  # off: each request is its own model call, at once
+    batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024) if gathering else 0,
+                           max_wait_s=spec.serving.batch_wait_ms / 1000 if gathering else 0.0,
+                           on_batch=metrics.batch_rows.observe, on_queue=metrics.batch_queue.set,
+                           on_predicted=predicted)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -360,7 +363,6 @@ def _limit_threads() -> None:
     threadpool_limits(1)
 
 
-PREDICTION_METHODS = {"/predict", "/invocations"}
 V2_INFER = "/v2/models/{name}/infer"
 ARRIVING = "everloop.arriving"
 JSON_HEADERS = [(b"content-type", b"application/json")]

@@ -158,7 +158,7 @@ class MicroBatcher:
         start, now, latencies = 0, time.perf_counter(), []
         for job in jobs:
             end = start + len(job.rows.records)
-            job.future.set_result(Outcome(outputs[start:end], ids[start:end], batch_rows=len(records)))
+            _resolve(job, Outcome(outputs[start:end], ids[start:end], batch_rows=len(records)))
             latencies += [(now - job.started) * 1000] * (end - start)
             start = end
         if self.on_predicted:
@@ -183,15 +183,20 @@ class MicroBatcher:
         for job in jobs:
             end = start + len(job.rows.records)
             if bad[start:end].any():  # the whole request is refused, naming each bad field
-                job.future.set_result(Outcome(errors=_errors(checked.reasons, frame, job.rows, start, end)))
+                _resolve(job, Outcome(errors=_errors(checked.reasons, frame, job.rows, start, end)))
             else:
-                job.future.set_result(Outcome(outputs[start:end], ids[start:end], batch_rows=len(frame)))
+                _resolve(job, Outcome(outputs[start:end], ids[start:end], batch_rows=len(frame)))
                 latencies += [(now - job.started) * 1000] * (end - start)
                 answered += range(start, end)
             start = end
         if self.on_predicted and answered:
             self.on_predicted(model, [ids[p] for p in answered], _loggable(checked.frame), answered,
                               [outputs[p] for p in answered], latencies)
+
+
+def _resolve(job: _Job, outcome: Outcome) -> None:
+    if not job.future.done():  # a request cancelled meanwhile must not fail the others of its batch
+        job.future.set_result(outcome)
 
 
 class BatchFeatures:

@@ -147,6 +147,10 @@ class ServingSpec(_Strict):
     max_batch_rows: int = Field(10000, gt=0, description="largest batch one request may send (413 above)")
     log_predictions: bool = Field(True, description="write every prediction to the store's prediction log")
     reload_seconds: float = Field(1.0, gt=0, description="how often the service checks the production alias")
+    micro_batching: bool = Field(True, description="gather concurrent requests into one model call; off: one "
+                                                   "call per request")
+    batch_wait_ms: float = Field(2.0, ge=0, le=100, description="longest a gathered batch waits for requests known "
+                                                                "to be on their way (a lone request never waits)")
     compile_trees: bool = Field(True, description="serve tree ensembles compiled to native code (TL2cgen, needs a "
                                                   "C compiler) once they match scikit-learn; off: scikit-learn serves")
 
