@@ -86,10 +86,16 @@ def test_predictions_are_logged_and_feedback_joins_them(client):
     traced = registry.prediction_lineage(client.store, ids[1])
     assert traced["prediction"]["label"] == labels[1] and traced["model"]["version"] == 1
     assert traced["datasets"][0]["version"] == 1
+    assert traced["prediction"]["output"] == {k: v for k, v in answer["predictions"][1].items() if k != "id"}
+    assert traced["prediction"]["features"]["contract"] == rows[1]["contract"]
+    from everloop.store import prediction_log
+
     with client.store.engine.connect() as conn:
-        logged = conn.execute(t.predictions.select()).all()
-        assert {r.id for r in logged} == set(ids) and all(r.model_version == 1 for r in logged)
-        assert conn.execute(t.feedback.select()).rowcount != 0
+        logged = prediction_log.to_rows(list(prediction_log.iter_batches(conn)))
+        assert logged.ids == ids and set(logged.model_version) == {1}  # one model call: one batch row
+        assert conn.execute(t.prediction_batches.select()).all()[0].rows == 3
+        assert logged.features["monthly_charges"].tolist() == pytest.approx([r["monthly_charges"] for r in rows])
+        assert len(conn.execute(t.feedback.select()).all()) == 3
 
 
 def test_health_ready_model_and_metrics(client):

@@ -15,7 +15,7 @@ from everloop.errors import EverloopError
 from everloop.monitor import MonitorResult, monitor, send_alert
 from everloop.registry import PRODUCTION, check_gate, get_model, set_alias
 from everloop.spec import ProjectSpec
-from everloop.store import Store
+from everloop.store import Store, prediction_log
 from everloop.train import train
 
 CANDIDATE = "candidate"
@@ -68,19 +68,29 @@ def run_once(store: Store, spec: ProjectSpec) -> LoopDecision:
 
 def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame:
     """The latest `limit` served rows that have a label, shaped like a dataset (features, target, id, time)."""
-    t = store.tables
-    query = (sa.select(t.predictions.c.id, t.predictions.c.created_at, t.predictions.c.features, t.feedback.c.label)
-             .select_from(t.predictions.join(t.feedback, t.feedback.c.prediction_id == t.predictions.c.id))
-             .order_by(t.predictions.c.seq.desc()).limit(limit))
     with store.engine.connect() as conn:
-        rows = conn.execute(query).all()
-    rows.reverse()
-    frame = pd.DataFrame.from_records([r.features for r in rows])
-    frame[spec.data.target] = [r.label for r in rows]
+        labels = prediction_log.labels_since(conn, 0.0)
+        picked: list[tuple[int, float, int, Any]] = []
+        found = 0
+        if labels:
+            for seq, created_at, version, table in prediction_log.iter_batches(conn, newest_first=True):
+                ids = table.column(prediction_log.ID).to_pylist()
+                keep = [n for n, i in enumerate(ids) if i in labels]
+                if keep:
+                    picked.append((seq, created_at, version, table.take(keep)))
+                    found += len(keep)
+                if found >= limit:
+                    break
+    picked.reverse()  # oldest first, as a dataset reads
+    logged = prediction_log.to_rows(picked)
+    skip = max(0, len(logged) - limit)
+    frame = logged.features.iloc[skip:].reset_index(drop=True)
+    ids = logged.ids[skip:]
+    frame[spec.data.target] = [labels[i] for i in ids]
     if spec.data.id:
-        frame[spec.data.id] = [r.id for r in rows]  # the prediction id stands in for the entity id
+        frame[spec.data.id] = ids  # the prediction id stands in for the entity id
     if spec.data.timestamp:
-        frame[spec.data.timestamp] = pd.to_datetime([r.created_at for r in rows], unit="s", utc=True)
+        frame[spec.data.timestamp] = pd.to_datetime(logged.created_at[skip:], unit="s", utc=True)
     return frame
 
 

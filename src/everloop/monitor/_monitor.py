@@ -25,7 +25,7 @@ from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport
 from everloop.monitor._estimate import estimate_metric
 from everloop.registry import PRODUCTION, load_model
 from everloop.spec import ProjectSpec
-from everloop.store import Store
+from everloop.store import Store, prediction_log
 from everloop.train import TrainedModel, improvement, score_labels
 
 log = logging.getLogger("everloop.monitor")
@@ -110,34 +110,50 @@ def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, r
 
 
 def iter_window(store: Store, spec: ProjectSpec, model_version: int | None) -> Iterator[pd.DataFrame]:
-    """The latest window of logged predictions (by rows or minutes) with their labels, in batches."""
-    t = store.tables
+    """The latest window of logged predictions (by rows or minutes) with their labels, in batches of about
+    READ_BATCH rows: columns seq (the model call's), created_at, latency_ms and label, with the features
+    (a frame) and the outputs (a list) in `.attrs`."""
     window = spec.monitoring.window
-    base = (sa.select(t.predictions.c.seq, t.predictions.c.created_at, t.predictions.c.features,
-                      t.predictions.c.prediction, t.predictions.c.latency_ms, t.feedback.c.label)
-            .select_from(t.predictions.outerjoin(t.feedback, t.feedback.c.prediction_id == t.predictions.c.id)))
-    if model_version is not None:
-        base = base.where(t.predictions.c.model_version == model_version)
     with store.engine.connect() as conn:
+        skip = 0
         if window.minutes is not None:
-            start = conn.execute(sa.select(sa.func.max(t.predictions.c.created_at))).scalar() or time.time()
-            query = base.where(t.predictions.c.created_at >= start - window.minutes * 60)
-        else:  # the latest N rows: find the first seq of the window, then read forwards in order
-            seqs = sa.select(t.predictions.c.seq)
-            if model_version is not None:
-                seqs = seqs.where(t.predictions.c.model_version == model_version)
-            first = conn.execute(sa.select(sa.func.min(seqs.order_by(t.predictions.c.seq.desc())
-                                                       .limit(window.rows).subquery().c.seq))).scalar()
-            if first is None:
+            newest = conn.execute(sa.select(sa.func.max(store.tables.prediction_batches.c.created_at))).scalar()
+            batches = prediction_log.iter_batches(conn, model_version=model_version,
+                                                  since_time=(newest or time.time()) - window.minutes * 60)
+        else:  # the latest N rows: find the batch they start in, then read forwards in order
+            start = prediction_log.latest_window_start(conn, window.rows, model_version)
+            if start is None:
                 return
-            query = base.where(t.predictions.c.seq >= first)
-        result = conn.execution_options(yield_per=READ_BATCH).execute(query.order_by(t.predictions.c.seq))
-        for rows in result.partitions():
-            frame = pd.DataFrame({"seq": [r.seq for r in rows], "created_at": [r.created_at for r in rows],
-                                  "latency_ms": [r.latency_ms for r in rows], "label": [r.label for r in rows]})
-            frame.attrs["features"] = pd.DataFrame.from_records([r.features for r in rows])
-            frame.attrs["predictions"] = [r.prediction for r in rows]
+            first, skip = start
+            batches = prediction_log.iter_batches(conn, model_version=model_version, since_seq=first)
+        labels: dict[str, Any] | None = None
+        pending, rows = [], 0
+        for batch in _chain_final(batches):
+            if batch is not None:
+                if skip:  # the oldest batch holds rows from before the window
+                    batch = (*batch[:3], batch[3].slice(skip))
+                    skip = 0
+                pending.append(batch)
+                rows += batch[3].num_rows
+                if rows < READ_BATCH:
+                    continue
+            if not pending:
+                break
+            if labels is None:  # every label of the window (a label is never older than its prediction)
+                labels = prediction_log.labels_since(conn, min(b[1] for b in pending))
+            logged = prediction_log.to_rows(pending)
+            frame = pd.DataFrame({"seq": logged.batch_seq, "created_at": logged.created_at,
+                                  "latency_ms": logged.latency_ms, "label": [labels.get(i) for i in logged.ids]})
+            frame.attrs["features"] = logged.features
+            frame.attrs["predictions"] = logged.outputs
             yield frame
+            pending, rows = [], 0
+
+
+def _chain_final(items: Iterator[Any]) -> Iterator[Any]:
+    """The items, then one None: the caller's cue to flush what it holds."""
+    yield from items
+    yield None
 
 
 def reference_profiles(store: Store, trained: TrainedModel) -> tuple[Profile, Profile]:

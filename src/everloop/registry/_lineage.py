@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from everloop.data import get_dataset
 from everloop.errors import NotFoundError
 from everloop.registry._registry import get_model
-from everloop.store import Store
+from everloop.store import Store, prediction_log
 
 
 def model_lineage(store: Store, version: int) -> dict[str, Any]:
@@ -39,14 +39,16 @@ def prediction_lineage(store: Store, prediction_id: str) -> dict[str, Any]:
     """A logged prediction, the model that made it, and that model's lineage."""
     t = store.tables
     with store.engine.connect() as conn:
-        row = conn.execute(sa.select(t.predictions).where(t.predictions.c.id == prediction_id)).first()
+        found = prediction_log.find(conn, [prediction_id]).get(prediction_id)
         label = conn.execute(sa.select(t.feedback.c.label)
                              .where(t.feedback.c.prediction_id == prediction_id)).scalar()
-    if row is None:
+    if found is None:
         raise NotFoundError(f"prediction {prediction_id!r} is not in the prediction log")
-    made = {"id": row.id, "created_at": row.created_at, "model_version": row.model_version,
-            "features": row.features, "output": row.prediction, "label": label}
-    return {"prediction": made} | model_lineage(store, row.model_version)
+    seq, created_at, version, table, position = found
+    row = prediction_log.to_rows([(seq, created_at, version, table.slice(position, 1))])
+    made = {"id": prediction_id, "created_at": created_at, "model_version": version,
+            "features": row.features.iloc[0].to_dict(), "output": row.outputs[0], "label": label}
+    return {"prediction": made} | model_lineage(store, version)
 
 
 def dataset_lineage(store: Store, version: int) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from everloop.data import current_schema
 from everloop.serve._batcher import MicroBatcher, Outcome
 from everloop.serve._holder import ModelHolder
-from everloop.serve._log import PredictionLog, record_feedback
+from everloop.serve._log import LogEntry, PredictionLog, record_feedback
 from everloop.serve._metrics import ServiceMetrics
 from everloop.serve._openapi import request_schemas
 from everloop.serve._protocols import (
@@ -68,12 +68,11 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     log_rows = spec.serving.log_predictions
     api_token = os.environ.get(API_TOKEN_ENV)  # read once: the environment of a running service is fixed
 
-    def predicted(model: TrainedModel, ids: list[str], features: Any, rows: list[int] | None,
-                  outputs: list[dict[str, Any]], latencies: list[float]) -> None:
-        """Once per model call: count the answers in /metrics, and log them (one chunk per call)."""
+    def predicted(entry: LogEntry, outputs: list[dict[str, Any]]) -> None:
+        """Once per model call: count the answers in /metrics, and log them (one entry per call)."""
         metrics.observe_predictions(outputs)
         if log_rows:
-            prediction_log.put(ids, time.time(), model.version, features, rows, outputs, latencies)
+            prediction_log.put(entry)
 
     gathering = spec.serving.micro_batching  # off: each request is its own model call, at once
     batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024) if gathering else 0,

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import orjson
 import pandas as pd
 
 from everloop._jsonable import jsonable
+from everloop.serve._log import LogEntry
 from everloop.serve._protocols import Rows
 from everloop.train import TrainedModel
 
@@ -52,10 +52,9 @@ def ids_for(n: int) -> list[str]:
     return [f"{_ID_PREFIX}{next(_id_counter):x}" for _ in range(n)]
 
 
-# What the batcher reports of each model call's answered rows: (model, ids, features, which of the
-# features' rows (None: all), outputs, latencies in ms). The service logs them and counts them in /metrics.
-OnPredicted = Callable[[TrainedModel, list[str], "BatchFeatures", "list[int] | None", list[dict[str, Any]],
-                        list[float]], None]
+# What the batcher reports of each model call: its answered rows (the service logs them) and their
+# outputs (the service counts them in /metrics).
+OnPredicted = Callable[[LogEntry, list[dict[str, Any]]], None]
 
 
 class MicroBatcher:
@@ -151,7 +150,8 @@ class MicroBatcher:
         if columns is None:
             self._process_checked(jobs, records)
             return
-        outputs = model.predict_conformed(columns).records()
+        predictions = model.predict_conformed(columns)
+        outputs = predictions.records()
         ids = ids_for(len(records))
         if self.on_batch:
             self.on_batch(len(records))
@@ -162,8 +162,8 @@ class MicroBatcher:
             latencies += [(now - job.started) * 1000] * (end - start)
             start = end
         if self.on_predicted:
-            features = BatchFeatures(list(columns), [c.tolist() for c in columns.values()])
-            self.on_predicted(model, ids, features, None, outputs, latencies)
+            self.on_predicted(LogEntry(ids, time.time(), model.version, columns, predictions.labels.tolist(),
+                                       predictions.proba, predictions.classes, latencies), outputs)
 
     def _process_checked(self, jobs: list[_Job], records: list[dict[str, Any]]) -> None:
         model = jobs[0].model
@@ -171,10 +171,12 @@ class MicroBatcher:
         checked = model.schema.check(frame, mode="request", coerce=True)
         bad = checked.bad_rows if checked.bad_rows is not None else np.zeros(len(frame), dtype=bool)
         outputs: list[dict[str, Any] | None] = [None] * len(frame)
-        if not bad.all():
-            good = np.flatnonzero(~bad)
+        good = np.flatnonzero(~bad)
+        predictions = None
+        if len(good):
             features = checked.frame if not bad.any() else checked.frame.iloc[good]
-            for position, output in zip(good, model.predict_conformed(features).records()):
+            predictions = model.predict_conformed(features)
+            for position, output in zip(good, predictions.records()):
                 outputs[position] = output
         ids = ids_for(len(frame))
         if self.on_batch:
@@ -189,30 +191,18 @@ class MicroBatcher:
                 latencies += [(now - job.started) * 1000] * (end - start)
                 answered += range(start, end)
             start = end
-        if self.on_predicted and answered:
-            self.on_predicted(model, [ids[p] for p in answered], _loggable(checked.frame), answered,
-                              [outputs[p] for p in answered], latencies)
+        if self.on_predicted and answered and predictions is not None:
+            at = np.searchsorted(good, answered)  # the answered rows among the predicted ones
+            self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
+                                       checked.frame.iloc[answered].reset_index(drop=True),
+                                       predictions.labels[at].tolist(),
+                                       None if predictions.proba is None else predictions.proba[at],
+                                       predictions.classes, latencies), [outputs[p] for p in answered])
 
 
 def _resolve(job: _Job, outcome: Outcome) -> None:
     if not job.future.done():  # a request cancelled meanwhile must not fail the others of its batch
         job.future.set_result(outcome)
-
-
-class BatchFeatures:
-    """A micro-batch's validated features, column by column, JSON-ready (None for missing): the log's
-    writer thread encodes the rows, off the request path."""
-
-    def __init__(self, names: list[str], columns: list[list[Any]]):
-        self.names = names
-        self.columns = columns
-        self._json: list[bytes] | None = None
-
-    def json_rows(self) -> list[str]:
-        if self._json is None:  # only the log's writer thread encodes
-            dumps, names = orjson.dumps, self.names
-            self._json = [dumps(dict(zip(names, row))).decode() for row in zip(*self.columns)]
-        return self._json
 
 
 def _errors(reasons: list[tuple[np.ndarray, str, str]], frame: pd.DataFrame, rows: Rows, start: int,
@@ -223,16 +213,3 @@ def _errors(reasons: list[tuple[np.ndarray, str, str]], frame: pd.DataFrame, row
             detail.append({"loc": rows.locs[offset] + [column], "msg": message,
                            "input": jsonable(frame[column].iloc[start + offset])})
     return detail
-
-
-def _loggable(features: pd.DataFrame) -> BatchFeatures:
-    """Columns as JSON-ready lists: missing values as None, date/times as ISO text."""
-    columns = []
-    for name in features.columns:
-        series = features[name]
-        if pd.api.types.is_datetime64_any_dtype(series):
-            values = [v.isoformat() if v is not pd.NaT and v == v else None for v in series.tolist()]
-        else:
-            values = [None if v is None or v != v else v for v in series.tolist()]  # v != v: NaN
-        columns.append(values)
-    return BatchFeatures(list(features.columns), columns)

@@ -1,32 +1,58 @@
-"""The prediction log writer: a bounded queue drained by a background thread in batches.
+"""The prediction log writer: a bounded queue drained by a background thread.
 
-A request enqueues one chunk (its rows' ids, features and outputs) and returns; the writer thread
-turns chunks into rows, encodes the JSON columns with orjson and inserts them with the database
-driver's own executemany, so logging costs the request path almost nothing and the writer little.
+The batcher enqueues one entry per model call (its rows' ids, features, outputs and latencies) and
+returns; the writer thread encodes each entry as one Arrow payload and stores it as one row of
+`prediction_batches` (see everloop/store/_predictions.py), a few transactions a second, so logging
+costs the request path almost nothing and the writer a fraction of a microsecond per prediction.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import functools
-import itertools
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-import orjson
+import numpy as np
+import pandas as pd
+import pyarrow as pa
 import sqlalchemy as sa
 
-from everloop.store import Store
-
-if TYPE_CHECKING:
-    from everloop.serve._batcher import BatchFeatures
+from everloop.store import Store, prediction_log
 
 log = logging.getLogger("everloop.serve")
 
-ROWS_PER_INSERT = 250  # 1,500 parameters a statement: under SQLite's limit (32,766) and PostgreSQL's (65,535)
+
+@dataclass
+class LogEntry:
+    """The answered rows of one model call."""
+
+    ids: list[str]
+    created_at: float
+    model_version: int | None
+    features: dict[str, np.ndarray] | pd.DataFrame  # validated features, by column
+    labels: list[Any]
+    proba: np.ndarray | None  # rows x classes, classifiers only
+    classes: list[Any] | None
+    latencies_ms: list[float]
+
+    def batch_row(self) -> dict[str, Any]:
+        if isinstance(self.features, pd.DataFrame):
+            frame = self.features.copy(deep=False)
+            for name in frame.columns:  # date/times as ISO text, as requests send them and readers expect
+                if pd.api.types.is_datetime64_any_dtype(frame[name]):
+                    frame[name] = [None if v is pd.NaT else v.isoformat() for v in frame[name]]
+            features = pa.Table.from_pandas(frame, preserve_index=False)
+        else:  # missing numbers (NaN) and categories (None) both become Arrow nulls
+            features = pa.table({name: pa.array(values, from_pandas=True) for name, values in self.features.items()})
+        worker, first = prediction_log.split_id(self.ids[0])
+        return {"worker": worker, "first_counter": first, "last_counter": prediction_log.split_id(self.ids[-1])[1],
+                "rows": len(self.ids), "created_at": self.created_at, "model_version": self.model_version or 0,
+                "payload": prediction_log.encode(self.ids, self.latencies_ms, self.labels, self.proba, self.classes,
+                                                 features)}
 
 
 class PredictionLog:
@@ -67,18 +93,16 @@ class PredictionLog:
         elif status >= 500:
             counts[2] += 1
 
-    def put(self, ids: list[str], created_at: float, model_version: int | None, features: BatchFeatures,
-            rows: list[int] | None, outputs: list[dict[str, Any]], latencies_ms: list[float]) -> int:
-        """Enqueue the rows of one micro-batch (`rows`: which of `features`' rows, None for all);
-        returns how many were dropped because the queue was full."""
-        waiting = self.enqueued - self.taken
-        if waiting + len(ids) > self.max_queue:
-            self.dropped += len(ids)
+    def put(self, entry: LogEntry) -> int:
+        """Enqueue the rows of one model call; returns how many were dropped because the queue was full."""
+        n = len(entry.ids)
+        if self.enqueued - self.taken + n > self.max_queue:
+            self.dropped += n
             if self.metrics is not None:
-                self.metrics.log_dropped.inc(len(ids))
-            return len(ids)
-        self.queue.append((ids, created_at, model_version, features, rows, outputs, latencies_ms))
-        self.enqueued += len(ids)  # the queue's gauge is set by the writer, a few times a second
+                self.metrics.log_dropped.inc(n)
+            return n
+        self.queue.append(entry)
+        self.enqueued += n  # the queue's gauge is set by the writer, a few times a second
         return 0
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -124,52 +148,34 @@ class PredictionLog:
             log.warning("service stats could not be written: %s", exc)
 
     def _drain(self) -> int:
-        """Write what is queued (up to one batch); returns how many rows that was."""
-        rows: list[tuple] = []
-        dumps = orjson.dumps
-        while len(rows) < self.batch:
+        """Write what is queued (up to about `batch` rows); returns how many rows that was."""
+        entries: list[LogEntry] = []
+        rows = 0
+        while rows < self.batch:
             try:
-                ids, at, version, features, positions, outputs, latencies = self.queue.popleft()
+                entry = self.queue.popleft()
             except IndexError:
                 break
-            self.taken += len(ids)
-            encoded = features.json_rows()
-            if positions is not None:
-                encoded = [encoded[p] for p in positions]
-            rows.extend(zip(ids, itertools.repeat(at), itertools.repeat(version), encoded,
-                            [dumps(o).decode() for o in outputs], latencies))
+            entries.append(entry)
+            rows += len(entry.ids)
+        self.taken += rows
         if self.metrics is not None:
             self.metrics.log_queue.set(self.enqueued - self.taken)
             self.metrics.sample()  # the writer thread wakes about every interval: a cheap clock
         self._write_stats()
-        if not rows:
+        if not entries:
             return 0
         try:
+            batch_rows = [entry.batch_row() for entry in entries]
             with self.store.engine.begin() as conn:
-                for start in range(0, len(rows), ROWS_PER_INSERT):
-                    group = rows[start:start + ROWS_PER_INSERT]
-                    conn.exec_driver_sql(self._insert_sql(len(group)),
-                                         tuple(itertools.chain.from_iterable(group)))
-            self.written += len(rows)
+                conn.execute(self.store.tables.prediction_batches.insert(), batch_rows)
+            self.written += rows
         except Exception as exc:  # counted and logged: the service keeps answering
-            self.failed += len(rows)
+            self.failed += rows
             if self.metrics is not None:
-                self.metrics.log_failed.inc(len(rows))
-            log.error("prediction log: %d rows could not be written: %s", len(rows), exc)
-        return len(rows)
-
-
-    @functools.lru_cache(maxsize=8)
-    def _insert_sql(self, n: int) -> str:
-        """An INSERT of `n` rows in one statement, in the driver's parameter style (JSON columns cast where
-        the type is strict). One statement, not executemany: the driver releases and retakes the GIL
-        around every statement it runs, and under load each retake waits for the request thread."""
-        dialect = self.store.engine.dialect
-        mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        json = f"CAST({mark} AS JSON)" if dialect.name == "postgresql" else mark
-        values = f"({mark}, {mark}, {mark}, {json}, {json}, {mark})"
-        return ("INSERT INTO predictions (id, created_at, model_version, features, prediction, latency_ms) "
-                "VALUES " + ", ".join([values] * n))
+                self.metrics.log_failed.inc(rows)
+            log.error("prediction log: %d rows could not be written: %s", rows, exc)
+        return rows
 
 
 def record_feedback(store: Store, rows: list[dict[str, Any]]) -> list[str]:
@@ -177,7 +183,7 @@ def record_feedback(store: Store, rows: list[dict[str, Any]]) -> list[str]:
     t = store.tables
     ids = [r["prediction_id"] for r in rows]
     with store.engine.begin() as conn:
-        known = set(conn.execute(sa.select(t.predictions.c.id).where(t.predictions.c.id.in_(ids))).scalars())
+        known = set(prediction_log.find(conn, ids))
         keep = [r for r in rows if r["prediction_id"] in known]
         if keep:
             conn.execute(t.feedback.delete().where(t.feedback.c.prediction_id.in_([r["prediction_id"] for r in keep])))

@@ -80,16 +80,19 @@ alias_history = sa.Table(
     sa.Column("forced", sa.Boolean, nullable=False, default=False),
 )
 
-predictions = sa.Table(
-    "predictions", metadata,
+# The prediction log: one row per model call, its rows in one Arrow IPC payload (see _predictions.py).
+prediction_batches = sa.Table(
+    "prediction_batches", metadata,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("id", sa.String(32), nullable=False, unique=True),
+    sa.Column("worker", sa.String(32), nullable=False),  # the prediction ids' prefix: the writing worker
+    sa.Column("first_counter", sa.BigInteger, nullable=False),  # the range of id counters in the batch
+    sa.Column("last_counter", sa.BigInteger, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
     _now_column(),
     sa.Column("model_version", sa.Integer, nullable=False),
-    sa.Column("features", sa.JSON, nullable=False),
-    sa.Column("prediction", sa.JSON, nullable=False),
-    sa.Column("latency_ms", sa.Float, nullable=False),
-    sa.Index("ix_predictions_created_at", "created_at"),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Index("ix_prediction_batches_created_at", "created_at"),
+    sa.Index("ix_prediction_batches_worker", "worker", "first_counter"),
 )
 
 feedback = sa.Table(
