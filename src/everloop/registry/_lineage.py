@@ -46,7 +46,7 @@ def prediction_lineage(store: Store, prediction_id: str) -> dict[str, Any]:
         raise NotFoundError(f"prediction {prediction_id!r} is not in the prediction log")
     seq, created_at, version, table, position = found
     row = prediction_log.to_rows([(seq, created_at, version, table.slice(position, 1))])
-    made = {"id": prediction_id, "created_at": created_at, "model_version": version,
+    made = {"id": prediction_id, "created_at": float(row.created_at[0]), "model_version": version,
             "features": row.features.iloc[0].to_dict(), "output": row.outputs[0], "label": label}
     return {"prediction": made} | model_lineage(store, version)
 

@@ -28,7 +28,8 @@ log = logging.getLogger("everloop.serve")
 
 @dataclass
 class LogEntry:
-    """The answered rows of one model call."""
+    """The answered rows of one model call. The writer merges the entries it finds queued into one
+    batch row (per model version): a few rows a second, whatever the request rate."""
 
     ids: list[str]
     created_at: float
@@ -39,20 +40,34 @@ class LogEntry:
     classes: list[Any] | None
     latencies_ms: list[float]
 
-    def batch_row(self) -> dict[str, Any]:
-        if isinstance(self.features, pd.DataFrame):
-            frame = self.features.copy(deep=False)
-            for name in frame.columns:  # date/times as ISO text, as requests send them and readers expect
-                if pd.api.types.is_datetime64_any_dtype(frame[name]):
-                    frame[name] = [None if v is pd.NaT else v.isoformat() for v in frame[name]]
-            features = pa.Table.from_pandas(frame, preserve_index=False)
-        else:  # missing numbers (NaN) and categories (None) both become Arrow nulls
-            features = pa.table({name: pa.array(values, from_pandas=True) for name, values in self.features.items()})
-        worker, first = prediction_log.split_id(self.ids[0])
-        return {"worker": worker, "first_counter": first, "last_counter": prediction_log.split_id(self.ids[-1])[1],
-                "rows": len(self.ids), "created_at": self.created_at, "model_version": self.model_version or 0,
-                "payload": prediction_log.encode(self.ids, self.latencies_ms, self.labels, self.proba, self.classes,
-                                                 features)}
+    def columns(self) -> dict[str, np.ndarray]:
+        """The features by name as arrays (date/times as ISO text, as requests send them)."""
+        if not isinstance(self.features, pd.DataFrame):
+            return self.features
+        out = {}
+        for name in self.features.columns:
+            series = self.features[name]
+            if pd.api.types.is_datetime64_any_dtype(series):
+                out[name] = np.array([None if v is pd.NaT else v.isoformat() for v in series], dtype=object)
+            else:
+                out[name] = series.to_numpy()
+        return out
+
+
+def batch_row(entries: list[LogEntry]) -> dict[str, Any]:
+    """Several model calls' rows (of one model version, in id order) as one row of `prediction_batches`."""
+    ids = [i for e in entries for i in e.ids]
+    columns = [e.columns() for e in entries]
+    features = pa.table({name: pa.array(np.concatenate([c[name] for c in columns]), from_pandas=True)
+                         for name in columns[0]})  # from_pandas: NaN and None both become nulls
+    proba = None if entries[0].proba is None else np.concatenate([e.proba for e in entries])
+    created = np.concatenate([np.full(len(e.ids), e.created_at) for e in entries])
+    worker, first = prediction_log.split_id(ids[0])
+    return {"worker": worker, "first_counter": first, "last_counter": prediction_log.split_id(ids[-1])[1],
+            "rows": len(ids), "created_at": float(created[0]), "model_version": entries[0].model_version or 0,
+            "payload": prediction_log.encode(ids, [x for e in entries for x in e.latencies_ms],
+                                             [y for e in entries for y in e.labels], proba, entries[0].classes,
+                                             features, created)}
 
 
 class PredictionLog:
@@ -166,7 +181,13 @@ class PredictionLog:
         if not entries:
             return 0
         try:
-            batch_rows = [entry.batch_row() for entry in entries]
+            groups: list[list[LogEntry]] = []  # one batch row per model version (a swap splits them)
+            for entry in entries:
+                if groups and groups[-1][0].model_version == entry.model_version:
+                    groups[-1].append(entry)
+                else:
+                    groups.append([entry])
+            batch_rows = [batch_row(group) for group in groups]
             with self.store.engine.begin() as conn:
                 conn.execute(self.store.tables.prediction_batches.insert(), batch_rows)
             self.written += rows

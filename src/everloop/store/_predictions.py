@@ -26,8 +26,8 @@ import sqlalchemy as sa
 from everloop.store._meta import prediction_batches
 
 ID_PREFIX_LENGTH = 16
-ID, LATENCY, PREDICTION, PROBA = "__id", "__latency_ms", "__prediction", "__proba"
-INTERNAL = (ID, LATENCY, PREDICTION, PROBA)
+ID, CREATED, LATENCY, PREDICTION, PROBA = "__id", "__created_at", "__latency_ms", "__prediction", "__proba"
+INTERNAL = (ID, CREATED, LATENCY, PREDICTION, PROBA)
 
 
 def split_id(prediction_id: str) -> tuple[str, int] | None:
@@ -42,10 +42,11 @@ def split_id(prediction_id: str) -> tuple[str, int] | None:
 
 
 def encode(ids: Sequence[str], latencies_ms: Sequence[float], labels: Sequence[Any], proba: np.ndarray | None,
-           classes: Sequence[Any] | None, features: pa.Table) -> bytes:
-    """One model call's rows as an Arrow IPC stream: the features by name, then id, latency and outputs."""
+           classes: Sequence[Any] | None, features: pa.Table, created_at: np.ndarray) -> bytes:
+    """Logged rows as an Arrow IPC stream: the features by name, then id, time, latency and outputs."""
     columns = dict(zip(features.column_names, features.columns))
     columns[ID] = pa.array(ids, type=pa.string())
+    columns[CREATED] = pa.array(created_at, type=pa.float64())
     columns[LATENCY] = pa.array(latencies_ms, type=pa.float64())
     columns[PREDICTION] = pa.array(list(labels))
     metadata = {}
@@ -69,7 +70,7 @@ class LoggedRows:
     """Logged predictions as columns: what the monitor and the loop read."""
 
     ids: list[str]
-    created_at: np.ndarray
+    created_at: np.ndarray  # when each prediction was made
     model_version: np.ndarray
     batch_seq: np.ndarray
     latency_ms: np.ndarray
@@ -81,7 +82,8 @@ class LoggedRows:
 
 
 def to_rows(batches: list[tuple[int, float, int, pa.Table]]) -> LoggedRows:
-    """Batch rows (seq, created_at, model_version, decoded payload) as one set of columns."""
+    """Batch rows (seq, created_at, model_version, decoded payload) as one set of columns (each row with
+    its own time)."""
     if not batches:
         return LoggedRows([], np.empty(0), np.empty(0, dtype=int), np.empty(0, dtype=int), np.empty(0),
                           pd.DataFrame(), [])
@@ -96,8 +98,8 @@ def to_rows(batches: list[tuple[int, float, int, pa.Table]]) -> LoggedRows:
         outputs = [{"prediction": y, "probabilities": dict(zip(classes, p))} for y, p in zip(labels, proba)]
     else:
         outputs = [{"prediction": y} for y in labels]
-    return LoggedRows(table.column(ID).to_pylist(),
-                      np.repeat([b[1] for b in batches], counts), np.repeat([b[2] for b in batches], counts),
+    return LoggedRows(table.column(ID).to_pylist(), table.column(CREATED).to_numpy(),
+                      np.repeat([b[2] for b in batches], counts),
                       np.repeat([b[0] for b in batches], counts), table.column(LATENCY).to_numpy(), features, outputs)
 
 
