@@ -56,7 +56,8 @@ def encode(ids: Sequence[str], latencies_ms: Sequence[float], labels: Sequence[A
         metadata[b"classes"] = orjson.dumps([str(c) for c in classes or []])
     table = pa.table(columns).replace_schema_metadata(metadata)
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    # lz4: a few times smaller for the database to write, at a cost of well under a microsecond a row
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
