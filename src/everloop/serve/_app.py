@@ -140,9 +140,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         _check_api_token(headers, api_token)
         rows = parsed(scope, raw, lambda raw: parse_predict(loads(raw), model.schema.feature_names,
                                                             spec.serving.max_batch_rows))
-        outcome = answered(await batcher.submit(model, rows, started))
-        answers = [{"id": i, **o} for i, o in zip(outcome.ids, outcome.outputs)]
-        return _dumps({"model_version": model.version, "predictions": answers})
+        outcome = answered(await batcher.submit(model, rows, started))  # each output carries its id
+        return _dumps({"model_version": model.version, "predictions": outcome.outputs})
 
     async def invocations(scope: dict, headers: Headers, raw: bytes) -> bytes:
         started = time.perf_counter()

@@ -151,8 +151,8 @@ class MicroBatcher:
             self._process_checked(jobs, records)
             return
         predictions = model.predict_conformed(columns)
-        outputs = predictions.records()
         ids = ids_for(len(records))
+        outputs = predictions.records(ids)
         if self.on_batch:
             self.on_batch(len(records))
         start, now, latencies = 0, time.perf_counter(), []
@@ -173,12 +173,12 @@ class MicroBatcher:
         outputs: list[dict[str, Any] | None] = [None] * len(frame)
         good = np.flatnonzero(~bad)
         predictions = None
+        ids = ids_for(len(frame))
         if len(good):
             features = checked.frame if not bad.any() else checked.frame.iloc[good]
             predictions = model.predict_conformed(features)
-            for position, output in zip(good, predictions.records()):
+            for position, output in zip(good, predictions.records([ids[p] for p in good])):
                 outputs[position] = output
-        ids = ids_for(len(frame))
         if self.on_batch:
             self.on_batch(len(frame))
         start, now, latencies, answered = 0, time.perf_counter(), [], []

@@ -32,14 +32,24 @@ class Predictions:
     proba: np.ndarray | None  # class probabilities (rows x classes), classifiers only
     classes: list[Any] | None
 
-    def records(self) -> list[dict[str, Any]]:
-        """One JSON-ready dict per row: the prediction and, for classifiers, each class's probability."""
+    def records(self, ids: list[str] | None = None) -> list[dict[str, Any]]:
+        """One JSON-ready dict per row: its id (when given), the prediction and, for classifiers, each
+        class's probability."""
         labels = self.labels.tolist()
         if self.proba is None:
-            return [{"prediction": v} for v in labels]
+            if ids is None:
+                return [{"prediction": v} for v in labels]
+            return [{"id": i, "prediction": v} for i, v in zip(ids, labels)]
         names = [str(c) for c in self.classes]
         rows = np.round(self.proba, 6).tolist()
-        return [{"prediction": v, "probabilities": dict(zip(names, p))} for v, p in zip(labels, rows)]
+        if len(names) == 2:  # the common case, without a zip per row
+            a, b = names
+            if ids is None:
+                return [{"prediction": v, "probabilities": {a: p, b: q}} for v, (p, q) in zip(labels, rows)]
+            return [{"id": i, "prediction": v, "probabilities": {a: p, b: q}} for i, v, (p, q) in zip(ids, labels, rows)]
+        if ids is None:
+            return [{"prediction": v, "probabilities": dict(zip(names, p))} for v, p in zip(labels, rows)]
+        return [{"id": i, "prediction": v, "probabilities": dict(zip(names, p))} for i, v, p in zip(ids, labels, rows)]
 
 
 @dataclass
