@@ -83,7 +83,13 @@ def test_metrics_add_up_across_workers(tmp_path):
     with ServerProcess(folder, workers=2) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         for _ in range(40):
             assert client.post("/predict", json={"instances": rows}).status_code == 200
-        text = client.get("/metrics").text
-    line = next(x for x in text.splitlines() if x.startswith('everloop_requests_total{endpoint="/predict",status="200"}'))
+        deadline = time.monotonic() + 5  # each worker writes its counts within a quarter second
+        while True:
+            text = client.get("/metrics").text
+            line = next(x for x in text.splitlines()
+                        if x.startswith('everloop_requests_total{endpoint="/predict",status="200"}'))
+            if float(line.split()[-1]) == 40.0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     assert float(line.split()[-1]) == 40.0
     assert "everloop_process_resident_memory_bytes" in text and "everloop_model_version 1.0" in text
