@@ -153,3 +153,33 @@ def test_admin_reload_needs_the_token(client, monkeypatch):
     assert client.post("/admin/reload").status_code == 401
     ok = client.post("/admin/reload", headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 200 and ok.json()["model_version"] == 1
+
+
+def test_api_token_guards_every_prediction_endpoint(trained, monkeypatch):
+    folder, spec, store = trained
+    monkeypatch.setenv("EVERLOOP_API_TOKEN", "t0ken")
+    rows, _ = _rows(folder, 1)
+    requests = [("/predict", {"features": rows[0]}), ("/invocations", {"dataframe_records": rows}),
+                ("/v2/models/churn/infer", {"inputs": [{"name": k, "datatype": "BYTES" if isinstance(v, str) else "FP64",
+                                                        "shape": [1], "data": [v]} for k, v in rows[0].items()]})]
+    with TestClient(create_app(folder, watch=False)) as client:
+        for path, body in requests:
+            refused = client.post(path, json=body)
+            assert refused.status_code == 401 and "bearer token" in refused.json()["detail"], path
+            wrong = client.post(path, json=body, headers={"authorization": "Bearer nope"})
+            assert wrong.status_code == 401, path
+            ok = client.post(path, json=body, headers={"authorization": "Bearer t0ken"})
+            assert ok.status_code == 200, (path, ok.text)
+        assert client.get("/health").status_code == 200  # probes stay open
+        text = client.get("/metrics").text
+        assert 'everloop_requests_total{endpoint="/predict",status="401"} 2.0' in text
+
+
+def test_micro_batching_can_be_turned_off(trained):
+    folder, spec, store = trained
+    off = spec.model_copy(update={"serving": spec.serving.model_copy(update={"micro_batching": False})})
+    rows, _ = _rows(folder, 3)
+    with TestClient(create_app(folder, spec=off, watch=False)) as client:
+        answer = client.post("/predict", json={"instances": rows})
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 3
+        assert client.app.batcher.max_rows == 0 and client.app.batcher.max_wait_s == 0.0
