@@ -115,3 +115,13 @@ def test_the_service_switches_to_compiled_trees_and_can_be_told_not_to(tmp_path)
         client.post("/predict", json={"instances": rows})
         time.sleep(1)
         assert client.get("/model").json()["predictor"] == "scikit-learn"
+
+
+def test_no_c_compiler_leaves_scikit_learn_serving(tmp_path, monkeypatch, caplog):
+    import everloop.serve._compiled as compiled_module
+
+    monkeypatch.setattr(compiled_module.shutil, "which", lambda name: None)
+    X = np.random.default_rng(1).normal(size=(200, 4))
+    model = HistGradientBoostingClassifier(max_iter=5).fit(X, X[:, 0] > 0)
+    assert compile_trees(model, True, X[:50], tmp_path) is None
+    assert "no C compiler" in caplog.text
