@@ -12,6 +12,8 @@ train, promote) -- is served by each server below in turn, on loopback, and load
     mlflow       the pipeline saved with mlflow.sklearn (signature, pyfunc_predict_fn=predict_proba),
                  `mlflow models serve --env-manager local --workers 2`, /invocations with dataframe_split
     bentoml      a BentoML 1.4 service, 2 workers, adaptive batching on (@bentoml.api(batchable=True))
+    mlserver     MLServer 1.7's scikit-learn runtime, 2 parallel workers, adaptive batching on, Open
+                 Inference Protocol requests encoded as its PandasCodec encodes a DataFrame
     bare_asgi    a raw ASGI app answering a constant JSON, uvicorn --workers 2, no access log: the ceiling
 
 Every server runs with OMP_NUM_THREADS=1 (on 2 cores, scikit-learn's default OpenMP threads
@@ -80,7 +82,7 @@ import _peers
 BENCH = Path(__file__).resolve().parent
 APPS = BENCH / "_serve_peers"
 HOST = "127.0.0.1"
-PEERS = ["flask", "fastapi", "mlflow", "bentoml", "bare_asgi"]
+PEERS = ["flask", "fastapi", "mlflow", "bentoml", "mlserver", "bare_asgi"]
 SCENARIOS = [(1, 1), (1, 16), (100, 1), (100, 16)]  # (rows per request, connections)
 HEADLINE = (1, 16)
 BATCH_ROWS = 100
@@ -106,6 +108,10 @@ def peer_packages() -> dict[str, tuple[list[str], str, list[str]]]:
                    ["mlflow", "uvicorn", "uvloop", "httptools", "fastapi", "pandas", "numpy", "scikit-learn"]),
         "bentoml": (["bentoml>=1.4,<1.5", "pandas", sk], "import bentoml, pandas, sklearn",
                     ["bentoml", "uvicorn", "starlette", "pydantic", "pandas", "numpy", "scikit-learn"]),
+        # MLServer 1.7 needs uvloop 0.21 (a newer one breaks its worker pool).
+        "mlserver": (["mlserver==1.7.1", "mlserver-sklearn==1.7.1", "uvloop==0.21.0", sk],
+                     "import mlserver, mlserver_sklearn, sklearn",
+                     ["mlserver", "mlserver-sklearn", "uvicorn", "uvloop", "pandas", "numpy", "scikit-learn"]),
         "bare_asgi": (["uvicorn[standard]"], "import uvicorn, uvloop, httptools", ["uvicorn", "uvloop", "httptools"]),
     }
     return {name: (pkgs, probe + same if sk in pkgs else probe, dists) for name, (pkgs, probe, dists) in packages.items()}
@@ -334,6 +340,41 @@ def _everloop(port: int, f: Fixture) -> list[str]:
     return [_everloop_bin(), "serve", "--host", HOST, "--port", str(port), "--workers", "2", "--project", str(f.project)]
 
 
+def _mlserver(port: int, f: Fixture) -> list[str]:
+    """MLServer's scikit-learn runtime on the exported pipeline: 2 parallel inference workers, adaptive
+    batching (up to 1,600 rows, 2 ms), its metrics and gRPC servers on ports of their own."""
+    folder = f.work / "mlserver"
+    folder.mkdir(exist_ok=True)
+    (folder / "settings.json").write_text(json.dumps({
+        "host": HOST, "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
+        "parallel_workers": 2, "debug": False}))
+    (folder / "model-settings.json").write_text(json.dumps({
+        "name": "churn", "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": str(f.model_dir / "model.pkl"), "version": "v1"},
+        "max_batch_size": 1600, "max_batch_time": 0.002}))
+    return [_bin("mlserver", "mlserver"), "start", str(folder)]
+
+
+def _mlserver_body(f: Fixture, n: int) -> tuple[str, dict]:
+    """An Open Inference Protocol request as MLServer's PandasCodec encodes a DataFrame."""
+    rows = _records(f, n)
+    inputs = []
+    for name in f.names:
+        values = [r[name] for r in rows]
+        if any(isinstance(v, str) for v in values):
+            inputs.append({"name": name, "datatype": "BYTES", "shape": [n, 1], "data": values,
+                           "parameters": {"content_type": "str"}})
+        else:
+            inputs.append({"name": name, "datatype": "FP64", "shape": [n, 1],
+                           "data": [None if v is None else float(v) for v in values]})
+    return "/v2/models/churn/infer", {"inputs": inputs, "parameters": {"content_type": "pd"},
+                                      "outputs": [{"name": "predict_proba"}]}
+
+
+def _p1_mlserver(answer: dict) -> list[float]:
+    return [float(p) for p in answer["outputs"][0]["data"][1::2]]
+
+
 def _everloop_compiled(running: "Running", timeout: float = 120.0) -> str:
     """everloop serves on scikit-learn until each worker has compiled the trees (in the background):
     measure the steady state, as a long-running service spends its life in it."""
@@ -381,6 +422,8 @@ def servers() -> list[Server]:
                                 str(APPS), "--host", HOST, "--port", str(port)],
                lambda f, n: ("/predict", {"rows": _records(f, n)}), _p1_lists,
                env={"BENTOML_DO_NOT_TRACK": "True"}),
+        Server("mlserver", "MLServer, 2 workers, adaptive batching", "mlserver", _mlserver, _mlserver_body,
+               _p1_mlserver),
         Server("everloop", "everloop serve --workers 2", None, _everloop, _everloop_body, _p1_everloop,
                before=lambda f: set_prediction_log(f.project, True), settle=_everloop_compiled),
         Server("everloop_nolog", "everloop serve --workers 2, log off", None, _everloop, _everloop_body,
