@@ -493,13 +493,20 @@ def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
     load_spec(project)  # fail fast, with the file's errors, before starting workers
     os.environ[PROJECT_ENV] = str(project.resolve())
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # every worker writes its metrics here, and /metrics aggregates them (prometheus multiprocess mode)
         import tempfile
 
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="everloop-metrics-")
-    uvicorn.run("everloop.serve._main:app", factory=True, host=host, port=port, workers=workers,
-                access_log=False)
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="everloop-metrics-")
+    try:  # no access log (the metrics count every request) and no "server: uvicorn" header
+        uvicorn.run("everloop.serve._main:app", factory=True, host=host, port=port, workers=workers,
+                    access_log=False, server_header=False)
+    finally:
+        if metrics_dir:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()

@@ -5,8 +5,8 @@ even on 8 rows, most of a micro-batch's cost. The same ensemble compiled to C an
 ~25 us. Compiling takes seconds (a C compiler runs), so the service starts on scikit-learn and the
 compiled predictor takes over in the background, only once it has answered a probe of real rows
 within `TOLERANCE` of scikit-learn's own outputs. The shared library is cached beside the store,
-keyed by the artifact's digest; anything that fails (no compiler, an unsupported model) leaves the
-model on scikit-learn, which is always correct.
+keyed by the imported model's bytes, the machine and the compiler settings; anything that fails (no
+compiler, an unsupported model, a mismatch) leaves the model on scikit-learn, which is always correct.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def compile_trees(estimator: Any, classification: bool, probe: np.ndarray, cache
     """The estimator compiled, if it is a tree ensemble Treelite can import and the compiled library
     answers `probe` (encoded rows) as the estimator does; else None (and why, in the log)."""
     try:
-        import tl2cgen  # noqa: F401  (the optional native path: absent, the model stays on scikit-learn)
+        import tl2cgen  # noqa: F401  (installed with everloop; a broken install only means scikit-learn serves)
 
         model = _import(estimator)
         if model is None:

@@ -1,9 +1,9 @@
 """The prediction log writer: a bounded queue drained by a background thread.
 
 The batcher enqueues one entry per model call (its rows' ids, features, outputs and latencies) and
-returns; the writer thread encodes each entry as one Arrow payload and stores it as one row of
-`prediction_batches` (see everloop/store/_predictions.py), a few transactions a second, so logging
-costs the request path almost nothing and the writer a fraction of a microsecond per prediction.
+returns; the writer thread merges the entries it finds queued into one lz4-compressed Arrow payload,
+one row of `prediction_batches` (see everloop/store/_predictions.py), a few transactions a second,
+so logging costs the request path almost nothing and the writer about a microsecond per prediction.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class PredictionLog:
         self._last_stats = time.monotonic()
         self._worker = f"{os.uname().nodename}:{os.getpid()}"
         # A deque, not a queue.Queue: appends and pops are atomic, without a lock and a condition per call.
-        self.queue: deque[tuple] = deque()
+        self.queue: deque[LogEntry] = deque()
         self.max_queue = max_queue
         self.batch = batch
         self.interval = interval
