@@ -499,9 +499,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
         import tempfile
 
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="everloop-metrics-")
-    try:  # no access log (the metrics count every request) and no "server: uvicorn" header
+    try:  # no access log (the metrics count every request), no "server: uvicorn" header, and no
+        # X-Forwarded-* rewriting (the service never uses the client's address)
         uvicorn.run("everloop.serve._main:app", factory=True, host=host, port=port, workers=workers,
-                    access_log=False, server_header=False)
+                    access_log=False, server_header=False, proxy_headers=False)
     finally:
         if metrics_dir:
             import shutil

@@ -441,12 +441,17 @@ class _Disconnected(Exception):
 
 
 async def _read_body(headers: Headers, receive: Any) -> bytes:
-    length = headers.get("content-length")
+    message = await receive()
+    if not message.get("more_body", False) and message["type"] == "http.request":
+        body = message.get("body", b"")  # the common case: the whole body in one message
+        if len(body) > MAX_BODY_BYTES:
+            raise ClientError(413, f"the body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+        return body
+    length = headers.get("content-length")  # a large body: refuse it before reading the rest
     if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise ClientError(413, f"the body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
     chunks, size = [], 0
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise _Disconnected()
         chunk = message.get("body", b"")
@@ -456,3 +461,4 @@ async def _read_body(headers: Headers, receive: Any) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        message = await receive()

@@ -41,7 +41,8 @@ class ServerProcess:
         if self.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in env:  # /metrics across workers
             env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="everloop-metrics-")
         command = [sys.executable, "-m", "uvicorn", "everloop.serve._main:app", "--factory", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", str(self.workers), "--no-access-log", "--no-server-header"]
+                   "--port", str(self.port), "--workers", str(self.workers), "--no-access-log", "--no-server-header",
+                   "--no-proxy-headers"]
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
