@@ -103,3 +103,35 @@ def test_a_kill_during_retraining_leaves_everything_consistent(client):
                            capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout)["action"] == "promoted", again.stderr
     assert registry.alias_version(store, registry.PRODUCTION) == 2
+
+
+def _labelled_rows(folder, store, spec):
+    from fastapi.testclient import TestClient
+
+    from everloop.loop import recent_labelled
+    from everloop.serve import create_app
+
+    rows = make_churn(600, seed=21)
+    with TestClient(create_app(folder, spec=spec, store=store, watch=False)) as client:
+        send_traffic(client, rows.head(300))  # labelled
+        send_traffic(client, rows.tail(300), labels=False)  # newer, unlabelled
+    latest = recent_labelled(store, spec, 200)
+    assert len(latest) == 200  # the latest labelled rows, read past the newer unlabelled ones
+    assert latest[spec.data.target].tolist() == rows.head(300)["churned"].tolist()[-200:]
+    assert latest["monthly_charges"].tolist() == rows.head(300)["monthly_charges"].tolist()[-200:]
+    assert len(recent_labelled(store, spec, 10_000)) == 300
+
+
+def test_recent_labelled_rows_for_retraining(tmp_path):
+    from tests.conftest import served_project
+
+    folder, spec, store = served_project(tmp_path / "p", rows=800)
+    _labelled_rows(folder, store, spec)
+
+
+def test_recent_labelled_rows_on_postgresql(tmp_path, pg_url):
+    from tests.conftest import served_project
+
+    folder, spec, store = served_project(tmp_path / "p", rows=800, db_url=pg_url)
+    _labelled_rows(folder, store, spec)
+    store.close()

@@ -68,15 +68,21 @@ def run_once(store: Store, spec: ProjectSpec) -> LoopDecision:
 
 def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame:
     """The latest `limit` served rows that have a label, shaped like a dataset (features, target, id, time)."""
-    with store.engine.connect() as conn:
-        labels = prediction_log.labels_since(conn, 0.0)
-        picked: list[tuple[int, float, int, Any]] = []
-        found = 0
-        if labels:
+    feedback = store.tables.feedback
+    labels: dict[str, Any] = {}
+    picked: list[tuple[int, float, int, Any]] = []
+    found = 0
+    # Newest batches first, each batch's labels looked up by its own ids (on a second connection: the
+    # first one is streaming the batches), so memory stays bounded however many labels there are.
+    with store.engine.connect() as conn, store.engine.connect() as lookup:
+        if lookup.execute(sa.select(feedback.c.prediction_id).limit(1)).first() is not None:
             for seq, created_at, version, table in prediction_log.iter_batches(conn, newest_first=True):
                 ids = table.column(prediction_log.ID).to_pylist()
-                keep = [n for n, i in enumerate(ids) if i in labels]
-                if keep:
+                here = dict(lookup.execute(sa.select(feedback.c.prediction_id, feedback.c.label)
+                                         .where(feedback.c.prediction_id.in_(ids))).all())
+                if here:
+                    labels.update(here)
+                    keep = [n for n, i in enumerate(ids) if i in here]
                     picked.append((seq, created_at, version, table.take(keep)))
                     found += len(keep)
                 if found >= limit:
