@@ -11,6 +11,7 @@ outputs, so it is an optimisation, never a second definition of the features.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,21 +35,20 @@ class FastFeatures:
 
     def __init__(self, features: ColumnTransformer):
         self.branches: list[tuple[str, Any, list[str]]] = []
+        self.needs_config = False  # scikit-learn's config only matters to steps that still run as themselves
         for name, transformer, columns in features.transformers_:
             if name == "remainder":
                 continue
             if name in NUMPY_BRANCHES:
                 steps = [_replay(step) for _, step in transformer.steps]
+                self.needs_config |= not all(isinstance(step, _REPLAYS) for step in steps)
                 if name == "categorical" and len(steps) == 2 and isinstance(steps[0], _FillMissing) \
                         and isinstance(steps[1], _Lookup):
                     steps = _EncodeColumns(steps[1])  # both steps at once, column by column: no stacking
                 self.branches.append((name, steps, list(columns)))
             else:
+                self.needs_config = True
                 self.branches.append((name, transformer, list(columns)))
-        # scikit-learn's config only matters to the steps that still run as themselves
-        self.needs_config = any(not isinstance(steps, _EncodeColumns) and
-                                not all(isinstance(s, _REPLAYS) for s in (steps if isinstance(steps, list) else [steps]))
-                                for _, steps, _ in self.branches)
 
     def transform(self, columns: Columns) -> np.ndarray:
         if self.needs_config:
@@ -144,14 +144,10 @@ class _Lookup:
         probe = np.empty((probe_rows, len(step.categories_)), dtype=object)
         for j, categories in enumerate(step.categories_):
             values = list(categories) + [UNKNOWN]
-            probe[:, j] = [values[min(i, len(values) - 1)] for i in range(probe_rows)]
-            probe[len(categories):, j] = UNKNOWN
-        with config_context(assume_finite=True):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "unknown categories found": the probe means it
-                encoded = step.transform(probe)
+            probe[:, j] = [values[min(i, len(values) - 1)] for i in range(probe_rows)]  # then UNKNOWN
+        with config_context(assume_finite=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "unknown categories found": the probe means it
+            encoded = step.transform(probe)
         encoded = encoded.toarray() if hasattr(encoded, "toarray") else np.asarray(encoded, dtype=float)
         self.width = int(sum(widths))
         self.tables: list[tuple[int, int, dict[Any, int], np.ndarray]] = []
@@ -166,11 +162,21 @@ class _Lookup:
             raise ValueError("the encoder's output blocks do not add up")
 
     def transform(self, data: np.ndarray) -> np.ndarray:
-        out = np.empty((len(data), self.width), dtype=float)
-        for j, (start, end, codes, table) in enumerate(self.tables):
+        return self.encode([data[:, j] for j in range(data.shape[1])])
+
+    def encode(self, columns: list[Any], fill_missing: bool = False) -> np.ndarray:
+        """Each column's values through its table (unseen values to its last row); with `fill_missing`,
+        None and NaN count as the missing token first (what `fill_missing_category` does)."""
+        n = len(columns[0])
+        out = np.empty((n, self.width), dtype=float)
+        for values, (start, end, codes, table) in zip(columns, self.tables):
             unseen = len(table) - 1
-            rows = np.fromiter((codes.get(v, unseen) for v in data[:, j]), dtype=np.intp, count=len(data))
-            out[:, start:end] = table[rows]
+            if fill_missing:
+                missing = codes.get(MISSING_CATEGORY, unseen)
+                found = (missing if v is None or v != v else codes.get(v, unseen) for v in values)  # v != v: NaN
+            else:
+                found = (codes.get(v, unseen) for v in values)
+            out[:, start:end] = table[np.fromiter(found, dtype=np.intp, count=n)]
         return out
 
 
@@ -182,18 +188,7 @@ class _EncodeColumns:
         self.lookup = lookup
 
     def transform(self, columns: Columns, names: list[str]) -> np.ndarray:
-        n = len(columns[names[0]])
-        out = np.empty((n, self.lookup.width), dtype=float)
-        for name, (start, end, codes, table) in zip(names, self.lookup.tables):
-            values = columns[name]
-            if isinstance(values, pd.Series):
-                values = values.to_numpy(dtype=object)
-            unseen = len(table) - 1
-            missing = codes.get(MISSING_CATEGORY, unseen)
-            rows = np.fromiter((missing if v is None or v != v else codes.get(v, unseen) for v in values),
-                               dtype=np.intp, count=n)  # v != v: NaN
-            out[:, start:end] = table[rows]
-        return out
+        return self.lookup.encode([_array(columns[name], object) for name in names], fill_missing=True)
 
 
 _REPLAYS = (_FillMissing, _Impute, _Scale, _Lookup)

@@ -23,6 +23,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from everloop.data import current_schema
@@ -119,7 +120,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
     def parsed(scope: dict, raw: bytes, parse: Any) -> Rows:
-        """Parse a body; then the request no longer counts as arriving (see _Accounting)."""
+        """Parse a body; then the request no longer counts as arriving (see Service)."""
         try:
             return parse(raw)
         finally:
@@ -184,9 +185,11 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     app.post("/invocations", openapi_extra=schemas["invocations"], summary="MLflow scoring protocol")(
         route(invocations))
 
+    v2_endpoint = route(v2_infer)
+
     @app.post(V2_INFER, openapi_extra=schemas["v2"], summary="Open Inference Protocol")
-    async def v2_route(name: str, request: Request) -> Response:
-        return await route(v2_infer)(request)
+    async def v2_route(name: str, request: Request) -> Response:  # `name` declared for the OpenAPI schema
+        return await v2_endpoint(request)
 
     @app.get("/version", summary="The server's version, as MLflow's scoring client asks")
     async def version() -> Response:
@@ -329,13 +332,7 @@ def _check_name(name: str, spec: ProjectSpec) -> None:
 
 
 async def _body(request: Request) -> bytes:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise ClientError(413, f"the body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ClientError(413, f"the body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
-    return raw
+    return await _read_body(request.headers, request.receive)
 
 
 def _label_problem(model: TrainedModel, label: Any) -> str | None:
@@ -425,7 +422,7 @@ async def _answer(handler: Handler, scope: dict, receive: Any, send: Any) -> int
         body, status = await handler(scope, headers, await _read_body(headers, receive)), 200
     except ClientError as exc:
         body, status = _dumps({"detail": exc.detail}), exc.status
-    except _Disconnected:
+    except ClientDisconnect:
         return 499  # the client left: nobody to answer (nginx's code for it, in the metrics only)
     except Exception:  # a bug, not the client's input: logged, and answered as FastAPI would
         log.exception("prediction request failed")
@@ -436,11 +433,9 @@ async def _answer(handler: Handler, scope: dict, receive: Any, send: Any) -> int
     return status
 
 
-class _Disconnected(Exception):
-    pass
-
-
 async def _read_body(headers: Headers, receive: Any) -> bytes:
+    """The request's body, refused with 413 past MAX_BODY_BYTES (before reading it all, when the
+    client declared its length); a client that left raises Starlette's ClientDisconnect."""
     message = await receive()
     if not message.get("more_body", False) and message["type"] == "http.request":
         body = message.get("body", b"")  # the common case: the whole body in one message
@@ -453,7 +448,7 @@ async def _read_body(headers: Headers, receive: Any) -> bytes:
     chunks, size = [], 0
     while True:
         if message["type"] == "http.disconnect":
-            raise _Disconnected()
+            raise ClientDisconnect()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:

@@ -29,10 +29,8 @@ from everloop.train import TrainedModel
 
 @dataclass
 class Outcome:
-    outputs: list[dict[str, Any]] = field(default_factory=list)  # one per row: prediction (+ probabilities)
-    ids: list[str] = field(default_factory=list)  # one prediction id per row
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # one per row: id, prediction (+ probabilities)
     errors: list[dict[str, Any]] = field(default_factory=list)  # 422 details when a row is invalid
-    batch_rows: int = 0  # how many rows shared the model call
 
 
 @dataclass
@@ -158,7 +156,7 @@ class MicroBatcher:
         start, now, latencies = 0, time.perf_counter(), []
         for job in jobs:
             end = start + len(job.rows.records)
-            _resolve(job, Outcome(outputs[start:end], ids[start:end], batch_rows=len(records)))
+            _resolve(job, Outcome(outputs[start:end]))
             latencies += [(now - job.started) * 1000] * (end - start)
             start = end
         if self.on_predicted:
@@ -187,7 +185,7 @@ class MicroBatcher:
             if bad[start:end].any():  # the whole request is refused, naming each bad field
                 _resolve(job, Outcome(errors=_errors(checked.reasons, frame, job.rows, start, end)))
             else:
-                _resolve(job, Outcome(outputs[start:end], ids[start:end], batch_rows=len(frame)))
+                _resolve(job, Outcome(outputs[start:end]))
                 latencies += [(now - job.started) * 1000] * (end - start)
                 answered += range(start, end)
             start = end

@@ -8,6 +8,7 @@ so logging costs the request path almost nothing and the writer about a microsec
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -181,13 +182,9 @@ class PredictionLog:
         if not entries:
             return 0
         try:
-            groups: list[list[LogEntry]] = []  # one batch row per model version (a swap splits them)
-            for entry in entries:
-                if groups and groups[-1][0].model_version == entry.model_version:
-                    groups[-1].append(entry)
-                else:
-                    groups.append([entry])
-            batch_rows = [batch_row(group) for group in groups]
+            # one batch row per run of one model version (a swap splits them)
+            batch_rows = [batch_row(list(group))
+                          for _, group in itertools.groupby(entries, key=lambda e: e.model_version)]
             with self.store.engine.begin() as conn:
                 conn.execute(self.store.tables.prediction_batches.insert(), batch_rows)
             self.written += rows

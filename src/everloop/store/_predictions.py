@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import sqlalchemy as sa
 
-from everloop.store._meta import prediction_batches
+from everloop.store._meta import feedback, prediction_batches
 
 ID_PREFIX_LENGTH = 16
 ID, CREATED, LATENCY, PREDICTION, PROBA = "__id", "__created_at", "__latency_ms", "__prediction", "__proba"
@@ -128,12 +128,12 @@ def latest_window_start(conn: sa.Connection, rows: int, model_version: int | Non
     query = sa.select(t.c.seq, t.c.rows).order_by(t.c.seq.desc())
     if model_version is not None:
         query = query.where(t.c.model_version == model_version)
-    total = 0
+    total, seq = 0, None
     for seq, count in conn.execution_options(yield_per=1000).execute(query):
         total += count
         if total >= rows:
             return seq, total - rows
-    return (seq, 0) if total else None  # noqa: F821 - seq is bound when total > 0
+    return None if seq is None else (seq, 0)  # fewer rows than the window: all of them
 
 
 def find(conn: sa.Connection, ids: Sequence[str]) -> dict[str, tuple[int, float, int, pa.Table, int]]:
@@ -160,7 +160,5 @@ def find(conn: sa.Connection, ids: Sequence[str]) -> dict[str, tuple[int, float,
 
 def labels_since(conn: sa.Connection, since: float) -> dict[str, Any]:
     """Labels given since `since` (a label is never older than its prediction), by prediction id."""
-    from everloop.store._meta import feedback
-
     query = sa.select(feedback.c.prediction_id, feedback.c.label).where(feedback.c.created_at >= since)
     return dict(conn.execute(query).all())

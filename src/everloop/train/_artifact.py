@@ -64,10 +64,9 @@ class TrainedModel:
     def check_fast_path(self, frame: pd.DataFrame) -> bool:
         """Use the low-overhead feature path only if it gives exactly the pipeline's outputs on `frame`
         (and on the same rows with missing values and unseen categories)."""
-        features, report = self.conform(frame)
-        if not report.ok or features.empty:
+        features = self._probe_rows(frame)
+        if features is None:
             return False
-        features = pd.concat([features, _unusual_rows(features)], ignore_index=True)
         self.fast = None
         slow = self._outputs(features)
         try:
@@ -80,9 +79,18 @@ class TrainedModel:
 
     def probe_encoded(self, frame: pd.DataFrame) -> np.ndarray:
         """`frame`'s rows (and their unusual variants) as the estimator sees them: to check a compiled estimator."""
-        features, _ = self.conform(frame)
-        features = pd.concat([features, _unusual_rows(features)], ignore_index=True)
+        features = self._probe_rows(frame)
+        if features is None:
+            raise ValueError("no valid rows to probe the model with")
         return self.pipeline.named_steps["features"].transform(features[self.schema.feature_names])
+
+    def _probe_rows(self, frame: pd.DataFrame) -> pd.DataFrame | None:
+        """`frame` conformed, plus copies of a few rows with missing values and unseen categories; None
+        when `frame` has no valid rows."""
+        features, report = self.conform(frame)
+        if not report.ok or features.empty:
+            return None
+        return pd.concat([features, _unusual_rows(features)], ignore_index=True)
 
     def _outputs(self, features: Columns) -> np.ndarray:
         if self.fast is not None:
