@@ -68,35 +68,13 @@ def run_once(store: Store, spec: ProjectSpec) -> LoopDecision:
 
 def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame:
     """The latest `limit` served rows that have a label, shaped like a dataset (features, target, id, time)."""
-    feedback = store.tables.feedback
-    labels: dict[str, Any] = {}
-    picked: list[tuple[int, float, int, Any]] = []
-    found = 0
-    # Newest batches first, each batch's labels looked up by its own ids (on a second connection: the
-    # first one is streaming the batches), so memory stays bounded however many labels there are.
-    with store.engine.connect() as conn, store.engine.connect() as lookup:
-        if lookup.execute(sa.select(feedback.c.prediction_id).limit(1)).first() is not None:
-            for seq, created_at, version, table in prediction_log.iter_batches(conn, newest_first=True):
-                ids = table.column(prediction_log.ID).to_pylist()
-                here = dict(lookup.execute(sa.select(feedback.c.prediction_id, feedback.c.label)
-                                         .where(feedback.c.prediction_id.in_(ids))).all())
-                if here:
-                    labels.update(here)
-                    keep = [n for n, i in enumerate(ids) if i in here]
-                    picked.append((seq, created_at, version, table.take(keep)))
-                    found += len(keep)
-                if found >= limit:
-                    break
-    picked.reverse()  # oldest first, as a dataset reads
-    logged = prediction_log.to_rows(picked)
-    skip = max(0, len(logged) - limit)
-    frame = logged.features.iloc[skip:].reset_index(drop=True)
-    ids = logged.ids[skip:]
-    frame[spec.data.target] = [labels[i] for i in ids]
+    logged, labels = prediction_log.latest_labelled(store.engine, limit)
+    frame = logged.features.reset_index(drop=True)
+    frame[spec.data.target] = labels
     if spec.data.id:
-        frame[spec.data.id] = ids  # the prediction id stands in for the entity id
+        frame[spec.data.id] = logged.ids  # the prediction id stands in for the entity id
     if spec.data.timestamp:
-        frame[spec.data.timestamp] = pd.to_datetime(logged.created_at[skip:], unit="s", utc=True)
+        frame[spec.data.timestamp] = pd.to_datetime(logged.created_at, unit="s", utc=True)
     return frame
 
 

@@ -162,3 +162,39 @@ def labels_since(conn: sa.Connection, since: float) -> dict[str, Any]:
     """Labels given since `since` (a label is never older than its prediction), by prediction id."""
     query = sa.select(feedback.c.prediction_id, feedback.c.label).where(feedback.c.created_at >= since)
     return dict(conn.execute(query).all())
+
+
+def latest_labelled(engine: sa.Engine, limit: int, model_version: int | None = None,
+                    before_seq: int | None = None) -> tuple[LoggedRows, list[Any]]:
+    """The latest `limit` logged predictions that have a label (of `model_version`, when given; from
+    batches before `before_seq`, when given), oldest first, with their labels as stored.
+
+    Delayed labels make this a window of its own: the newest predictions usually have no label yet,
+    so it reaches back past them. Newest batches are read first and each batch's labels are looked
+    up by its own ids (on a second connection: the first one streams the batches), so memory stays
+    bounded however many labels and predictions there are. Returns (rows, labels), both of length
+    <= `limit`."""
+    labels: dict[str, Any] = {}
+    picked: list[tuple[int, float, int, pa.Table]] = []
+    found = 0
+    with engine.connect() as conn, engine.connect() as lookup:
+        if lookup.execute(sa.select(feedback.c.prediction_id).limit(1)).first() is not None:
+            for seq, created_at, version, table in iter_batches(conn, model_version=model_version,
+                                                                newest_first=True):
+                if before_seq is not None and seq >= before_seq:
+                    continue
+                ids = table.column(ID).to_pylist()
+                here = dict(lookup.execute(sa.select(feedback.c.prediction_id, feedback.c.label)
+                                           .where(feedback.c.prediction_id.in_(ids))).all())
+                if here:
+                    labels.update(here)
+                    keep = [n for n, i in enumerate(ids) if i in here]
+                    if found + len(keep) > limit:  # only the newest of this batch are needed
+                        keep = keep[len(keep) - (limit - found):]
+                    picked.append((seq, created_at, version, table.take(keep)))
+                    found += len(keep)
+                if found >= limit:
+                    break
+    picked.reverse()  # oldest first
+    logged = to_rows(picked)
+    return logged, [labels[i] for i in logged.ids]
