@@ -27,7 +27,7 @@ def test_the_whole_loop_recovers_after_a_shift(tmp_path):
     assert c["retrained"] >= 0.98 * c["direct"], c
     assert result.passed
     page = result.report.read_text()
-    assert "plotly" in page.lower() and "Drift effect per feature" in page
+    assert "plotly" in page.lower() and "Drift per feature and window" in page and "Verdict: " in page
 
 
 def test_promotion_under_load_fails_no_request(tmp_path):
@@ -72,7 +72,7 @@ def test_postgresql_store_with_a_real_server(tmp_path, pg_url):
         labels = [{"id": p["id"], "label": y} for p, y in zip(answer["predictions"], shifted["churned"])]
         assert client.post("/feedback", json={"labels": labels}).json()["accepted"] == 1000
     result = monitor(store, spec)
-    assert result.window["rows"] == 1000 and result.window["labelled_rows"] == 1000
+    assert result.window["rows"] == 1000 and result.performance["labelled_rows"] == 1000
     assert result.drift.dataset_drift
     store.close()
 

@@ -56,3 +56,36 @@ def test_backtest_command(tmp_path):
     assert out.exit_code == 0, out.output
     body = json.loads(out.output)
     assert body["summary"]["windows"] == 3 and body["summary"]["retrainings"]["every_window"] == 3
+
+
+def _slow_history() -> pd.DataFrame:
+    """The same history, one row every 20 minutes: a 1500-row window spans about 21 days."""
+    history = _history()
+    history["event_time"] = START + pd.to_timedelta(range(len(history)), unit="min") * 20
+    return history
+
+
+def test_the_cooldown_is_replayed_in_the_datas_time():
+    # a 60-minute cooldown is long over by the end of a 21-day window: never a cooldown
+    short = backtest(_slow_history(), _spec(cooldown_minutes=60), initial_rows=4500)
+    assert "cooldown" not in [w["action"] for w in short.windows]
+    assert short.retrainings["policy"] >= 1
+    # a 30-day cooldown holds back the window right after a retraining, and only then
+    long = backtest(_slow_history(), _spec(cooldown_minutes=30 * 24 * 60), initial_rows=4500)
+    actions = [w["action"] for w in long.windows]
+    first = actions.index("promoted")
+    assert actions[first + 1] in ("cooldown", "idle") and "promoted" not in actions[first + 1:first + 2]
+
+
+def test_partly_labelled_history_is_scored_on_its_real_labels_only():
+    history = _history()
+    unlabelled = history.sample(frac=0.4, random_state=5).index
+    history["churned"] = history["churned"].astype("Int64")
+    history.loc[unlabelled, "churned"] = pd.NA
+    result = backtest(history, _spec(), initial_rows=4500)
+    for w in result.windows:
+        rows = history.iloc[4500 + (w["window"] - 1) * 1500:4500 + w["window"] * 1500]
+        assert w["labelled_rows"] == int(rows["churned"].notna().sum())
+        assert 0.5 < w["never"] < 1
+    s = result.summary()
+    assert s["mean_policy"] > s["mean_never"]

@@ -29,11 +29,16 @@ def test_estimated_performance_without_labels(client):
     assert not performance["estimated_decayed"]
 
 
-def test_skew_is_flagged_when_serving_sends_what_training_never_had(client):
+def test_values_training_never_had_are_drift_not_skew(client):
     send_traffic(client, make_churn(600, seed=33), plan="gold-plus", satisfaction=None)
     result = monitor(client.store, client.spec, record=False)
-    assert set(result.skew["features"]) == {"plan", "satisfaction"}
-    assert any(a.startswith("skew:") for a in result.alerts)
+    columns = {c.column: c for c in result.drift.columns}
+    assert columns["plan"].drifted and "unseen categories" in columns["plan"].reasons
+    assert columns["plan"].unseen_share == 1.0
+    assert columns["satisfaction"].drifted and "null rate" in columns["satisfaction"].reasons
+    # the service computed exactly what the batch path computes from the same rows: no skew
+    assert result.skew["rows"] == 600 and result.skew["mismatched"] == 0
+    assert not any(a.startswith("skew:") for a in result.alerts)
 
 
 def test_health_has_latency_and_error_rate(client):
@@ -43,7 +48,9 @@ def test_health_has_latency_and_error_rate(client):
     client.app.state.log._write_stats(force=True)
     health = monitor(client.store, client.spec, record=False).health
     assert health["latency_ms_p50"] > 0 and health["latency_ms_p99"] >= health["latency_ms_p50"]
-    assert health["client_errors"] == 10 and 0 < health["error_rate"] < 1
+    # refused predictions are bad input, counted apart from server errors
+    assert health["refused_predictions"] == 10 and health["server_errors"] == 0 and health["error_rate"] == 0
+    assert health["refused_rate"] == pytest.approx(10 / (health["prediction_requests"]))
 
 
 def test_alerts_reach_the_webhook_and_runs_are_stored(client, webhook):

@@ -7,7 +7,8 @@ from everloop.spec import parse_spec
 
 def _weak_spec(spec):
     raw = spec.model_dump()
-    raw["model"] = {"estimator": "sklearn.tree.DecisionTreeClassifier", "params": {"max_depth": 1}, "seed": 1}
+    # the same seed, so the same split: production never trained on the candidate's held-out rows
+    raw["model"] = {"estimator": "sklearn.tree.DecisionTreeClassifier", "params": {"max_depth": 1}, "seed": 42}
     return parse_spec(raw)
 
 

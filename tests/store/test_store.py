@@ -72,3 +72,20 @@ def test_postgresql_store(tmp_path: Path, pg_url: str):
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(store.tables.meta.c.value)).scalar() == "1"
     store.close()
+
+
+def test_a_store_from_before_new_nullable_columns_gets_them(tmp_path):
+    import sqlalchemy as sa
+
+    store = Store(tmp_path / "s")
+    with store.engine.begin() as conn:  # as an older build made it
+        conn.execute(sa.text("DROP INDEX ix_monitor_runs_window"))
+        conn.execute(sa.text("ALTER TABLE monitor_runs DROP COLUMN window_key"))
+        conn.execute(sa.text("ALTER TABLE monitor_runs DROP COLUMN complete"))
+        conn.execute(sa.text("ALTER TABLE service_stats DROP COLUMN refused_predictions"))
+    store.close()
+    again = Store(tmp_path / "s")
+    columns = {c["name"] for c in sa.inspect(again.engine).get_columns("monitor_runs")}
+    assert {"window_key", "complete"} <= columns
+    assert "refused_predictions" in {c["name"] for c in sa.inspect(again.engine).get_columns("service_stats")}
+    again.close()

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from everloop._jsonable import jsonable
@@ -528,21 +529,46 @@ def predict(source: Path = typer.Argument(..., help="CSV or Parquet file of rows
 @app.command()
 def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with columns 'id' and 'label'"),
              project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
-    """Record ground-truth labels for earlier prediction ids."""
-    from everloop.data import read_file
+    """Record ground-truth labels for earlier prediction ids. Each label is checked against the model that
+    made its prediction; good rows are stored, bad ones listed. Exit 1 when any row was refused or unknown."""
+    import pandas as pd
+    from rich.markup import escape
+
+    from everloop.data import iter_batches
     from everloop.serve import record_feedback
 
     _, store = _project(project)
-    frame = read_file(source)
+    # CSV as text: an id column must keep its leading zeros and never become a float; labels are
+    # parsed by the model's rules, where "1" and 1 are one class.
+    batches = list(iter_batches(source, as_text=True))
+    frame = pd.concat(batches, ignore_index=True) if batches else pd.DataFrame()
     missing = {"id", "label"} - set(frame.columns)
     if missing:
         raise EverloopError(f"{source}: missing column(s) {sorted(missing)}; expected 'id' and 'label'")
-    now = time.time()
-    rows = [{"prediction_id": str(i), "label": jsonable(v), "created_at": now}
-            for i, v in zip(frame["id"], frame["label"])]
-    unknown = record_feedback(store, rows)
-    _emit({"accepted": len(rows) - len(unknown), "unknown_ids": unknown}, as_json,
-          text=f"{len(rows) - len(unknown)} labels recorded; {len(unknown)} unknown prediction ids")
+    if frame.empty:
+        raise EverloopError(f"{source}: no rows; expected one row per label, with columns 'id' and 'label'")
+
+    def cell(value: Any) -> Any:  # a null cell (None, NaN, NA) is a missing value, whatever the column type
+        null = value is None or value is pd.NA or (isinstance(value, float) and value != value)
+        return None if null else value
+
+    items = [{"id": None if cell(i) is None else str(i), "label": cell(v), "where": f"row {n}"}
+             for n, (i, v) in enumerate(zip(frame["id"].tolist(), frame["label"].tolist()), start=1)]
+    result = record_feedback(store, items, partial=True)
+    shown = 20
+    lines = [f"{result.accepted} labels recorded from {result.received} rows"
+             + (f" ({result.superseded} replaced by a later row for the same id)" if result.superseded else "")]
+    if result.problems:
+        lines.append(f"{len(result.problems)} rows refused (row numbers count data rows from 1):")
+        lines += [escape(f"  {p.where}: id {p.id!r}: {p.why}") for p in result.problems[:shown]]
+        if len(result.problems) > shown:
+            lines.append(f"  ... and {len(result.problems) - shown} more (--json lists them all)")
+    if result.unknown_ids:
+        lines.append(escape(f"{len(result.unknown_ids)} ids match no logged prediction, e.g. "
+                            + ", ".join(repr(i) for i in result.unknown_ids[:3])))
+    _emit(result.to_dict(), as_json, text="\n".join(lines))
+    if not result.complete:
+        raise CheckFailed()
 
 
 @app.command("monitor")
@@ -553,32 +579,50 @@ def monitor_cmd(report: Optional[Path] = typer.Option(None, help="also write an 
 
     spec, store = _project(project)
     result = monitor(store, spec)
-    data = (result.to_dict())
-    table = Table(title=f"monitor: model v{result.model_version}, {result.window['rows']} rows "
-                        f"({result.window['labelled_rows']} labelled): {result.status}")
+    data = result.to_dict()
+    w = result.window
+    where = f"window {w['index']} ({w['rows']} of {w['size']:g} {w['kind']}" if "index" in w else "(no rows"
+    where += ", complete)" if w.get("complete") else ", filling)" if "index" in w else ")"
+    table = Table(title=f"monitor: model v{result.model_version}, {where}: {result.status}")
     for column in ("feature", "kind", "method", "effect", "p-value", "drift"):
         table.add_column(column)
     if result.drift:
         for c in result.drift.columns:
-            table.add_row(c.column, c.kind, c.method, _num(c.effect), f"{c.p_value:.3g}", "yes" if c.drifted else "")
+            mark = "ignored" if getattr(c, "ignored", False) else "yes" if c.drifted else ""
+            table.add_row(c.column, c.kind, c.method, _num(c.effect), f"{c.p_value:.3g}", mark)
     p = result.performance
-    text = (f"performance: {p.get('metric')} {_num(p.get('value'))} on labelled rows, "
-            f"{_num(p.get('estimated'))} estimated without labels (at training {_num(p.get('expected'))}); "
-            f"{p.get('why', '')}")
+    lines = []
     if result.status == "no data":
-        text = f"no predictions of model v{result.model_version} in the log yet: nothing to monitor"
-    elif result.skew.get("features"):
-        text += f"\nskew: {', '.join(result.skew['features'])}"
-    h = result.health
-    if h.get("latency_ms_p99") is not None:
-        text += (f"\nhealth: {_num(h.get('rows_per_second'))} rows/s, latency p50 {_num(h['latency_ms_p50'])} ms, "
-                 f"p99 {_num(h['latency_ms_p99'])} ms, error rate {_num(h.get('error_rate'))}")
-    if result.alerts:
-        text += "\n" + "\n".join(f"[red]alert[/red]: {a}" for a in result.alerts)
-    _emit(data, as_json, table if result.drift else None, text)
+        lines.append(f"no predictions of model v{result.model_version} in the log yet: nothing to monitor")
+    else:
+        labelled = (f"{p.get('metric')} {_num(p.get('value'))} on the latest {p.get('labelled_rows')} labelled "
+                    f"predictions" if p.get("value") is not None else f"{p.get('metric')} on labels")
+        lines.append(f"performance: {labelled} (at training {_num(p.get('expected'))}): {p.get('why', '')}")
+        if p.get("estimated") is not None:
+            lines.append(f"estimated without labels: {_num(p['estimated'])} (90% interval "
+                         f"{_num(p.get('estimated_low'))}..{_num(p.get('estimated_high'))}): "
+                         f"{p.get('estimated_why', '')}")
+        if result.prediction_drift is not None:
+            lines.append(f"prediction drift: effect {_num(result.prediction_drift.effect)}, "
+                         f"p={result.prediction_drift.p_value:.3g}")
+        if result.skew.get("rows"):
+            lines.append(f"skew: {result.skew.get('mismatched', 0)} of {result.skew['rows']} replayed requests "
+                         "differ through the batch path")
+        h = result.health
+        if h.get("latency_ms_p99") is not None:
+            lines.append(f"health: {_num(h.get('rows_per_second'))} rows/s, latency p50 {_num(h['latency_ms_p50'])} "
+                         f"ms, p99 {_num(h['latency_ms_p99'])} ms, error rate {_num(h.get('error_rate'))}")
+    lines = [escape(line) for line in lines]
+    lines += [f"[yellow]not judged[/yellow]: {escape(k)}: {escape(v)}" for k, v in result.not_judged.items()]
+    lines += [f"note: {escape(n)}" for n in result.notes]
+    lines += [f"[red]alert[/red]: {escape(a)}" for a in result.alerts]
+    _emit(data, as_json, table if result.drift else None, "\n".join(lines))
     if report:
-        write_report(report, [r for r in list_runs(store) if r["model_version"] == result.model_version],
-                     title=f"everloop monitoring: {spec.name}, model v{result.model_version}")
+        runs = list_runs(store, model_version=result.model_version)
+        if result.status == "no data":  # nothing was stored: the page must not show an older verdict
+            runs.append(data)
+        write_report(report, runs, title=f"everloop monitoring: {spec.name}, model v{result.model_version}",
+                     spec=spec)
         if not as_json:
             console.print(f"report: {report}")
     if not result.ok:

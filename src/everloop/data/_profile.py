@@ -5,6 +5,11 @@ Numeric (and date/time) columns keep counts in bins whose edges are the referenc
 to 1000, fewer for discrete data: then one bin per value, which makes the binned KS statistic exact);
 categorical columns keep counts per category. Both sides are counted in the same bins, so KS,
 Wasserstein, PSI, chi-square, total variation and Jensen-Shannon all come from counts.
+
+Every window value the reference never had is counted, never folded into a neighbouring bin: values
+below the reference's minimum or above its maximum land in the first and last count; with one bin per
+value, the last bin holds the last value only, and values between the reference's values are counted
+in `unseen`; categories the reference never had are counted in `unseen` too.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ class ColumnProfile:
     missing: int = 0
     total: float = 0.0  # numeric sums, for the mean and standard deviation
     total_sq: float = 0.0
+    value_bins: bool = False  # numeric: one bin per reference value (edges[:-1] are those values)
+    unseen: int = 0  # window: present values the reference never had (see `update`)
+    outside: float = 0.0  # window, numeric: summed distance of values outside the reference's range
+    known: frozenset[str] | None = None  # window, categorical: the reference's categories (not stored)
 
     @property
     def present(self) -> int:
@@ -46,12 +55,21 @@ class ColumnProfile:
             return float("nan")
         return float(np.sqrt(max(self.total_sq / self.present - self.mean**2, 0.0)))
 
+    @property
+    def values(self) -> np.ndarray | None:
+        """Numeric profiles with one bin per value: the reference's distinct values; otherwise None."""
+        return self.edges[:-1] if self.value_bins and self.edges is not None else None
+
     def empty_like(self) -> "ColumnProfile":
         """A profile with this one's bins and no rows (for a window to be counted in)."""
         counts = np.zeros_like(self.counts) if self.counts is not None else None
-        return ColumnProfile(self.kind, self.edges, counts)
+        known = frozenset(self.categories) if self.kind == "categorical" else None
+        return ColumnProfile(self.kind, self.edges, counts, value_bins=self.value_bins, known=known)
 
     def update(self, series: pd.Series) -> None:
+        """Count a batch of values. In a window (a profile made by `empty_like`) `unseen` counts the present
+        values the reference never had: categories not among its categories; with one bin per value, values
+        not among its values; otherwise values outside its [min, max]."""
         self.rows += len(series)
         if self.kind == "categorical":
             if isinstance(series.dtype, (pd.StringDtype, pd.ArrowDtype)):  # text already: count in Arrow
@@ -64,9 +82,14 @@ class ColumnProfile:
                 missing = int(counts.get(MISSING_CATEGORY, 0))
                 items = list(counts.items())
             self.missing += missing
+            known = self.known
             for key, n in items:
                 key = str(key)
-                if key in self.categories or len(self.categories) < MAX_CATEGORIES:
+                if known is not None and key not in known and key != MISSING_CATEGORY:
+                    self.unseen += int(n)
+                # the reference's categories are always counted by name, so a window never lumps them in OTHER
+                named = key in self.categories or (known is not None and key in known)
+                if named or len(self.categories) < MAX_CATEGORIES:
                     self.categories[key] = self.categories.get(key, 0) + int(n)
                 else:
                     self.categories[OTHER] = self.categories.get(OTHER, 0) + int(n)
@@ -77,13 +100,25 @@ class ColumnProfile:
         self.total += float(finite.sum())
         self.total_sq += float(np.square(finite).sum())
         if len(finite):
-            self.counts += _bin_counts(finite, self.edges)
+            counts = _bin_counts(finite, self.edges)
+            self.counts += counts
+            if len(self.edges) > 1:
+                low, high = self.edges[0], self.edges[-1]
+                self.outside += float((low - finite[finite < low]).sum() + (finite[finite > high] - high).sum())
+            if self.value_bins:
+                reference = self.edges[:-1]
+                at = np.minimum(np.searchsorted(reference, finite), len(reference) - 1)
+                self.unseen += int((reference[at] != finite).sum())
+            else:
+                self.unseen += int(counts[0] + counts[-1])
 
     def merge(self, other: "ColumnProfile") -> None:
         self.rows += other.rows
         self.missing += other.missing
         self.total += other.total
         self.total_sq += other.total_sq
+        self.unseen += other.unseen
+        self.outside += other.outside
         if self.counts is not None:
             self.counts += other.counts
         for key, n in other.categories.items():
@@ -92,8 +127,10 @@ class ColumnProfile:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "rows": self.rows, "missing": self.missing, "total": self.total,
                                "total_sq": self.total_sq}
+        if self.unseen or self.outside:
+            out |= {"unseen": self.unseen, "outside": self.outside}
         if self.edges is not None:
-            out |= {"edges": self.edges.tolist(), "counts": self.counts.tolist()}
+            out |= {"edges": self.edges.tolist(), "counts": self.counts.tolist(), "value_bins": self.value_bins}
         else:
             out["categories"] = self.categories
         return out
@@ -102,8 +139,11 @@ class ColumnProfile:
     def from_dict(cls, body: dict[str, Any]) -> "ColumnProfile":
         edges = np.asarray(body["edges"], dtype=float) if "edges" in body else None
         counts = np.asarray(body["counts"], dtype=np.int64) if "counts" in body else None
+        # profiles stored before `value_bins` existed read as quantile bins: their unseen values are then
+        # those outside the range (their last value bin also held values up to one past the last value)
         return cls(body["kind"], edges, counts, dict(body.get("categories", {})), body["rows"], body["missing"],
-                   body.get("total", 0.0), body.get("total_sq", 0.0))
+                   body.get("total", 0.0), body.get("total_sq", 0.0), bool(body.get("value_bins", False)),
+                   int(body.get("unseen", 0)), float(body.get("outside", 0.0)))
 
 
 @dataclass
@@ -119,7 +159,8 @@ class Profile:
                 profile = ColumnProfile("categorical")
             else:
                 values = numbers(frame[name])
-                profile = ColumnProfile(kind, _edges(values[np.isfinite(values)], bins))
+                edges, value_bins = _edges(values[np.isfinite(values)], bins)
+                profile = ColumnProfile(kind, edges, value_bins=value_bins)
                 profile.counts = np.zeros(len(profile.edges) + 1, dtype=np.int64)
             profile.update(frame[name])
             columns[name] = profile
@@ -159,15 +200,19 @@ def numbers(series: pd.Series) -> np.ndarray:
     return parsed.to_numpy(dtype=float, na_value=np.nan)
 
 
-def _edges(values: np.ndarray, bins: int) -> np.ndarray:
+def _edges(values: np.ndarray, bins: int) -> tuple[np.ndarray, bool]:
+    """Bin edges, and whether they give one bin per distinct value. Quantile edges start at the minimum
+    and end at the maximum, so values outside the reference's range are counted apart."""
     if not len(values):
-        return np.array([0.0])
+        return np.array([0.0]), False
     ordered = np.sort(values)
     distinct = ordered[np.concatenate([[True], ordered[1:] != ordered[:-1]])]
-    if len(distinct) <= bins:  # discrete data: one bin per value (and one edge past the last value)
-        return np.append(distinct, distinct[-1] + max(1.0, abs(distinct[-1]) * 1e-9))
+    if len(distinct) <= bins:
+        # discrete data: one bin per value; the last edge is the next float after the last value, so the
+        # last bin (closed) holds that value only and any larger value is counted above the range
+        return np.append(distinct, np.nextafter(distinct[-1], np.inf)), True
     quantiles = ordered[np.linspace(0, len(ordered) - 1, bins + 1).round().astype(np.int64)]
-    return np.unique(quantiles)
+    return np.unique(quantiles), False
 
 
 def _bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:

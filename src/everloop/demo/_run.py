@@ -146,7 +146,7 @@ def run_demo(folder: str | Path, config: DemoConfig = DemoConfig(),
     runs = list_runs(store, limit=len(phases))
     first_shift = config.stable_windows  # index of the first shifted window: the drift the loop acted on
     result.report = write_report(
-        folder / "report.html", runs, title=f"everloop demo: {spec.name}",
+        folder / "report.html", runs, title=f"everloop demo: {spec.name}", spec=spec,
         focus=runs[first_shift] if len(runs) > first_shift else None,
         tables={"Windows": [_fmt_row(w) for w in result.windows],
                 "On held-out shifted traffic": [_fmt_row(result.comparison)]})

@@ -17,9 +17,11 @@ import pandas as pd
 
 from everloop.data import Profile, Schema
 from everloop.errors import DataError, EverloopError
-from everloop.monitor import DriftDetector, estimate_metric
+from everloop.monitor import DriftDetector, decay_threshold, estimate_interval
 from everloop.spec import ProjectSpec
-from everloop.train import Fitted, as_labels, fit, improvement, score_labels
+from everloop.train import Fitted, allowed_loss, as_labels, fit, improvement, score_labels
+
+LABELLED = "__labelled__"  # which rows have a real label
 
 
 @dataclass
@@ -59,11 +61,7 @@ def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None
     if len(frame) < initial_rows + window_rows:
         raise DataError(f"{len(frame)} rows are too few to backtest: the first period takes {initial_rows} and each "
                         f"window {window_rows}; pass smaller --initial-rows / --window-rows")
-    schema = Schema.infer(frame.iloc[:initial_rows], spec)
-    conformed, report = schema.conform(frame, mode="dataset")
-    if not report.ok:
-        raise DataError("the data do not match the schema inferred from its first period:\n" + report.summary(),
-                        report=report)
+    conformed, schema = _conform(frame, spec, initial_rows)
     kinds = {c.name: c.kind for c in schema.features}
     first = _train(conformed.iloc[:initial_rows], 0, schema, spec, kinds, when=_time(conformed, spec, 0))
     result = BacktestResult(first.fitted.metric, retrainings={"policy": 0, "never": 0, "every_window": 0})
@@ -75,11 +73,13 @@ def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None
         row: dict[str, Any] = {"window": n, "start": str(window[spec.data.timestamp].iloc[0])
                                if spec.data.timestamp else start}
         for name, model in models.items():
-            row[name] = _metric(model.fitted, window, schema)
+            row[name] = _metric(model.fitted, window, schema, spec.monitoring.min_labelled_rows)
+        row["labelled_rows"] = int(window[LABELLED].sum())
         policy = models["policy"]
-        drift = DriftDetector(d.p_value, d.min_effect, d.max_drifted_share).fit_profile(policy.profile).score(
+        drift = DriftDetector.from_spec(spec.monitoring.drift).fit_profile(policy.profile).score(
             window[schema.feature_names])
-        fired = _fired(spec, policy, drift.dataset_drift, row["policy"], window, schema, n)
+        judged = len(window) >= spec.monitoring.min_rows
+        fired = _fired(spec, policy, judged and drift.dataset_drift, row["policy"], window, schema, judged)
         row |= {"drifted_share": drift.drifted_share, "triggers": fired, "action": "idle"}
         if fired and not _cooling(spec, policy, window, n):
             candidate = _retrain(policy, seen, window, schema, spec, kinds, n)
@@ -97,8 +97,8 @@ def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None
             result.retrainings["every_window"] += 1
         result.windows.append(row)
         if progress:
-            progress(f"window {n}: policy {row['policy']:.4f}, never {row['never']:.4f}, every window "
-                     f"{row['every_window']:.4f}; {row['action']}")
+            progress(f"window {n}: policy {_fmt(row['policy'])}, never {_fmt(row['never'])}, every window "
+                     f"{_fmt(row['every_window'])} ({row['labelled_rows']} labelled rows); {row['action']}")
     return result
 
 
@@ -129,9 +129,34 @@ def write_backtest_report(path: Any, result: BacktestResult, title: str = "everl
     return Path(path)
 
 
+def _conform(frame: pd.DataFrame, spec: ProjectSpec, initial_rows: int) -> tuple[pd.DataFrame, Schema]:
+    """The frame read through the schema inferred from its first period's labelled rows, with a column
+    saying which rows have a real label: only those are ever scored or trained on."""
+    target = spec.data.target
+    if target not in frame:
+        raise DataError(f"the backtest data have no column {target!r} (data.target)", column=target)
+    labelled = frame[target].notna().to_numpy()
+    if not labelled.any():
+        raise DataError(f"no row of the backtest data has a label in {target!r}", column=target)
+    schema = Schema.infer(frame.iloc[:initial_rows][labelled[:initial_rows]], spec)
+    filled = frame.copy()
+    # unlabelled rows are conformed with a stand-in label, which is dropped again right after
+    filled.loc[~labelled, target] = frame.loc[labelled, target].iloc[0]
+    conformed, report = schema.conform(filled, mode="dataset")
+    if not report.ok:
+        raise DataError("the data do not match the schema inferred from its first period:\n" + report.summary(),
+                        report=report)
+    conformed[LABELLED] = labelled
+    return conformed, schema
+
+
 def _train(rows: pd.DataFrame, recent_from: int, schema: Schema, spec: ProjectSpec, kinds: dict[str, str],
            when: Any) -> _Model:
-    fitted = fit(rows, schema, spec, recent_from_row=recent_from, recent_weight=spec.retraining.data.recent_weight)
+    """Fit on the labelled rows only; the drift reference is every row of the current world."""
+    keep = rows[LABELLED].to_numpy()
+    recent_labelled = int(keep[:recent_from].sum())
+    fitted = fit(rows[keep].drop(columns=LABELLED), schema, spec, recent_from_row=recent_labelled,
+                 recent_weight=spec.retraining.data.recent_weight)
     profile = Profile.reference(rows.iloc[recent_from:][schema.feature_names], kinds)
     return _Model(fitted, rows.reset_index(drop=True), recent_from, profile, when)
 
@@ -140,7 +165,7 @@ def _retrain(current: _Model, seen: pd.DataFrame, window: pd.DataFrame, schema: 
              kinds: dict[str, str], n: int) -> _Model | None:
     """The spec's data selection: the latest recent_rows labelled rows, after the current model's own
     training rows when include_reference is set."""
-    recent = seen.iloc[-spec.retraining.data.recent_rows:]
+    recent = seen[seen[LABELLED].to_numpy()].iloc[-spec.retraining.data.recent_rows:]
     if spec.retraining.data.include_reference:  # as the live loop: the current model's whole training data
         rows = pd.concat([current.rows, recent], ignore_index=True)
         recent_from = len(current.rows)
@@ -161,25 +186,28 @@ def _passes(candidate: _Model, current: _Model, schema: Schema, spec: ProjectSpe
         return False
     if spec.promotion.min_metric is not None and improvement(metric, mine, spec.promotion.min_metric) < 0:
         return False
-    theirs = _metric(current.fitted, candidate.fitted.eval_rows, schema)
-    return improvement(metric, theirs, mine) <= spec.promotion.max_regression
+    theirs = _metric(current.fitted, candidate.fitted.eval_rows.assign(**{LABELLED: True}), schema, 1)
+    if theirs is None or not np.isfinite(theirs):
+        return True
+    return improvement(metric, theirs, mine) <= allowed_loss(spec.promotion.max_regression, theirs)
 
 
-def _fired(spec: ProjectSpec, model: _Model, drifted: bool, value: float, window: pd.DataFrame, schema: Schema,
-           n: int) -> list[str]:
+def _fired(spec: ProjectSpec, model: _Model, drifted: bool, value: float | None, window: pd.DataFrame,
+           schema: Schema, judged: bool) -> list[str]:
+    """The live loop's triggers on one window: drift (when judged), performance on its real labels
+    (when enough), estimated performance (when the whole interval is worse than the threshold)."""
     triggers, fired = spec.retraining.triggers, []
-    expected = model.fitted.metrics[model.fitted.metric]
-    metric, perf = model.fitted.metric, spec.monitoring.performance
+    metric = model.fitted.metric
+    threshold, _ = decay_threshold(spec, metric, model.fitted.metrics[metric])
     if "drift" in triggers and drifted:
         fired.append("drift")
-    if "performance" in triggers and np.isfinite(value) and (
-            improvement(metric, value, expected) < -perf.max_drop
-            or (perf.min_metric is not None and improvement(metric, value, perf.min_metric) < 0)):
+    if "performance" in triggers and value is not None and np.isfinite(value) and improvement(
+            metric, value, threshold) < 0:
         fired.append("performance")
-    if "estimated_performance" in triggers and model.fitted.task == "classification":
+    if "estimated_performance" in triggers and judged and model.fitted.task == "classification":
         proba = model.fitted.pipeline.predict_proba(window[schema.feature_names])
-        estimated = estimate_metric(metric, proba)
-        if estimated is not None and improvement(metric, estimated, expected) < -perf.max_drop:
+        estimate = estimate_interval(metric, proba)
+        if estimate is not None and estimate.worse_than(threshold, metric):
             fired.append("estimated_performance")
     if "schedule" in triggers or "new_labels" in triggers:
         fired.append("schedule" if "schedule" in triggers else "new_labels")  # every window brings new labels
@@ -187,9 +215,11 @@ def _fired(spec: ProjectSpec, model: _Model, drifted: bool, value: float, window
 
 
 def _cooling(spec: ProjectSpec, model: _Model, window: pd.DataFrame, n: int) -> bool:
+    """Within the cooldown of the policy's last retraining, in the data's time: the decision on a window
+    is taken when its last row has been seen."""
     if not spec.data.timestamp or not isinstance(model.trained_at, pd.Timestamp):
         return False
-    now = window[spec.data.timestamp].iloc[0]
+    now = window[spec.data.timestamp].iloc[-1]
     return (now - model.trained_at).total_seconds() < spec.retraining.cooldown_minutes * 60
 
 
@@ -199,7 +229,11 @@ def _time(frame: pd.DataFrame, spec: ProjectSpec, position: int, n: int = 0) -> 
     return n
 
 
-def _metric(fitted: Fitted, rows: pd.DataFrame, schema: Schema) -> float:
+def _metric(fitted: Fitted, rows: pd.DataFrame, schema: Schema, min_labelled: int) -> float | None:
+    """The metric on the rows' real labels; None with fewer than `min_labelled` of them."""
+    rows = rows[rows[LABELLED].to_numpy()]
+    if len(rows) < min_labelled:
+        return None
     features = rows[schema.feature_names]
     target = rows[schema.target.name]
     if fitted.task == "classification":
@@ -211,3 +245,7 @@ def _metric(fitted: Fitted, rows: pd.DataFrame, schema: Schema) -> float:
         predicted = np.asarray(fitted.classes, dtype=object)[proba.argmax(axis=1)]
         return score_labels(fitted.metric, y, predicted, proba, fitted.classes)
     return score_labels(fitted.metric, target, fitted.pipeline.predict(features))
+
+
+def _fmt(value: float | None) -> str:
+    return "not judged" if value is None or not np.isfinite(value) else f"{value:.4f}"

@@ -88,7 +88,9 @@ def audit_trail(store: Store, limit: int = 100) -> list[dict[str, Any]]:
 def _triggers(store: Store, spec: ProjectSpec, result: MonitorResult) -> list[str]:
     triggers = spec.retraining.triggers
     fired = []
-    if "drift" in triggers and result.drift is not None and result.drift.dataset_drift:
+    # only judged signals fire: a window too small for a verdict, or labels too few, never retrain
+    if "drift" in triggers and result.drift is not None and result.drift.dataset_drift \
+            and "drift" not in result.not_judged:
         fired.append("drift")
     if "performance" in triggers and result.performance.get("decayed"):
         fired.append("performance")
@@ -136,9 +138,11 @@ def _labels_since(store: Store, since: float) -> int:
 
 
 def _monitor_summary(result: MonitorResult) -> dict[str, Any]:
-    return {"status": result.status, "model_version": result.model_version, "window_rows": result.window["rows"],
-            "alerts": result.alerts, "drifted": result.drift.drifted if result.drift else [],
-            "metric": result.performance.get("value"), "labelled_rows": result.performance.get("labelled_rows")}
+    return {"status": result.status, "model_version": result.model_version, "window": result.window.get("key"),
+            "window_rows": result.window["rows"], "alerts": result.alerts, "not_judged": result.not_judged,
+            "drifted": result.drift.drifted if result.drift else [], "metric": result.performance.get("value"),
+            "labelled_rows": result.performance.get("labelled_rows"),
+            "estimated": result.performance.get("estimated")}
 
 
 def _record(store: Store, decision: LoopDecision, spec: ProjectSpec | None = None) -> LoopDecision:

@@ -1,17 +1,24 @@
 """Monitoring: data drift, prediction drift, performance with labels, health, and the HTML report."""
 
-from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport
+from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport, unknown_settings
 from everloop.data import ColumnProfile, Profile
-from everloop.monitor._estimate import estimate_metric
+from everloop.monitor._estimate import Estimate, estimate_interval, estimate_metric
+from everloop.monitor._health import health_alerts, service_errors
 from everloop.monitor._monitor import (
     MonitorResult,
-    iter_window,
+    decay_threshold,
+    judge,
+    labelled_rows_limit,
     list_runs,
     monitor,
     reference_profiles,
     send_alert,
 )
+from everloop.monitor._windows import Window
 from everloop.monitor._report import write_report
+from everloop.monitor._skew import replay_skew, skew_alert
 
-__all__ = ["ColumnDrift", "ColumnProfile", "DriftDetector", "DriftReport", "MonitorResult", "Profile", "estimate_metric",
-           "iter_window", "list_runs", "monitor", "reference_profiles", "send_alert", "write_report"]
+__all__ = ["ColumnDrift", "ColumnProfile", "DriftDetector", "DriftReport", "MonitorResult", "Profile",
+           "Estimate", "estimate_interval", "estimate_metric",
+           "Window", "decay_threshold", "health_alerts", "judge", "labelled_rows_limit", "list_runs", "monitor", "reference_profiles", "send_alert", "service_errors",
+           "replay_skew", "skew_alert", "unknown_settings", "write_report"]

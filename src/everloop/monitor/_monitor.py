@@ -1,9 +1,19 @@
-"""Monitoring one window of served predictions: data drift, prediction drift, training-serving skew,
-performance (labelled, and estimated without labels), and system health.
+"""Monitoring a model's served predictions: data drift, prediction drift, training-serving skew,
+performance (on real labels, and estimated without them), and system health.
 
-The window is read from the prediction log in batches and folded into profiles and small
-accumulators, so a window of any size is monitored in constant memory; the reference side was
-profiled once, at training, and is stored with the model.
+Two windows, because labels arrive late:
+- the **drift window** is a block of `monitoring.window.rows` predictions (or a period of
+  `monitoring.window.minutes` of their own time; see `_windows`): drift, prediction drift, skew,
+  estimated performance and health are judged on it;
+- the **labelled window** is the latest `monitoring.performance.labelled_rows` predictions that have
+  a real label, however old: the metric is computed on exactly those rows, never on rows whose
+  label has not arrived.
+No verdict is given without enough rows (`min_rows`, `min_labelled_rows`); what could not be judged
+is said, with the reason, in `not_judged`, and the status is then "not judged", never "healthy".
+
+Windows are read from the prediction log in batches and folded into profiles and small accumulators,
+so a window of any size is monitored in constant memory; the reference side was profiled once, at
+training, and is stored with the model.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,21 +31,31 @@ import sqlalchemy as sa
 from everloop._jsonable import jsonable
 from everloop.data import Profile
 from everloop.errors import StoreError
-from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport
-from everloop.monitor._estimate import estimate_metric
+from everloop.monitor import _windows
+from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport, unknown_settings
+from everloop.monitor._estimate import estimate_interval
+from everloop.monitor._health import health_alerts, service_errors
+from everloop.monitor._report import coarse_distributions
+from everloop.monitor._skew import replay_skew, skew_alert
 from everloop.registry import PRODUCTION, load_model
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
-from everloop.train import TrainedModel, improvement, score_labels
+from everloop.train import (TrainedModel, allowed_loss, describe_tolerance, higher_is_better, improvement,
+                            label_parser, score_labels)
 
 log = logging.getLogger("everloop.monitor")
 READ_BATCH = 20_000
 LATENCY_BUCKETS_MS = np.concatenate([[0], np.geomspace(0.05, 60_000, 400)])
 WEBHOOK_ENV = "EVERLOOP_WEBHOOK_URL"
+DEFAULT_LABELLED_ROWS = 5000
+ALERT_KINDS = ("drift", "decay", "prediction drift", "skew", "health")
 
 
 @dataclass
 class MonitorResult:
+    """One judged window. `status` is "no data", the alerting kinds joined by "+" (e.g. "drift+decay"),
+    "not judged" (no alert, but a signal could not be judged: see `not_judged`), or "healthy"."""
+
     model_version: int
     window: dict[str, Any]
     drift: DriftReport | None
@@ -45,14 +65,18 @@ class MonitorResult:
     skew: dict[str, Any] = field(default_factory=dict)
     distributions: dict[str, Any] = field(default_factory=dict)  # coarse reference vs window, for reports
     alerts: list[str] = field(default_factory=list)
+    not_judged: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # reported, not alerts (e.g. ignored settings)
     created_at: float = field(default_factory=time.time)
 
     @property
     def status(self) -> str:
         if not self.window["rows"]:
             return "no data"
-        kinds = [k for k in ("drift", "decay", "skew") if any(a.startswith(k) for a in self.alerts)]
-        return "+".join(kinds) if kinds else "healthy"
+        kinds = [k for k in ALERT_KINDS if any(a.split(":")[0].split(" (")[0] == k for a in self.alerts)]
+        if kinds:
+            return "+".join(k.replace(" ", "_") for k in kinds)
+        return "not judged" if self.not_judged else "healthy"
 
     @property
     def ok(self) -> bool:
@@ -60,8 +84,8 @@ class MonitorResult:
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable({"status": self.status, "model_version": self.model_version, "created_at": self.created_at,
-                         "window": self.window, "alerts": self.alerts,
-                         "drift": self.drift.to_dict() if self.drift else None,
+                         "window": self.window, "alerts": self.alerts, "not_judged": self.not_judged,
+                         "notes": self.notes, "drift": self.drift.to_dict() if self.drift else None,
                          "prediction_drift": self.prediction_drift.__dict__ if self.prediction_drift else None,
                          "performance": self.performance, "health": self.health, "skew": self.skew,
                          "distributions": self.distributions})
@@ -69,91 +93,102 @@ class MonitorResult:
 
 def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, record: bool = True,
             notify: bool = True) -> MonitorResult:
-    """Check the latest window of the model's predictions against what it was trained on."""
+    """Judge the model's current window (and any complete window not judged yet) against what it was
+    trained on; returns the current window's result.
+
+    The current window is the block (or period) still filling up once it holds `monitoring.min_rows`
+    predictions, else the latest complete one. With `record`, each judged window's result is stored in
+    `monitor_runs` under the window's key, replacing an earlier result for the same rows. With
+    `notify`, the current window's alerts are POSTed to the webhook.
+
+    Raises NotFoundError (no such model or alias) and StoreError (a model without reference profiles)."""
     trained = load_model(store, model)
-    profile, prediction_profile = reference_profiles(store, trained)
-    window = profile.window([])
+    plan, current = _windows.plan(store, spec, trained.version, recorded=_recorded_complete(store, trained.version))
+    if current is None:
+        result = MonitorResult(trained.version, {"rows": 0, "labelled_rows": 0}, None, None,
+                               {"labelled_rows": 0}, {}, not_judged={"all": "no predictions logged yet"})
+        return result
+    references = reference_profiles(store, trained)
+    out = None
+    for window in plan:
+        result = judge(store, spec, trained, window, references, latest=window is current)
+        if record:
+            _record(store, result, window)
+        if window is current:
+            out = result
+    if notify and out.alerts:
+        send_alert(spec, {"event": "monitor", "status": out.status, "model_version": out.model_version,
+                          "alerts": out.alerts, "window": out.window})
+    return out
+
+
+def judge(store: Store, spec: ProjectSpec, trained: TrainedModel, window: _windows.Window,
+          references: tuple[Profile, Profile] | None = None, *, latest: bool = True) -> MonitorResult:
+    """Every signal of one window; nothing stored. With `latest`, performance is judged on the latest
+    labels of all; otherwise (a past window) on those of predictions up to the window's end."""
+    m = spec.monitoring
+    profile, prediction_profile = references or reference_profiles(store, trained)
+    counted = profile.window([])
     scores = prediction_profile.window([])
-    acc = _Accumulator(trained)
-    for batch in iter_window(store, spec, trained.version):
-        features = batch.attrs["features"]
-        for name, column in window.columns.items():
-            if name in features:
-                column.update(features[name])
-        scores.columns["prediction"].update(_prediction_scores(trained, batch.attrs["predictions"]))
-        acc.update(batch)
-    info = acc.window_info()
-    if not info["rows"]:
-        return _finish(store, spec, MonitorResult(trained.version, info, None, None, {"labelled_rows": 0}, {}),
-                       record, notify)
-    d = spec.monitoring.drift
-    detector = DriftDetector(d.p_value, d.min_effect, d.max_drifted_share)
-    drift = detector.fit_profile(profile).score_profile(window)
-    prediction_drift = DriftDetector(d.p_value, d.min_effect).fit_profile(prediction_profile).score_profile(
-        scores).columns[0]
-    performance = acc.performance(spec)
-    skew = _skew(trained, profile, window, spec)
-    result = MonitorResult(trained.version, info, drift, prediction_drift, performance, acc.health(store, spec),
-                           skew, _coarse(profile, window, drift))
-    if drift.dataset_drift:
-        result.alerts.append(f"drift: {len(drift.drifted)} of {len(drift.columns)} features drifted "
-                             f"({drift.drifted_share:.0%} > {d.max_drifted_share:.0%}): {', '.join(drift.drifted)}")
-    if performance.get("decayed"):
-        result.alerts.append(f"decay: {performance['metric']} {performance['value']:.4f} on "
-                             f"{performance['labelled_rows']} labelled rows; {performance['why']}")
-    if performance.get("estimated_decayed"):
-        result.alerts.append(f"decay (estimated without labels): {performance['metric']} "
-                             f"{performance['estimated']:.4f}; {performance['estimated_why']}")
-    if skew.get("features"):
-        result.alerts.append(f"skew: serving values unlike training in {', '.join(skew['features'])}")
-    return _finish(store, spec, result, record, notify)
-
-
-def iter_window(store: Store, spec: ProjectSpec, model_version: int | None) -> Iterator[pd.DataFrame]:
-    """The latest window of logged predictions (by rows or minutes) with their labels, in batches of about
-    READ_BATCH rows: columns seq (the model call's), created_at, latency_ms and label, with the features
-    (a frame) and the outputs (a list) in `.attrs`."""
-    window = spec.monitoring.window
-    with store.engine.connect() as conn:
-        skip = 0
-        if window.minutes is not None:
-            newest = conn.execute(sa.select(sa.func.max(store.tables.prediction_batches.c.created_at))).scalar()
-            batches = prediction_log.iter_batches(conn, model_version=model_version,
-                                                  since_time=(newest or time.time()) - window.minutes * 60)
-        else:  # the latest N rows: find the batch they start in, then read forwards in order
-            start = prediction_log.latest_window_start(conn, window.rows, model_version)
-            if start is None:
-                return
-            first, skip = start
-            batches = prediction_log.iter_batches(conn, model_version=model_version, since_seq=first)
-        labels: dict[str, Any] | None = None
-        pending, rows = [], 0
-        for batch in _chain_final(batches):
-            if batch is not None:
-                if skip:  # the oldest batch holds rows from before the window
-                    batch = (*batch[:3], batch[3].slice(skip))
-                    skip = 0
-                pending.append(batch)
-                rows += batch[3].num_rows
-                if rows < READ_BATCH:
-                    continue
-            if not pending:
-                break
-            if labels is None:  # every label of the window (a label is never older than its prediction)
-                labels = prediction_log.labels_since(conn, min(b[1] for b in pending))
-            logged = prediction_log.to_rows(pending)
-            frame = pd.DataFrame({"seq": logged.batch_seq, "created_at": logged.created_at,
-                                  "latency_ms": logged.latency_ms, "label": [labels.get(i) for i in logged.ids]})
-            frame.attrs["features"] = logged.features
-            frame.attrs["predictions"] = logged.outputs
-            yield frame
-            pending, rows = [], 0
-
-
-def _chain_final(items: Iterator[Any]) -> Iterator[Any]:
-    """The items, then one None: the caller's cue to flush what it holds."""
-    yield from items
-    yield None
+    acc = _Accumulator(trained, m.skew.sample_rows)
+    for rows in _windows.read(store, window, trained.version, READ_BATCH):
+        for name, column in counted.columns.items():
+            if name in rows.features:
+                column.update(rows.features[name])
+        scores.columns["prediction"].update(_prediction_scores(trained, rows.outputs))
+        acc.update(rows)
+    info = window.to_dict() | acc.window_info()
+    result = MonitorResult(trained.version, info, None, None, {}, {})
+    before_seq = None if latest or acc.last_seq is None else acc.last_seq + 1
+    result.performance = _labelled_performance(store, spec, trained, before_seq, result)
+    if not acc.rows:
+        result.not_judged["drift"] = "no predictions in this window"
+        return result
+    judged = acc.rows >= m.min_rows
+    detector = DriftDetector.from_spec(m.drift)
+    result.drift = detector.fit_profile(profile).score_profile(counted)
+    unknown = unknown_settings(m.drift, list(profile.columns))
+    if unknown:
+        result.notes.append(f"monitoring.drift names {', '.join(unknown)}, which the model does not use as "
+                            "features: those settings have no effect")
+    result.prediction_drift = DriftDetector(m.drift.p_value, m.drift.min_effect).fit_profile(
+        prediction_profile).score_profile(scores).columns[0]
+    result.distributions = coarse_distributions(profile, counted, _most_drifted(result.drift))
+    _estimated_performance(spec, trained, acc, result, judged)
+    result.skew = replay_skew(trained, acc.sample_features(), acc.sample_outputs, max_rows=m.skew.sample_rows,
+                              tolerance=m.skew.tolerance)
+    result.health = acc.health() | service_errors(store, acc.first_at, acc.last_at)
+    alerts: list[tuple[str, str]] = []
+    if not judged:
+        result.not_judged["drift"] = (f"{acc.rows} predictions in this window, fewer than monitoring.min_rows "
+                                      f"{m.min_rows}: drift not judged yet")
+    else:
+        d = result.drift
+        if d.dataset_drift:
+            counted = sum(not getattr(c, "ignored", False) for c in d.columns)
+            alerts.append(("drift", f"drift: {len(d.drifted)} of {counted} features drifted "
+                                    f"({d.drifted_share:.0%} > {m.drift.max_drifted_share:.0%}): "
+                                    f"{', '.join(d.drifted)}"))
+        p = result.prediction_drift
+        if p.drifted:
+            alerts.append(("prediction_drift", f"prediction drift: the model's "
+                           f"{'scores' if p.kind != 'categorical' else 'predicted classes'} moved from those on "
+                           f"its held-out rows (effect {p.effect:.3f}, p={p.p_value:.2g})"))
+    perf = result.performance
+    if perf.get("decayed"):
+        alerts.append(("decay", f"decay: {perf['metric']} {perf['value']:.4f} on the latest "
+                                f"{perf['labelled_rows']} labelled predictions; {perf['why']}"))
+    if perf.get("estimated_decayed"):
+        alerts.append(("estimated_decay", f"decay (estimated without labels): {perf['metric']} "
+                                          f"{perf['estimated']:.4f} (90% interval {perf['estimated_low']:.4f}.."
+                                          f"{perf['estimated_high']:.4f}); {perf['estimated_why']}"))
+    text = skew_alert(result.skew, spec)
+    if text:
+        alerts.append(("skew", text))
+    alerts += [("health", a) for a in health_alerts(result.health, spec)]
+    for kind, text in alerts:
+        (result.alerts if kind in m.alert_on else result.notes).append(text)
+    return result
 
 
 def reference_profiles(store: Store, trained: TrainedModel) -> tuple[Profile, Profile]:
@@ -166,10 +201,14 @@ def reference_profiles(store: Store, trained: TrainedModel) -> tuple[Profile, Pr
             Profile.from_dict(store.get_json(stored["prediction_profile"])))
 
 
-def list_runs(store: Store, limit: int = 100) -> list[dict[str, Any]]:
+def list_runs(store: Store, limit: int = 100, model_version: int | None = None) -> list[dict[str, Any]]:
+    """The latest `limit` judged windows (results as dicts), oldest first; one per window."""
     t = store.tables.monitor_runs
+    query = sa.select(t.c.result).order_by(t.c.id.desc()).limit(limit)
+    if model_version is not None:
+        query = query.where(t.c.model_version == model_version)
     with store.engine.connect() as conn:
-        rows = conn.execute(sa.select(t.c.result).order_by(t.c.id.desc()).limit(limit)).scalars().all()
+        rows = conn.execute(query).scalars().all()
     return list(reversed(rows))
 
 
@@ -189,94 +228,169 @@ def send_alert(spec: ProjectSpec, payload: dict[str, Any]) -> bool:
         return False
 
 
+def labelled_rows_limit(spec: ProjectSpec) -> int:
+    """How many of the latest labelled predictions the performance window holds."""
+    m = spec.monitoring
+    return m.performance.labelled_rows or m.window.rows or DEFAULT_LABELLED_ROWS
+
+
+def decay_threshold(spec: ProjectSpec, metric: str, expected: float) -> tuple[float, list[str]]:
+    """The worst value of `metric` that is not decay, and the rules it comes from (texts with units)."""
+    perf = spec.monitoring.performance
+    sign = 1 if higher_is_better(metric) else -1
+    candidates = [(expected - sign * allowed_loss(perf.max_drop, expected),
+                   f"allowed drop from training's {expected:.4f}: {describe_tolerance(perf.max_drop, expected, metric)}"
+                   " (monitoring.performance.max_drop)")]
+    if perf.min_metric is not None:
+        candidates.append((perf.min_metric, f"monitoring.performance.min_metric {perf.min_metric}"))
+    # the stricter rule is the one demanding the better value
+    threshold = max(c[0] for c in candidates) if sign > 0 else min(c[0] for c in candidates)
+    return threshold, [c[1] for c in candidates]
+
+
 # -- pieces ---------------------------------------------------------------------------------------
 
 
-class _Accumulator:
-    """Labels, scores, latencies and times of a window, folded in batch by batch."""
+def _labelled_performance(store: Store, spec: ProjectSpec, trained: TrainedModel, before_seq: int | None,
+                          result: MonitorResult) -> dict[str, Any]:
+    """The metric on the latest labelled predictions of the model (before `before_seq`, for a past
+    window): only rows with a real label that is valid for the model count."""
+    metric = trained.manifest["metric"]
+    expected = trained.manifest["metrics"][metric]
+    limit = labelled_rows_limit(spec)
+    logged, raw = prediction_log.latest_labelled(store.engine, limit, trained.version, before_seq=before_seq)
+    parse = label_parser(trained.task, trained.classes)
+    keep, labels, invalid = [], [], 0
+    for n, value in enumerate(raw):
+        try:
+            labels.append(parse(value))
+            keep.append(n)
+        except ValueError:
+            invalid += 1  # stored by an older build or another tool: never scored, never a crash
+    out: dict[str, Any] = {"metric": metric, "expected": expected, "labelled_rows": len(labels),
+                           "window_rows": limit, "value": None, "decayed": False}
+    if invalid:
+        out["invalid_labels"] = invalid
+        result.notes.append(f"{invalid} stored labels are not valid for model v{trained.version} and were "
+                            "left out of its performance")
+    if len(keep):
+        out["from"], out["to"] = float(logged.created_at[keep[0]]), float(logged.created_at[keep[-1]])
+    need = spec.monitoring.min_labelled_rows
+    if len(labels) < need:
+        out["why"] = (f"fewer than {need} labelled rows ({len(labels)}): performance not judged yet")
+        result.not_judged["performance"] = out["why"]
+        return out
+    outputs = [logged.outputs[n] for n in keep]
+    predicted = [o["prediction"] for o in outputs]
+    if trained.task == "classification":
+        names = [str(c) for c in trained.classes]
+        proba = np.array([[o["probabilities"][c] for c in names] for o in outputs], dtype=float)
+        value = score_labels(metric, labels, predicted, proba, trained.classes)
+    else:
+        value = score_labels(metric, labels, predicted)
+    out["value"] = value
+    if not np.isfinite(value):
+        present = sorted({str(v) for v in labels})
+        if trained.task == "classification" and len(present) < 2:
+            out["why"] = (f"{metric} is undefined on one class: all {len(labels)} labelled rows are "
+                          f"{present[0]!r}; performance not judged")
+        else:
+            out["why"] = f"{metric} is undefined on these {len(labels)} labelled rows; performance not judged"
+        result.not_judged["performance"] = out["why"]
+        return out
+    threshold, rules = decay_threshold(spec, metric, expected)
+    out["threshold"], out["rules"] = threshold, rules
+    out["allowed_drop"] = allowed_loss(spec.monitoring.performance.max_drop, expected)
+    out["decayed"] = improvement(metric, value, threshold) < 0
+    out["why"] = (f"worse than {threshold:.4f} ({'; '.join(rules)})" if out["decayed"]
+                  else f"within thresholds (worst allowed {threshold:.4f})")
+    return out
 
-    def __init__(self, trained: TrainedModel):
+
+def _estimated_performance(spec: ProjectSpec, trained: TrainedModel, acc: "_Accumulator", result: MonitorResult,
+                           judged: bool) -> None:
+    """CBPE on every row of the window (classifiers), with its sampling interval: decay only when the
+    whole interval is worse than the threshold."""
+    perf = result.performance
+    perf |= {"estimated": None, "estimated_low": None, "estimated_high": None, "estimated_decayed": False}
+    if not acc.proba:
+        return
+    metric = perf["metric"]
+    calibration = trained.manifest.get("monitoring", {}).get("calibration")
+    estimate = estimate_interval(metric, np.vstack(acc.proba), calibration)
+    if estimate is None or not np.isfinite(estimate.value):
+        return
+    perf |= {"estimated": estimate.value, "estimated_low": estimate.low, "estimated_high": estimate.high}
+    if not judged:
+        perf["estimated_why"] = f"{acc.rows} predictions, fewer than monitoring.min_rows: not judged"
+        return
+    threshold, rules = decay_threshold(spec, metric, perf["expected"])
+    perf["estimated_decayed"] = bool(estimate.worse_than(threshold, metric))
+    perf["estimated_why"] = (f"even the interval's best end is worse than {threshold:.4f} ({'; '.join(rules)})"
+                             if perf["estimated_decayed"] else
+                             f"within thresholds, or too uncertain to say (worst allowed {threshold:.4f})")
+
+
+class _Accumulator:
+    """Scores, latencies, times and a uniform sample of rows of a window, folded in batch by batch."""
+
+    def __init__(self, trained: TrainedModel, sample_rows: int, seed: int = 0):
         self.trained = trained
         self.rows = 0
         self.first_seq = self.last_seq = None
         self.first_at = self.last_at = None
         self.latency = np.zeros(len(LATENCY_BUCKETS_MS) + 1, dtype=np.int64)
-        self.labels: list[Any] = []
-        self.labelled_outputs: list[dict[str, Any]] = []
         self.proba: list[np.ndarray] = []  # every row's probabilities, for estimation without labels
+        self.sample_rows = sample_rows
+        self.rng = np.random.default_rng(seed)
+        self.sample_keys = np.empty(0)
+        self.sample: list[pd.DataFrame] = []
+        self.sample_outputs: list[dict[str, Any]] = []
 
-    def update(self, batch: pd.DataFrame) -> None:
-        self.rows += len(batch)
-        self.first_seq = self.first_seq if self.first_seq is not None else int(batch["seq"].iloc[0])
-        self.last_seq = int(batch["seq"].iloc[-1])
-        lo, hi = float(batch["created_at"].min()), float(batch["created_at"].max())
+    def update(self, rows: prediction_log.LoggedRows) -> None:
+        n = len(rows)
+        self.rows += n
+        self.first_seq = self.first_seq if self.first_seq is not None else int(rows.batch_seq[0])
+        self.last_seq = int(rows.batch_seq[-1])
+        lo, hi = float(rows.created_at.min()), float(rows.created_at.max())
         self.first_at = lo if self.first_at is None else min(self.first_at, lo)
         self.last_at = hi if self.last_at is None else max(self.last_at, hi)
-        self.latency += np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, batch["latency_ms"].to_numpy(dtype=float)),
+        self.latency += np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, rows.latency_ms),
                                     minlength=len(self.latency))
-        outputs = batch.attrs["predictions"]
-        for label, output in zip(batch["label"], outputs):
-            if label is not None:
-                self.labels.append(label)
-                self.labelled_outputs.append(output)
         if self.trained.task == "classification":
             names = [str(c) for c in self.trained.classes]
-            self.proba.append(np.array([[o["probabilities"][n] for n in names] for o in outputs], dtype=float))
+            self.proba.append(np.array([[o["probabilities"][c] for c in names] for o in rows.outputs], dtype=float))
+        self._sample(rows)
+
+    def _sample(self, rows: prediction_log.LoggedRows) -> None:
+        """Keep the rows with the smallest random keys seen so far: a uniform sample of the window."""
+        keys = np.concatenate([self.sample_keys, self.rng.random(len(rows))])
+        frame = pd.concat(self.sample + [rows.features], ignore_index=True) if self.sample else rows.features
+        outputs = self.sample_outputs + rows.outputs
+        if len(keys) > self.sample_rows:
+            keep = np.sort(np.argpartition(keys, self.sample_rows - 1)[: self.sample_rows])
+            keys, frame = keys[keep], frame.iloc[keep].reset_index(drop=True)
+            outputs = [outputs[i] for i in keep]
+        self.sample_keys, self.sample, self.sample_outputs = keys, [frame], outputs
+
+    def sample_features(self) -> pd.DataFrame:
+        return self.sample[0] if self.sample else pd.DataFrame()
 
     def window_info(self) -> dict[str, Any]:
-        return {"rows": self.rows, "labelled_rows": len(self.labels), "from": self.first_at, "to": self.last_at,
-                "first_seq": self.first_seq, "last_seq": self.last_seq}
+        return {"rows": self.rows, "from": self.first_at, "to": self.last_at, "first_seq": self.first_seq,
+                "last_seq": self.last_seq}
 
-    def performance(self, spec: ProjectSpec) -> dict[str, Any]:
-        trained = self.trained
-        metric = trained.manifest["metric"]
-        expected = trained.manifest["metrics"][metric]
-        perf = spec.monitoring.performance
-        out: dict[str, Any] = {"metric": metric, "expected": expected, "labelled_rows": len(self.labels),
-                               "value": None, "decayed": False, "estimated": None, "estimated_decayed": False}
-        if self.proba:
-            calibration = trained.manifest.get("monitoring", {}).get("calibration")
-            estimated = estimate_metric(metric, np.vstack(self.proba), calibration)
-            if estimated is not None and np.isfinite(estimated):
-                out["estimated"] = estimated
-                reasons = _decay_reasons(metric, estimated, expected, perf)
-                out["estimated_decayed"] = bool(reasons)
-                out["estimated_why"] = "; ".join(reasons) or "within thresholds"
-        if len(self.labels) < spec.monitoring.min_labelled_rows:
-            out["why"] = f"fewer than {spec.monitoring.min_labelled_rows} labelled rows"
-            return out
-        predicted = [o["prediction"] for o in self.labelled_outputs]
-        if trained.task == "classification":
-            names = [str(c) for c in trained.classes]
-            proba = np.array([[o["probabilities"][n] for n in names] for o in self.labelled_outputs])
-            value = score_labels(metric, [str(v) for v in self.labels], predicted, proba, trained.classes)
-        else:
-            value = score_labels(metric, self.labels, predicted)
-        out["value"] = value
-        reasons = _decay_reasons(metric, value, expected, perf)
-        out["decayed"] = bool(reasons) and bool(np.isfinite(value))
-        out["why"] = "; ".join(reasons) if reasons else "within thresholds"
-        return out
-
-    def health(self, store: Store, spec: ProjectSpec) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         span = (self.last_at - self.first_at) if self.rows else 0.0
         out = {"rows": self.rows, "rows_per_second": self.rows / span if span > 0 else None}
         for q in (50, 95, 99):
             out[f"latency_ms_p{q}"] = _quantile_from_counts(self.latency, LATENCY_BUCKETS_MS, q / 100)
-        out |= _errors(store, self.first_at, self.last_at)
         return out
 
 
-def _decay_reasons(metric: str, value: float, expected: float, perf: Any) -> list[str]:
-    reasons = []
-    if not np.isfinite(value):
-        return reasons
-    if perf.min_metric is not None and improvement(metric, value, perf.min_metric) < 0:
-        reasons.append(f"below monitoring.performance.min_metric {perf.min_metric}")
-    if improvement(metric, value, expected) < -perf.max_drop:
-        reasons.append(f"{abs(improvement(metric, value, expected)):.4f} worse than at training ({expected:.4f}; "
-                       f"allowed drop {perf.max_drop})")
-    return reasons
+def _most_drifted(drift: DriftReport, top: int = 6) -> list[str]:
+    ranked = sorted(drift.columns, key=lambda c: -(c.effect if np.isfinite(c.effect) else 0))
+    return [c.column for c in ranked[:top]]
 
 
 def _prediction_scores(trained: TrainedModel, predictions: list[dict[str, Any]]) -> pd.Series:
@@ -290,50 +404,6 @@ def _prediction_scores(trained: TrainedModel, predictions: list[dict[str, Any]])
     return pd.Series([str(p["prediction"]) for p in predictions], dtype=object)
 
 
-def _skew(trained: TrainedModel, reference: Profile, window: Profile, spec: ProjectSpec) -> dict[str, Any]:
-    """Training-serving skew: serving values a correct pipeline would not produce from the training
-    distribution (nulls the training data did not have, categories it never had, values outside
-    its whole range) -- a sign that serving computes a feature differently, not that the world moved."""
-    limits = spec.monitoring.skew
-    details, flagged = {}, []
-    for name, cur in window.columns.items():
-        ref = reference.columns[name]
-        if not cur.rows:
-            continue
-        null_change = cur.missing / cur.rows - (ref.missing / ref.rows if ref.rows else 0.0)
-        entry = {"null_rate_change": null_change}
-        if cur.kind == "categorical":
-            unseen = sum(n for k, n in cur.categories.items() if k not in ref.categories)
-            entry["unseen_share"] = unseen / max(cur.present, 1)
-        elif cur.counts is not None:
-            entry["outside_range_share"] = (cur.counts[0] + cur.counts[-1]) / max(cur.present, 1)
-        details[name] = entry
-        if (null_change > limits.max_null_rate_change or entry.get("unseen_share", 0) > limits.max_unseen_share
-                or entry.get("outside_range_share", 0) > limits.max_out_of_range_share):
-            flagged.append(name)
-    return {"features": flagged, "columns": details}
-
-
-def _coarse(reference: Profile, window: Profile, drift: DriftReport, top: int = 6) -> dict[str, Any]:
-    """Reference and window distributions of the most drifted features, coarsened to ~40 bins."""
-    out = {}
-    for column in sorted(drift.columns, key=lambda c: -(c.effect if np.isfinite(c.effect) else 0))[:top]:
-        ref, cur = reference.columns[column.column], window.columns[column.column]
-        if ref.kind == "categorical":
-            keys = sorted(set(ref.categories) | set(cur.categories), key=lambda k: -ref.categories.get(k, 0))[:30]
-            out[column.column] = {"kind": "categorical", "categories": keys,
-                                  "reference": [ref.categories.get(k, 0) for k in keys],
-                                  "current": [cur.categories.get(k, 0) for k in keys]}
-        else:
-            inner = ref.counts[1:-1]
-            groups = np.linspace(0, len(inner), min(40, len(inner)) + 1).astype(int) if len(inner) else np.array([0])
-            cuts = np.unique(groups[:-1])
-            out[column.column] = {"kind": ref.kind, "edges": ref.edges[np.minimum(groups, len(ref.edges) - 1)].tolist(),
-                                  "reference": np.add.reduceat(inner, cuts).tolist() if len(inner) else [],
-                                  "current": np.add.reduceat(cur.counts[1:-1], cuts).tolist() if len(inner) else []}
-    return out
-
-
 def _quantile_from_counts(counts: np.ndarray, edges: np.ndarray, q: float) -> float | None:
     total = counts.sum()
     if not total:
@@ -342,26 +412,21 @@ def _quantile_from_counts(counts: np.ndarray, edges: np.ndarray, q: float) -> fl
     return float(edges[min(index, len(edges) - 1)])
 
 
-def _errors(store: Store, start: float | None, end: float | None) -> dict[str, Any]:
-    """Requests and client/server errors the service counted over the window's time span."""
-    if start is None:
-        return {}
-    t = store.tables.service_stats
+def _recorded_complete(store: Store, model_version: int) -> set[str]:
+    t = store.tables.monitor_runs
     with store.engine.connect() as conn:
-        row = conn.execute(sa.select(sa.func.sum(t.c.requests), sa.func.sum(t.c.client_errors),
-                                     sa.func.sum(t.c.server_errors))
-                           .where(t.c.created_at >= start, t.c.created_at <= end + 60)).first()
-    requests, client, server = (int(v or 0) for v in row)
-    return {"requests": requests, "client_errors": client, "server_errors": server,
-            "error_rate": (client + server) / requests if requests else None}
+        return set(conn.execute(sa.select(t.c.window_key).where(t.c.model_version == model_version,
+                                                                t.c.complete.is_(True))).scalars())
 
 
-def _finish(store: Store, spec: ProjectSpec, result: MonitorResult, record: bool, notify: bool) -> MonitorResult:
-    if record:
-        with store.engine.begin() as conn:
-            conn.execute(store.tables.monitor_runs.insert().values(model_version=result.model_version,
-                                                                   result=result.to_dict()))
-    if notify and result.alerts:
-        send_alert(spec, {"event": "monitor", "status": result.status, "model_version": result.model_version,
-                          "alerts": result.alerts, "window": result.window})
-    return result
+def _record(store: Store, result: MonitorResult, window: _windows.Window) -> None:
+    """Store the window's result, replacing an earlier result for the same rows."""
+    t = store.tables.monitor_runs
+    values = {"model_version": result.model_version, "result": result.to_dict(), "window_key": window.key,
+              "complete": window.complete, "created_at": time.time()}
+    with store.engine.begin() as conn:
+        updated = conn.execute(t.update().where(t.c.model_version == result.model_version,
+                                                t.c.window_key == window.key).values(**values)).rowcount
+        if not updated:
+            conn.execute(t.insert().values(**values))
+

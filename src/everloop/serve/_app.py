@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -29,7 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from everloop.data import current_schema
 from everloop.serve._batcher import MicroBatcher, Outcome
 from everloop.serve._holder import ModelHolder
-from everloop.serve._log import LogEntry, PredictionLog, record_feedback
+from everloop.serve._feedback import record_feedback
+from everloop.serve._log import LogEntry, PredictionLog
 from everloop.serve._metrics import ServiceMetrics
 from everloop.serve._openapi import request_schemas
 from everloop.serve._protocols import (
@@ -232,32 +234,27 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.post("/feedback", openapi_extra=schemas["feedback"], summary="Ground-truth labels for earlier predictions")
-    async def feedback(request: Request) -> JSONResponse:
+    async def feedback(request: Request) -> Response:
+        # Each label is checked against the model version that made its prediction (not the one serving
+        # now), so no model needs to be loaded; a label that fails is never stored (422, nothing kept).
         _check_api_token(request.headers, api_token)
-        model = _require_model(holder)
         body = loads(await _body(request))
         listed = isinstance(body, dict) and "labels" in body
         items = body.get("labels") if listed else [body]
         if not isinstance(items, list) or not items:
             raise ClientError(422, [{"loc": ["labels"], "msg": "expected a non-empty list of {id, label}"}])
-        problems, rows = [], []
-        for n, item in enumerate(items):
-            loc = ["labels", n] if listed else []
-            if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "label" not in item:
-                problems.append({"loc": loc, "msg": "expected an object with a string 'id' and a 'label'"})
-                continue
-            label_problem = _label_problem(model, item["label"])
-            if label_problem:
-                problems.append({"loc": loc + ["label"], "msg": label_problem})
-                continue
-            rows.append({"prediction_id": item["id"], "label": item["label"], "created_at": time.time()})
-        if problems:
-            raise ClientError(422, problems)
-        if log_rows:
-            prediction_log.flush(timeout=5)  # a label may arrive right after its prediction
-        unknown = record_feedback(store, rows)
-        return JSONResponse({"accepted": len(rows) - len(unknown), "unknown_ids": unknown},
-                            status_code=200 if len(unknown) < len(rows) else 404)
+        located = [dict(item, where=["labels", n] if listed else []) if isinstance(item, dict) else item
+                   for n, item in enumerate(items)]
+        if log_rows:  # a label may arrive right after its prediction; off the event loop: it may wait
+            await run_in_threadpool(prediction_log.flush, 5)
+        result = await run_in_threadpool(record_feedback, store, located, partial=False)
+        if result.problems:
+            raise ClientError(422, [{"loc": _label_problem(p.where, listed) + ([p.field] if p.field else []),
+                                     "msg": p.why} for p in result.problems])
+        # _dumps: an unknown id may hold a lone surrogate (the standard parser lets "\ud800" through)
+        return Response(_dumps({"accepted": result.accepted, "unknown_ids": result.unknown_ids}),
+                        status_code=200 if result.accepted else 404,  # 0 accepted: every id unknown
+                        media_type="application/json")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -335,14 +332,12 @@ async def _body(request: Request) -> bytes:
     return await _read_body(request.headers, request.receive)
 
 
-def _label_problem(model: TrainedModel, label: Any) -> str | None:
-    if model.task == "regression":
-        ok = isinstance(label, (int, float)) and not isinstance(label, bool)
-        return None if ok else f"expected a number, got {label!r}"
-    known = [str(c) for c in model.classes or []]
-    if isinstance(label, (dict, list)) or str(label) not in known:
-        return f"expected one of the classes {known}, got {label!r}"
-    return None
+def _label_problem(where: Any, listed: bool) -> list[Any]:
+    """The `loc` of a refused /feedback item: record_feedback gives back the position each item was
+    sent with, or only its index when the item was not an object."""
+    if isinstance(where, list):
+        return where
+    return ["labels", where] if listed else []
 
 
 async def _flush_metrics(metrics: ServiceMetrics, every: float = 0.25) -> None:
@@ -412,7 +407,7 @@ class Service(FastAPI):
             if handler is not None:
                 self.batcher.active -= 1
             self.metrics.observe_request(path, status[0], time.perf_counter() - started)
-            self.counts.count_request(status[0])
+            self.counts.count_request(status[0], handler is not None)
 
 
 async def _answer(handler: Handler, scope: dict, receive: Any, send: Any) -> int:

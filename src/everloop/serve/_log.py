@@ -20,11 +20,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import sqlalchemy as sa
 
 from everloop.store import Store, prediction_log
 
 log = logging.getLogger("everloop.serve")
+
+# The request counts a worker keeps (PredictionLog.requests, in this order) and writes to service_stats.
+STATS_COUNTS = ("requests", "client_errors", "server_errors", "prediction_requests", "refused_predictions",
+                "other_client_errors")
 
 
 @dataclass
@@ -80,7 +83,11 @@ class PredictionLog:
                  metrics: Any = None):
         self.store = store
         self.metrics = metrics
-        self.requests = [0, 0, 0]  # requests, client errors, server errors since the last flush
+        # Counted since start (in STATS_COUNTS' order) by the event loop's thread only; a stats write stores
+        # the difference from what it last wrote, so a request counted during a write is never lost.
+        self.requests = [0] * len(STATS_COUNTS)
+        self._stats_written = [0] * len(STATS_COUNTS)
+        self._stats_lock = threading.Lock()  # the writer thread and a forced write (stop, tests)
         self.stats_interval = 2.0
         self._last_stats = time.monotonic()
         self._worker = f"{os.uname().nodename}:{os.getpid()}"
@@ -101,11 +108,20 @@ class PredictionLog:
     def start(self) -> None:
         self._thread.start()
 
-    def count_request(self, status: int) -> None:
+    def count_request(self, status: int, prediction: bool = False) -> None:
+        """Count one answered request by its HTTP status; `prediction`: a POST to a prediction endpoint.
+        A prediction request's 4xx is a refused prediction (bad input), except 499 (the client left);
+        other requests' 4xx (a bad /feedback body, an unknown path) are counted apart."""
         counts = self.requests
         counts[0] += 1
+        if prediction:
+            counts[3] += 1
         if 400 <= status < 500:
             counts[1] += 1
+            if not prediction:
+                counts[5] += 1
+            elif status != 499:
+                counts[4] += 1
         elif status >= 500:
             counts[2] += 1
 
@@ -152,16 +168,19 @@ class PredictionLog:
         """Every few seconds, this worker's request and error counts, for the monitor's error rate."""
         if not force and time.monotonic() - self._last_stats < self.stats_interval:
             return
-        self._last_stats = time.monotonic()
-        counts, self.requests = self.requests, [0, 0, 0]
-        if not counts[0]:
-            return
-        try:
-            with self.store.engine.begin() as conn:
-                conn.execute(self.store.tables.service_stats.insert().values(
-                    worker=self._worker, requests=counts[0], client_errors=counts[1], server_errors=counts[2]))
-        except Exception as exc:  # counted in the log only: stats must never break serving
-            log.warning("service stats could not be written: %s", exc)
+        with self._stats_lock:
+            self._last_stats = time.monotonic()
+            total = list(self.requests)  # one copy under the GIL; later increments go in the next write
+            counts = [now - before for now, before in zip(total, self._stats_written)]
+            if not any(counts):
+                return
+            try:
+                with self.store.engine.begin() as conn:
+                    conn.execute(self.store.tables.service_stats.insert().values(
+                        worker=self._worker, **dict(zip(STATS_COUNTS, counts))))
+                self._stats_written = total
+            except Exception as exc:  # logged; the counts go with the next write: never break serving
+                log.warning("service stats could not be written: %s", exc)
 
     def _drain(self) -> int:
         """Write what is queued (up to about `batch` rows); returns how many rows that was."""
@@ -195,15 +214,3 @@ class PredictionLog:
             log.error("prediction log: %d rows could not be written: %s", rows, exc)
         return rows
 
-
-def record_feedback(store: Store, rows: list[dict[str, Any]]) -> list[str]:
-    """Store labels for known prediction ids (a later label replaces an earlier one); return unknown ids."""
-    t = store.tables
-    ids = [r["prediction_id"] for r in rows]
-    with store.engine.begin() as conn:
-        known = set(prediction_log.find(conn, ids))
-        keep = [r for r in rows if r["prediction_id"] in known]
-        if keep:
-            conn.execute(t.feedback.delete().where(t.feedback.c.prediction_id.in_([r["prediction_id"] for r in keep])))
-            conn.execute(t.feedback.insert(), keep)
-    return [i for i in ids if i not in known]

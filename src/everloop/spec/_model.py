@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 CLASSIFICATION_METRICS = ("roc_auc", "accuracy", "f1", "log_loss")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
@@ -64,13 +64,44 @@ class EvaluationSpec(_Strict):
     slices: list[str] = Field(default_factory=list, description="columns whose slices are evaluated separately")
 
 
+def parse_tolerance(value: object) -> float | str:
+    """A tolerance as written in the project file: a number >= 0 (absolute, in the metric's units),
+    returned as float, or a percentage string such as "5%" (relative to a reference value), returned
+    normalised ("5 %" -> "5%"). Raises ValueError naming the accepted forms."""
+    expected = ("Input should be greater than or equal to 0 (an absolute amount, in the metric's units) "
+                "or a percentage such as '5%' (of the reference value)")
+    number: object = value
+    relative = isinstance(value, str) and value.strip().endswith("%")
+    if isinstance(value, str):
+        number = value.strip().removesuffix("%").strip()
+    if isinstance(number, bool) or not isinstance(number, (int, float, str)):
+        raise ValueError(expected)
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ValueError(expected) from None
+    if not 0 <= amount < float("inf"):  # also refuses NaN
+        raise ValueError(expected)
+    return f"{number}%" if relative else amount
+
+
+# A loss allowed before a check fails: absolute (a number) or relative (e.g. "5%") to a reference value.
+Tolerance = Annotated[float | str, BeforeValidator(parse_tolerance)]
+
+
 class PromotionSpec(_Strict):
     min_metric: float | None = Field(None, description="a candidate below this metric is refused")
-    max_regression: float = Field(0.0, ge=0, description="largest allowed loss of metric vs production")
-    slice_tolerance: float = Field(
-        0.02, ge=0, description="largest allowed loss of metric vs production on any slice of evaluation.slices"
+    max_regression: Tolerance = Field(
+        0.0, description="largest allowed loss of metric vs production, on rows neither model trained on: a number "
+        "(in the metric's units) or a percentage of production's value such as '1%'")
+    slice_tolerance: Tolerance = Field(
+        "2%", description="largest allowed loss of metric vs production on any slice of evaluation.slices: a number "
+        "(in the metric's units) or a percentage of production's value on that slice"
     )
     min_slice_rows: int = Field(30, ge=1, description="slices with fewer evaluation rows are not compared")
+    min_comparison_rows: int = Field(
+        100, ge=1, description="fewest rows neither the candidate nor production trained on that the comparison "
+        "with production needs (held-out rows, else the latest labelled traffic); fewer: the gate refuses")
 
 
 class WindowSpec(_Strict):
@@ -84,6 +115,18 @@ class WindowSpec(_Strict):
         return self
 
 
+class FeatureDriftSpec(_Strict):
+    """Drift settings of one feature (`monitoring.drift.features.<name>`); unset keys keep the defaults."""
+
+    p_value: float | None = Field(None, gt=0, lt=1, description="this feature's p_value (default: drift.p_value)")
+    min_effect: float | None = Field(None, ge=0, le=1,
+                                     description="this feature's min_effect (default: drift.min_effect)")
+    ignore: bool | None = Field(
+        None, description="true: reported but never counted in the dataset verdict; false: counted, also for a "
+        "date/time feature (those are left out by default: they move forward with time by nature)",
+    )
+
+
 class DriftSpec(_Strict):
     max_drifted_share: float = Field(0.2, ge=0, le=1, description="dataset drift when more than this share of features drift")
     p_value: float = Field(0.01, gt=0, lt=1, description="a feature drifts when its test's p-value is below this ...")
@@ -91,21 +134,77 @@ class DriftSpec(_Strict):
         0.03, ge=0, le=1,
         description="... and its effect size (KS statistic, or total variation distance for categories) is at least this",
     )
+    ignore: list[str] = Field(
+        default_factory=list, description="features whose drift is reported but never counted in the dataset verdict"
+    )
+    features: dict[str, FeatureDriftSpec] = Field(
+        default_factory=dict, description="per-feature settings overriding the defaults: {name: {p_value, "
+        "min_effect, ignore}}",
+    )
+
+    @model_validator(mode="after")
+    def _no_conflict(self) -> "DriftSpec":
+        both = [name for name in self.ignore if name in self.features and self.features[name].ignore is False]
+        if both:
+            raise ValueError(f"{', '.join(both)} listed in 'ignore' but set 'ignore: false' under 'features': "
+                             "keep one of the two")
+        return self
 
 
 class PerformanceSpec(_Strict):
+    labelled_rows: int | None = Field(
+        None, gt=0, description="performance is judged on the latest N labelled predictions, a window of its own "
+        "(labels arrive late: the newest predictions usually have none yet); default: monitoring.window.rows, "
+        "or 5000 with a time window")
     min_metric: float | None = Field(None, description="decay when the labelled metric of a window falls below this")
-    max_drop: float = Field(
-        0.05, ge=0, description="decay when the labelled metric of a window is worse than the model's evaluation "
-        "metric by more than this"
+    max_drop: Tolerance = Field(
+        "5%", description="decay when the labelled metric of a window is worse than the model's evaluation "
+        "metric by more than this: a number (in the metric's units) or a percentage of the evaluation metric"
     )
 
 
 class SkewSpec(_Strict):
-    max_null_rate_change: float = Field(0.1, ge=0, le=1, description="serving null rate above training's by more")
-    max_unseen_share: float = Field(0.1, ge=0, le=1, description="share of serving values in unseen categories")
-    max_out_of_range_share: float = Field(0.1, ge=0, le=1, description="share of serving values outside the "
-                                          "training range")
+    """Training-serving skew: a sample of logged requests replayed through the batch path (see
+    everloop.monitor.replay_skew) must give the features and predictions the service gave."""
+
+    sample_rows: int = Field(1000, ge=1, description="logged requests of the window replayed through the batch path")
+    max_mismatch_share: float = Field(
+        0.0, ge=0, le=1, description="skew when more than this share of replayed requests differ (0: any mismatch)"
+    )
+    tolerance: float = Field(
+        1e-5, ge=0, description="largest difference of a probability (absolute) or regression value (relative) "
+        "that is not a mismatch"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_drift(cls, data: object) -> object:
+        # The old distribution checks (nulls, unseen categories, out-of-range values) measured drift.
+        moved = [k for k in ("max_null_rate_change", "max_unseen_share", "max_out_of_range_share")
+                 if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(
+                f"{', '.join(moved)} moved to drift: new values, unseen categories and null rates are judged by "
+                "monitoring.drift (p_value, min_effect, per-feature settings); remove them from monitoring.skew, "
+                "which now replays logged requests (sample_rows, max_mismatch_share, tolerance)"
+            )
+        return data
+
+
+class HealthSpec(_Strict):
+    max_error_rate: float = Field(
+        0.01, ge=0, le=1, description="health alert when more than this share of the service's requests (on any "
+        "path) failed with a server error (5xx); 4xx answers are the client's and never count here")
+    max_refused_rate: float = Field(
+        0.2, ge=0, le=1, description="health alert when more than this share of prediction requests (/predict, "
+        "/invocations, /v2/models/{name}/infer) were refused as bad input (4xx): callers sending what the model "
+        "cannot take")
+    max_latency_ms_p99: float | None = Field(
+        None, gt=0, description="health alert when the 99th percentile of prediction latency (milliseconds, from "
+        "the prediction log) is above this; none: latency is reported, never judged")
+    min_requests: int = Field(
+        100, ge=1, description="fewest requests (prediction requests for the refused rate, logged predictions for "
+        "latency) a window needs before its health is judged; fewer: reported, not judged")
 
 
 class MonitoringSpec(_Strict):
@@ -113,7 +212,13 @@ class MonitoringSpec(_Strict):
     drift: DriftSpec = Field(default_factory=DriftSpec)
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     skew: SkewSpec = Field(default_factory=SkewSpec)
+    health: HealthSpec = Field(default_factory=HealthSpec)
     min_labelled_rows: int = Field(50, ge=1, description="fewest labelled rows a window needs for a metric")
+    min_rows: int = Field(50, ge=1, description="fewest predictions a window needs for any verdict on drift or "
+                          "estimated performance; a smaller window is reported as not judged")
+    alert_on: list[Literal["drift", "decay", "estimated_decay", "prediction_drift", "skew", "health"]] = Field(
+        default_factory=lambda: ["drift", "decay", "estimated_decay", "prediction_drift", "skew", "health"],
+        description="which signals raise an alert (exit 1 and the webhook); the others are reported only")
     webhook: str | None = Field(None, description="URL that alerts are POSTed to as JSON (or EVERLOOP_WEBHOOK_URL)")
 
 

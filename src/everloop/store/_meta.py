@@ -108,6 +108,11 @@ monitor_runs = sa.Table(
     _now_column(),
     sa.Column("model_version", sa.Integer, nullable=True),
     sa.Column("result", sa.JSON, nullable=False),
+    # a window is defined by its rows (the n-th block of N predictions, or a period of the data's time):
+    # a re-run over the same rows updates its row instead of adding one
+    sa.Column("window_key", sa.String(64), nullable=True),
+    sa.Column("complete", sa.Boolean, nullable=True),
+    sa.Index("ix_monitor_runs_window", "model_version", "window_key"),
 )
 
 # The service's request counts, written by each worker about once a second: error rates for the monitor.
@@ -116,9 +121,15 @@ service_stats = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     _now_column(),
     sa.Column("worker", sa.String(64), nullable=False),
-    sa.Column("requests", sa.Integer, nullable=False),
-    sa.Column("client_errors", sa.Integer, nullable=False),
-    sa.Column("server_errors", sa.Integer, nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False),  # every request, on any path
+    sa.Column("client_errors", sa.Integer, nullable=False),  # every 4xx answer, on any path
+    sa.Column("server_errors", sa.Integer, nullable=False),  # every 5xx answer, on any path
+    # POSTs to /predict, /invocations and /v2/models/{name}/infer, and their 4xx answers (bad input);
+    # other requests' 4xx (a bad /feedback body, an unknown path) apart: they say nothing of the model.
+    # Nullable: a store made before they existed gets them added (rows written then have none)
+    sa.Column("prediction_requests", sa.Integer, nullable=True),
+    sa.Column("refused_predictions", sa.Integer, nullable=True),
+    sa.Column("other_client_errors", sa.Integer, nullable=True),
 )
 
 # The loop's audit trail: every decision with its evidence.

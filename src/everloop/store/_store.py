@@ -51,10 +51,19 @@ class Store:
                 raise StoreError(f"store format {found} is not supported by this everloop (format {_meta.FORMAT_VERSION})")
         inspector = sa.inspect(self.engine)
         for table in _meta.metadata.sorted_tables:
-            missing = {c.name for c in table.columns} - {c["name"] for c in inspector.get_columns(table.name)}
-            if missing:
-                raise StoreError(f"the store's table {table.name!r} lacks columns {sorted(missing)}: it was made by an "
-                                 "older development build of everloop; move .everloop/ aside and ingest again")
+            missing = [c for c in table.columns if c.name not in {c["name"] for c in inspector.get_columns(table.name)}]
+            if missing and all(c.nullable for c in missing):  # added since: older rows simply have none
+                with self.engine.begin() as conn:
+                    for column in missing:
+                        ddl = sa.schema.CreateColumn(column).compile(dialect=self.engine.dialect)
+                        conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
+                    for index in table.indexes:
+                        if any(c in index.columns.values() for c in missing):
+                            index.create(conn, checkfirst=True)
+            elif missing:
+                raise StoreError(f"the store's table {table.name!r} lacks columns {sorted(c.name for c in missing)}: "
+                                 "it was made by an older development build of everloop; move .everloop/ aside and "
+                                 "ingest again")
 
     def put_frame(self, frame: pd.DataFrame) -> str:
         """Store a frame as a Parquet artifact (index dropped) and return its digest."""

@@ -6,6 +6,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from everloop.spec import LOWER_IS_BETTER
+from everloop.spec._model import parse_tolerance
 
 CLASSIFICATION = ("roc_auc", "accuracy", "f1", "log_loss", "calibration_error")
 REGRESSION = ("rmse", "mae", "r2")
@@ -69,3 +70,43 @@ def higher_is_better(metric: str) -> bool:
 def improvement(metric: str, new: float, old: float) -> float:
     """How much better `new` is than `old`, positive when better, in the metric's own units."""
     return new - old if higher_is_better(metric) else old - new
+
+
+def allowed_loss(tolerance: float | str, reference: float) -> float:
+    """A tolerance (`promotion.max_regression`, `promotion.slice_tolerance`,
+    `monitoring.performance.max_drop`) as an amount of the metric, in the metric's units: a number is
+    that amount (absolute); a percentage string such as "5%" is that share of abs(`reference`) (the
+    production model's value for the gate, the training value for decay), so it means the same for a
+    ROC AUC near 0.8 and an MAE of 40 dollars. NaN when relative and `reference` is not finite.
+    Raises ValueError for anything else."""
+    amount, relative = _tolerance_parts(tolerance)
+    return amount / 100 * abs(float(reference)) if relative else amount
+
+
+def describe_tolerance(tolerance: float | str, reference: float, metric: str) -> str:
+    """The allowed loss in words, with its units, for reasons and reports: "5% of 0.8123 = 0.0406 roc_auc"
+    (relative) or "0.5 mae (absolute)". Raises ValueError for a malformed tolerance."""
+    amount, relative = _tolerance_parts(tolerance)
+    if not relative:
+        return f"{format_number(amount)} {metric} (absolute)"
+    return (f"{format_number(amount)}% of {format_number(reference)} = "
+            f"{format_number(allowed_loss(tolerance, reference))} {metric}")
+
+
+def format_number(value: float) -> str:
+    """A metric value for people: at most 4 decimals, trailing zeros dropped (0.8123, 2, 0.0406)."""
+    value = float(value)
+    if not np.isfinite(value):
+        return str(value)
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e9):
+        return f"{value:.3g}"
+    text = f"{value:.4f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def _tolerance_parts(tolerance: float | str) -> tuple[float, bool]:
+    """(amount, relative): 5.0, True for "5%"; 0.05, False for 0.05."""
+    parsed = parse_tolerance(tolerance)  # the project file's own rule for what is valid
+    if isinstance(parsed, str):
+        return float(parsed.removesuffix("%")), True
+    return parsed, False

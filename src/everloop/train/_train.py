@@ -31,6 +31,7 @@ from everloop.spec import ProjectSpec
 from everloop.store import Store
 from everloop.train._artifact import save_model
 from everloop.train._metrics import REGRESSION, all_metrics, improvement, score
+from everloop.train._rows import HASH_COLUMN, row_hashes
 
 # Training runs with a fixed number of OpenMP/BLAS threads, so that a retraining elsewhere uses the
 # same reduction order; recorded in the manifest.
@@ -200,6 +201,9 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
     features, target = schema.feature_names, schema.target.name
     slice_columns = [c for c in spec.evaluation.slices if c not in features and c != target]
     eval_artifact = store.put_frame(fitted.eval_rows[features + [target] + slice_columns])
+    # Which rows this model learned from, so the gate can compare it only on rows it never saw.
+    trained_on = np.unique(row_hashes(fitted.train_rows, features))
+    train_hashes = store.put_frame(pd.DataFrame({HASH_COLUMN: trained_on}))
     artifact = save_model(store, fitted.pipeline, schema, spec.features.custom)
     manifest = {
         "format": 1,
@@ -219,6 +223,7 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
         "dataset_hash": dataset.content_hash,
         "schema_version": dataset.schema_version,
         "eval_artifact": eval_artifact,
+        "train_hashes": train_hashes,
         "recent_from_row": recent_from_row,
         "recent_weight": recent_weight,
         "train_rows": len(fitted.train_rows),
