@@ -153,3 +153,21 @@ def test_a_rerun_over_the_same_rows_updates_its_window(client):
     assert again.window["index"] == 3 and again.window["rows"] == 100
     assert [(r["window"]["index"], r["window"]["rows"]) for r in list_runs(client.store)] == [
         (0, 1000), (1, 1000), (2, 1000), (3, 100)]
+
+
+def test_a_bad_label_stored_by_an_older_build_never_crashes_monitoring_or_the_loop(client):
+    import time
+
+    from everloop.loop import run_once
+
+    frame = make_churn(1000, shifted=True, seed=49)
+    ids, _ = predict(client, frame)
+    label(client, ids[1:], frame["churned"].tolist()[1:])
+    with client.store.engine.begin() as conn:  # unchecked, as an older build stored it
+        conn.execute(client.store.tables.feedback.insert().values(prediction_id=ids[0], label="expensive",
+                                                                  created_at=time.time()))
+    result = monitor(client.store, client.spec, record=False)
+    assert result.performance["labelled_rows"] == 999 and result.performance["invalid_labels"] == 1
+    assert any("not valid for model v1" in n for n in result.notes)
+    decision = run_once(client.store, client.spec)
+    assert decision.action == "promoted", decision.reason

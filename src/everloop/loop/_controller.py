@@ -16,7 +16,7 @@ from everloop.monitor import MonitorResult, monitor, send_alert
 from everloop.registry import PRODUCTION, check_gate, get_model, set_alias
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
-from everloop.train import train
+from everloop.train import label_parser, train
 
 CANDIDATE = "candidate"
 ALERTING = {"promoted", "kept_candidate", "failed"}  # decisions a person should hear about
@@ -67,14 +67,25 @@ def run_once(store: Store, spec: ProjectSpec) -> LoopDecision:
 
 
 def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame:
-    """The latest `limit` served rows that have a label, shaped like a dataset (features, target, id, time)."""
+    """The latest `limit` served rows that have a label, shaped like a dataset (features, target, id, time).
+    Labels are read as the production model's classes (or numbers); a stored label that is not valid for
+    it (written by an older build) is left out, never trained on."""
     logged, labels = prediction_log.latest_labelled(store.engine, limit)
-    frame = logged.features.reset_index(drop=True)
-    frame[spec.data.target] = labels
+    manifest = get_model(store, PRODUCTION).manifest
+    parse = label_parser(manifest["task"], manifest.get("classes"))
+    keep, parsed = [], []
+    for n, value in enumerate(labels):
+        try:
+            parsed.append(parse(value))
+            keep.append(n)
+        except ValueError:
+            pass
+    frame = logged.features.iloc[keep].reset_index(drop=True)
+    frame[spec.data.target] = parsed
     if spec.data.id:
-        frame[spec.data.id] = logged.ids  # the prediction id stands in for the entity id
+        frame[spec.data.id] = [logged.ids[n] for n in keep]  # the prediction id stands in for the entity id
     if spec.data.timestamp:
-        frame[spec.data.timestamp] = pd.to_datetime(logged.created_at, unit="s", utc=True)
+        frame[spec.data.timestamp] = pd.to_datetime(logged.created_at[keep], unit="s", utc=True)
     return frame
 
 
