@@ -63,3 +63,21 @@ def test_alerts_reach_the_webhook_and_runs_are_stored(client, webhook):
     assert received[0]["alerts"] == result.alerts
     stored = list_runs(client.store, limit=1)[-1]
     assert stored["status"] == result.status and stored["distributions"]
+
+
+def test_prediction_drift_alerts_unless_left_out_of_alert_on(client):
+    send_traffic(client, make_churn(1000, shifted=True, seed=36))
+    result = monitor(client.store, client.spec, record=False)
+    assert result.prediction_drift.drifted and result.prediction_drift.effect >= 0.1
+    assert any(a.startswith("prediction drift:") for a in result.alerts) and "prediction_drift" in result.status
+    raw = client.spec.model_dump()
+    raw["monitoring"]["alert_on"] = ["drift", "decay"]
+    quiet = monitor(client.store, parse_spec(raw), record=False)
+    assert not any(a.startswith("prediction drift:") for a in quiet.alerts)
+    assert any(n.startswith("prediction drift:") for n in quiet.notes)
+
+
+def test_stable_traffic_raises_no_alert_of_any_kind(client):
+    send_traffic(client, make_churn(1000, seed=37))
+    result = monitor(client.store, client.spec, record=False)
+    assert result.alerts == [] and result.status == "healthy", (result.alerts, result.not_judged)

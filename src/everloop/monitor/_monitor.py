@@ -151,7 +151,7 @@ def judge(store: Store, spec: ProjectSpec, trained: TrainedModel, window: _windo
     if unknown:
         result.notes.append(f"monitoring.drift names {', '.join(unknown)}, which the model does not use as "
                             "features: those settings have no effect")
-    result.prediction_drift = DriftDetector(m.drift.p_value, m.drift.min_effect).fit_profile(
+    result.prediction_drift = DriftDetector(m.drift.prediction.p_value, m.drift.prediction.min_effect).fit_profile(
         prediction_profile).score_profile(scores).columns[0]
     result.distributions = coarse_distributions(profile, counted, _most_drifted(result.drift))
     _estimated_performance(spec, trained, acc, result, judged)

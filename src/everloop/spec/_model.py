@@ -127,6 +127,16 @@ class FeatureDriftSpec(_Strict):
     )
 
 
+class PredictionDriftSpec(_Strict):
+    """Prediction drift: the model's scores on a window against its scores on its held-out rows."""
+
+    p_value: float = Field(0.01, gt=0, lt=1, description="prediction drift when the test's p-value is below this ...")
+    min_effect: float = Field(
+        0.1, ge=0, le=1, description="... and its effect (KS statistic, or total variation for classes) is at least "
+        "this. Higher than for features: the reference is the model's few held-out rows, and a small move of "
+        "the scores without a move of the features is rarely worth a page")
+
+
 class DriftSpec(_Strict):
     max_drifted_share: float = Field(0.2, ge=0, le=1, description="dataset drift when more than this share of features drift")
     p_value: float = Field(0.01, gt=0, lt=1, description="a feature drifts when its test's p-value is below this ...")
@@ -141,6 +151,7 @@ class DriftSpec(_Strict):
         default_factory=dict, description="per-feature settings overriding the defaults: {name: {p_value, "
         "min_effect, ignore}}",
     )
+    prediction: PredictionDriftSpec = Field(default_factory=lambda: PredictionDriftSpec())
 
     @model_validator(mode="after")
     def _no_conflict(self) -> "DriftSpec":
