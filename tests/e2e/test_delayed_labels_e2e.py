@@ -47,7 +47,7 @@ def test_three_late_installments_of_labels(tmp_path):
                 assert code == 0
             else:
                 assert perf["value"] == pytest.approx(roc_auc_score(y[seen], p[seen]), abs=1e-6)
-                assert perf["decayed"] == (perf["value"] < perf["threshold"])
+                assert perf["decayed"] == (perf["loss_low"] > perf["allowed_drop"])
                 assert code == (1 if result["alerts"] else 0)
             expected.append(perf["labelled_rows"])
     assert expected == [30, 130, 300]

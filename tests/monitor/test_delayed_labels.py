@@ -53,9 +53,11 @@ def test_labels_arriving_in_three_late_installments(client):
     third = monitor(client.store, client.spec, record=False)
     assert third.performance["labelled_rows"] == 200
     assert third.performance["value"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
-    threshold = third.performance["threshold"]
-    assert third.performance["decayed"] == (third.performance["value"] < threshold)
-    assert third.status == ("decay" if third.performance["decayed"] else "healthy")
+    # unchanged traffic: 200 labels are too few to call a gap to training's 400-row value decay
+    perf = third.performance
+    assert perf["value_low"] < perf["value"] < perf["value_high"]
+    assert not perf["decayed"] and perf["loss_low"] <= perf["allowed_drop"]
+    assert "performance" not in third.not_judged
 
 
 def test_unlabelled_rows_are_never_scored_as_a_class(client):
@@ -171,3 +173,28 @@ def test_a_bad_label_stored_by_an_older_build_never_crashes_monitoring_or_the_lo
     assert any("not valid for model v1" in n for n in result.notes)
     decision = run_once(client.store, client.spec)
     assert decision.action == "promoted", decision.reason
+
+
+def test_labelled_decay_needs_the_uncertainty_of_both_numbers_to_exclude_the_threshold():
+    from everloop.monitor import labelled_decay
+    from everloop.spec import parse_spec
+    from everloop.train import bootstrap_labels
+
+    spec = parse_spec({"name": "d", "data": {"source": "x.csv", "target": "y"}})  # max_drop "5%"
+    rng = np.random.default_rng(0)
+
+    def auc_draws(rows, strength):
+        y = rng.integers(0, 2, rows)
+        score = y * strength + rng.normal(0, 1, rows)
+        p = 1 / (1 + np.exp(-score))
+        proba = np.column_stack([1 - p, p])
+        return roc_auc_score(y, p), bootstrap_labels("roc_auc", y, (p > 0.5).astype(int), proba, [0, 1])
+
+    expected, reference = auc_draws(400, 1.2)
+    same_value, same = auc_draws(100, 1.2)  # unchanged traffic, few labels
+    verdict = labelled_decay(spec, "roc_auc", expected, same_value, same, reference)
+    assert not verdict["decayed"] and verdict["why"].startswith("within thresholds, or too uncertain to say")
+    worse_value, worse = auc_draws(3000, 0.3)  # the relationship weakened: AUC far below
+    verdict = labelled_decay(spec, "roc_auc", expected, worse_value, worse, reference)
+    assert verdict["decayed"] and verdict["loss_low"] > 0.05 * expected
+    assert "more than the allowed 5% of" in verdict["why"]

@@ -268,3 +268,27 @@ def test_binned_ks_with_value_bins_is_exact_when_no_value_is_new():
     col = _drift(ref, cur, {"k": "numeric"}).columns[0]
     assert col.unseen_share == 0.0
     assert col.statistic == pytest.approx(stats.ks_2samp(ref["k"], cur["k"]).statistic, abs=1e-12)
+
+
+def test_one_feature_of_many_all_new_values_is_dataset_drift_by_itself():
+    """1 of 6 features drifted is under max_drifted_share 0.2, but a column whose every value is new
+    must not read as healthy."""
+    import numpy as np
+    import pandas as pd
+
+    from everloop.monitor import DriftDetector
+    from everloop.spec import parse_spec
+
+    rng = np.random.default_rng(3)
+    reference = pd.DataFrame({f"x{i}": rng.normal(size=2000) for i in range(5)} | {"const": np.zeros(2000)})
+    window = pd.DataFrame({f"x{i}": rng.normal(size=300) for i in range(5)} | {"const": np.ones(300)})
+    kinds = {c: "numeric" for c in reference}
+    spec = parse_spec({"name": "d", "data": {"source": "x.csv", "target": "y"}})
+    report = DriftDetector.from_spec(spec.monitoring.drift).fit(reference, kinds).score(window)
+    assert report.drifted == ["const"] and report.drifted_share == 1 / 6
+    assert report.dataset_drift and report.severe == ["const"]
+    quiet = parse_spec({"name": "d", "data": {"source": "x.csv", "target": "y"},
+                        "monitoring": {"drift": {"severe_effect": None}}})
+    assert not DriftDetector.from_spec(quiet.monitoring.drift).fit(reference, kinds).score(window).dataset_drift
+    same = pd.DataFrame({f"x{i}": rng.normal(size=300) for i in range(5)} | {"const": np.zeros(300)})
+    assert not DriftDetector.from_spec(spec.monitoring.drift).fit(reference, kinds).score(same).dataset_drift

@@ -232,3 +232,30 @@ def test_unestimable_metrics_and_bad_arguments():
     assert estimate_interval("rmse", proba) is None and estimate_interval("roc_auc", proba[:0]) is None
     with pytest.raises(EverloopError, match="level"):
         estimate_interval("accuracy", proba, level=1.5)
+
+
+def test_an_over_confident_multiclass_model_is_calibrated_before_estimating():
+    """One-vs-rest isotonic maps (as NannyML's CBPE): without them the estimate of an over-confident
+    3-class model is far better than the loss its labels will show, with a tight interval."""
+    from everloop.train import calibration_maps
+    from everloop.train._metrics import score
+
+    rng = np.random.default_rng(11)
+
+    def rows(n):
+        z = rng.normal(size=(n, 3)) * 1.2
+        truth = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        proba = np.exp(2.5 * z) / np.exp(2.5 * z).sum(axis=1, keepdims=True)  # over-confident
+        y = np.array([rng.choice(3, p=p) for p in truth])
+        return proba, y
+
+    held_proba, held_y = rows(3000)
+    maps = calibration_maps(held_proba, held_y)
+    assert len(maps["classes"]) == 3
+    proba, y = rows(5000)
+    for metric in ("log_loss", "accuracy"):
+        realised = score(metric, y, proba.argmax(axis=1), proba, [0, 1, 2])
+        calibrated = estimate_interval(metric, proba, maps)
+        assert calibrated.low - 0.02 <= realised <= calibrated.high + 0.02, (metric, realised, calibrated)
+        naive = estimate_interval(metric, proba)
+        assert not naive.low <= realised <= naive.high  # the fault the maps fix

@@ -81,3 +81,16 @@ def test_stable_traffic_raises_no_alert_of_any_kind(client):
     send_traffic(client, make_churn(1000, seed=37))
     result = monitor(client.store, client.spec, record=False)
     assert result.alerts == [] and result.status == "healthy", (result.alerts, result.not_judged)
+
+
+def test_a_window_pages_once_however_often_the_loop_turns(client, webhook):
+    url, received = webhook
+    raw = client.spec.model_dump()
+    raw["monitoring"]["webhook"] = url
+    spec = parse_spec(raw)
+    send_traffic(client, make_churn(1000, shifted=True, seed=38))
+    first = monitor(client.store, spec)
+    assert first.alerts and len(received) == 1
+    again = monitor(client.store, spec)
+    assert again.alerts == first.alerts and len(received) == 1, "the same window's alerts are not sent twice"
+    assert len(list_runs(client.store)) == 1

@@ -83,7 +83,7 @@ def test_verdict_alerts_and_not_judged_reasons_come_before_any_chart(tmp_path: P
     summary = page[page.index("Latest window"):first_chart]
     assert "0.71 vs 0.85 at training; allowed drop 0.05 (threshold 0.8): decayed" in summary
     assert "0.83 (interval 0.8 to 0.86)" in summary
-    assert "4 of 12 features drifted (33.3%; dataset drift above 20.0%)" in summary
+    assert "3 of 11 counted features drifted (33.3%; dataset drift above 20.0%)" in summary
     assert summary.count("state-alert") == 3  # labelled metric, data drift, prediction drift
 
 

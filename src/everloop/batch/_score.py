@@ -1,81 +1,180 @@
-"""Batch scoring: a file streamed in chunks through the production artifact into a Parquet file."""
+"""Batch scoring: a file streamed in chunks through the production artifact into a CSV or Parquet file.
+
+The output's format follows its extension; it is written to a temporary file beside it and renamed
+into place, so it appears whole or not at all, with the mode any new file gets (the umask decides).
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import IO, Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from everloop.data import TypedReadFailed, iter_batches
+from everloop.data import Anomaly, ValidationReport, iter_batches
 from everloop.errors import DataError
 from everloop.registry import PRODUCTION, load_model
 from everloop.store import Store
 from everloop.train import TrainedModel
 
 
+OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
 @dataclass(frozen=True)
 class BatchResult:
+    """What `score_file` wrote: `rows` scored into `output` (`format` csv or parquet, with `columns`),
+    and the validation warnings of the input (unseen categories, nulls, values out of range: the
+    anomaly dicts of `ValidationReport.to_dict`, counted over the whole file, rows numbered from 0)."""
+
     rows: int
     output: str
     model_version: int | None
+    format: str = "parquet"
+    columns: list[str] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def output_format(output: str | Path) -> str:
+    """"csv" or "parquet", from the output file's extension (.csv; .parquet or .pq).
+
+    Raises DataError for any other extension (naming the allowed ones) and for a path that is a folder."""
+    path = Path(output)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give a file name, e.g. {path / 'predictions.parquet'}",
+                        path=str(path))
+    kind = OUTPUT_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        got = f"extension {path.suffix!r}" if path.suffix else "no extension"
+        raise DataError(f"{path}: output file has {got}; expected one of {', '.join(OUTPUT_FORMATS)} "
+                        "(the extension sets the format)", path=str(path))
+    return kind
 
 
 def score_file(store: Store, source: str | Path, output: str | Path, *, model: int | str = PRODUCTION,
-               chunk_rows: int = 100_000, progress: Callable[[int], None] | None = None) -> BatchResult:
-    """Score every row of a CSV/Parquet file; the output appears whole or not at all."""
+               chunk_rows: int = 100_000, keep: Sequence[str] = (),
+               progress: Callable[[int], None] | None = None) -> BatchResult:
+    """Score every row of a CSV/Parquet file (or folder or glob of them) into `output`, whose extension sets
+    its format (.csv, or .parquet/.pq); the output appears whole or not at all.
+
+    The output has the input's id and timestamp columns (those the schema names, when present), the
+    `keep` columns as they were read, then `prediction`, `proba_<class>` per class (classifiers) and
+    `model_version`. Raises DataError for an unsupported output extension, a `keep` column the input
+    lacks or whose name an output column takes, unreadable input, or rows with errors (nothing is
+    written then); NotFoundError for an unknown model version or alias."""
+    kind = output_format(output)  # before any work: a wrong name must not cost a whole scoring run
     trained = load_model(store, model)
     source = Path(source).resolve()
-    try:
-        chunks = iter_batches(source, types=trained.schema.kinds, batch_rows=chunk_rows)
-        return score_chunks(trained, chunks, Path(output), progress=progress)
-    except TypedReadFailed:  # a cell did not parse: read again as text, to name every bad row
-        return score_chunks(trained, iter_batches(source, as_text=True, batch_rows=chunk_rows), Path(output),
-                            progress=progress)
+    # Read by the model's schema, never inferred again: CSV cells arrive as text and each column is parsed
+    # as the first ingest read it (bool spellings, codes with leading zeros, number formats, date/times).
+    chunks = iter_batches(source, types=trained.schema.kinds, batch_rows=chunk_rows)
+    return score_chunks(trained, chunks, Path(output), progress=progress, keep=keep, kind=kind)
 
 
 def score_chunks(trained: TrainedModel, chunks: Iterable[pd.DataFrame], output: Path,
-                 progress: Callable[[int], None] | None = None) -> BatchResult:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
+                 progress: Callable[[int], None] | None = None, keep: Sequence[str] = (),
+                 kind: str | None = None) -> BatchResult:
+    """Score `chunks` into `output` (format `kind`, else from its extension) through a temporary file
+    beside it, renamed into place at the end; see `score_file`."""
+    kind = kind or output_format(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp, handle = _new_temp(output)
+    except OSError as exc:
+        raise DataError(f"{output}: cannot write there: {exc.strerror or exc}", path=str(output)) from None
     writer: pq.ParquetWriter | None = None
     rows = 0
+    report = ValidationReport(rows=0)
     passthrough = [c.name for c in trained.schema.columns if c.role in ("id", "timestamp")]
+    columns: list[str] = []
     try:
         for chunk in chunks:
-            features, report = trained.conform(chunk)
-            if not report.ok:
-                offset_report = "\n".join(f"  - {a.column!r}: {a.message} (e.g. rows "
-                                          f"{', '.join(str(rows + r + 1) for r in a.rows)})" for a in report.errors)
-                raise DataError(f"rows do not match the model's schema; nothing was written:\n{offset_report}",
-                                report=report)
+            if not columns:
+                passthrough = _output_columns(passthrough, list(keep), list(chunk.columns), trained)
+            features, checked = trained.conform(chunk)
+            checked.anomalies = [a for a in checked.anomalies  # the user asked for these columns
+                                 if not (a.kind == "unexpected_column" and a.column in keep)]
+            report.merge(checked, rows)
+            if not checked.ok:
+                problems = "\n".join(f"  - {a.describe()}" for a in report.errors)
+                raise DataError(f"rows do not match the model's schema; nothing was written (rows count data "
+                                f"rows from 1):\n{problems}", report=report)
             predictions = trained.predict_conformed(features)
-            out = pd.DataFrame({c: chunk[c].to_numpy() for c in passthrough if c in chunk})
+            out = pd.DataFrame({c: chunk[c].to_numpy() for c in passthrough})
             out["prediction"] = predictions.labels
             if predictions.proba is not None:
                 for i, cls in enumerate(predictions.classes):
                     out[f"proba_{cls}"] = predictions.proba[:, i]
             out["model_version"] = trained.version
-            table = pa.Table.from_pandas(out, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
+            columns = [str(c) for c in out.columns]
+            if kind == "csv":
+                out.to_csv(handle, header=rows == 0, index=False)
+            else:
+                table = pa.Table.from_pandas(out, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(handle, table.schema)
+                elif table.schema != writer.schema:  # e.g. a kept column that is all null in one chunk
+                    table = _same_types(table, writer.schema, rows)
+                writer.write_table(table)
             rows += len(chunk)
             if progress:
                 progress(len(chunk))
-        if writer is None:
-            raise DataError("the input has no rows")
-        writer.close()
-        writer = None
+        if rows == 0:  # the same anomaly (and exit code) as `validate` and `ingest` give a header-only file
+            report.anomalies.append(Anomaly("*", "empty", "error", 0, "no rows"))
+            raise DataError("the input has no rows; nothing was written", report=report)
+        if writer is not None:
+            writer.close()
+            writer = None
+        handle.close()
         os.replace(tmp, output)
     finally:
         if writer is not None:
             writer.close()
-        Path(tmp).unlink(missing_ok=True)
-    return BatchResult(rows, str(output), trained.version)
+        handle.close()
+        tmp.unlink(missing_ok=True)
+    warnings = [a for a in report.to_dict()["anomalies"] if a["severity"] == "warning"]
+    return BatchResult(rows, str(output), trained.version, kind, columns, warnings)
+
+
+def _output_columns(passthrough: list[str], keep: list[str], present: list[str],
+                    trained: TrainedModel) -> list[str]:
+    """The input columns the output carries: the schema's id/timestamp columns the input has, then `keep`.
+    Raises DataError for a kept column the input lacks, or one named like an output column."""
+    missing = [c for c in keep if c not in present]
+    if missing:
+        raise DataError(f"--keep {', '.join(missing)}: not a column of the input; its columns are: "
+                        f"{', '.join(present)}")
+    made = {"prediction", "model_version"} | {f"proba_{c}" for c in trained.classes or []}
+    clash = [c for c in keep if c in made]
+    if clash:
+        raise DataError(f"--keep {', '.join(clash)}: the output makes a column of that name; rename it in the "
+                        "input first")
+    wanted = [c for c in passthrough if c in present] + keep
+    return list(dict.fromkeys(wanted))  # a kept id column once
+
+
+def _same_types(table: pa.Table, schema: pa.Schema, offset: int) -> pa.Table:
+    """A later chunk's table cast to the first chunk's column types (Parquet has one schema per file)."""
+    try:
+        return table.cast(schema, safe=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        changed = [f.name for f in table.schema if f.name in schema.names and schema.field(f.name).type != f.type]
+        before = ", ".join(str(schema.field(c).type) for c in changed)
+        raise DataError(f"column(s) {', '.join(changed)} change type from data row {offset + 1} on ({before} "
+                        "before); write a .csv output or make the input's types consistent") from None
+
+
+def _new_temp(output: Path) -> tuple[Path, IO[bytes]]:
+    """A new temporary file beside `output` (same file system: the rename is atomic). Opened with mode
+    0o666 so that the umask sets its permissions, as for any new file (mkstemp would make it 0600)."""
+    tmp = output.parent / f".tmp-{uuid.uuid4().hex[:12]}-{output.name}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    return tmp, os.fdopen(fd, "wb")

@@ -11,9 +11,10 @@ import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, overload
 
 import typer
 from rich.console import Console
@@ -42,8 +43,16 @@ def _project(project: Path) -> tuple[Any, Any]:
     from everloop.spec import load_spec
     from everloop.store import Store
 
-    spec = load_spec(project)
+    spec = load_spec(_project_folder(project))
     return spec, Store.for_project(project)
+
+
+def _project_folder(project: Path) -> Path:
+    """`--project` as given, once it is known not to be a file (the project is the folder around it)."""
+    if project.is_file():
+        raise EverloopError(f"--project {project}: is a file; give the folder that holds everloop.yaml "
+                            f"(here: {project.parent})")
+    return project
 
 
 def _emit(data: Any, as_json: bool, table: Table | None = None, text: str | None = None) -> None:
@@ -70,6 +79,21 @@ def _when(ts: float | None) -> str:
 
 def _num(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+@overload
+def _user_path(path: Path) -> Path: ...
+
+
+@overload
+def _user_path(path: None) -> None: ...
+
+
+def _user_path(path: Path | None) -> Path | None:
+    """A path typed on the command line, relative to the current directory as for any command (only the
+    project file's own data.source is relative to the project). Absolute, not resolved: a glob or a
+    symlink stays what the user wrote. None stays None (the spec's source is used)."""
+    return None if path is None else Path(os.path.abspath(os.path.expanduser(path)))
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -156,18 +180,42 @@ def ingest(path: Optional[Path] = typer.Argument(None, help="a file to ingest in
     from everloop import data
 
     spec, store = _project(project)
+    inferring = data.current_schema(store) is None  # the first ingest: list every column
     with _rows_progress("ingesting", as_json) as progress:
-        version = data.ingest(store, spec, path, base=project, mode=mode.value, progress=progress)
+        version = data.ingest(store, spec, _user_path(path), base=project, mode=mode.value, progress=progress)
     written = data.write_schema_file(store, project)  # the first ingest: the inferred schema, to read and edit
+    schema = data.get_schema(store, version.schema_version)
+    roles, conflicts = schema.column_roles(spec), schema.spec_conflicts(spec)
     note = " (identical content already stored; no new version)" if version.deduplicated else ""
     text = f"dataset v{version.version}: {version.rows} rows x {version.columns} columns from {version.source}{note}"
     if version.quarantined:
         text += f"\n{version.quarantined} rows quarantined (see 'everloop datasets show {version.version}')"
+    text += "\n" + escape(_roles_text(roles, version.schema_version, version.source if inferring else None))
     if written:
         text += f"\nschema inferred and written to {written}; edit it and run 'everloop schema accept' to change it"
     if version.warnings and not version.deduplicated:
-        text += "\n" + "\n".join(f"  {a['severity']}: column {a['column']!r}: {a['message']}" for a in version.warnings)
-    _emit(version.to_dict(), as_json, text=text)
+        text += "\n" + escape("\n".join(f"  {a['severity']}: column {a['column']!r}: {a['message']}"
+                                         for a in version.warnings))
+    text += "".join(f"\nwarning: {escape(line)}; {_CONFLICT_FIX}" for line in conflicts)
+    _emit(version.to_dict() | {"schema_inferred": inferring, "column_roles": [asdict(r) for r in roles],
+                               "schema_conflicts": conflicts}, as_json, text=text)
+
+
+_CONFLICT_FIX = ("the schema decides until it is changed: 'everloop schema accept --from-data FILE' adds the "
+                 "columns features names, or edit schema.yaml and run 'everloop schema accept'")
+
+
+def _roles_text(roles: list[Any], schema_version: int, inferred_from: str | None) -> str:
+    """Every column with the role and kind the schema chose, and why (after the first ingest, which
+    inferred them); later, one line: how many features, and the columns the schema ignores."""
+    if inferred_from is not None:
+        return (f"schema v{schema_version} inferred from {inferred_from}, column by column:\n"
+                + "\n".join(f"  {r.describe()}" for r in roles))
+    features = sum(r.role == "feature" for r in roles)
+    ignored = [r.name for r in roles if r.role == "ignored"]
+    return (f"checked against schema v{schema_version}: {features} features"
+            + (f"; ignored as the schema says: {', '.join(ignored)} (see 'everloop schema show')"
+               if ignored else ""))
 
 
 @app.command()
@@ -177,12 +225,13 @@ def validate(path: Optional[Path] = typer.Argument(None, help="a file to check i
     from everloop import data
 
     spec, store = _project(project)
-    report = data.validate(store, spec, path, base=project)
+    report = data.validate(store, spec, _user_path(path), base=project)
     table = Table(title=f"validation: {report.rows} rows")
     for column in ("severity", "column", "kind", "count", "message"):
         table.add_column(column)
     for a in report.anomalies:
-        table.add_row(a.severity, a.column, a.kind, str(a.count), a.describe())
+        # the cells hold data (category names), not markup
+        table.add_row(a.severity, escape(a.column), a.kind, str(a.count), escape(a.describe()))
     _emit(report.to_dict(), as_json, table if report.anomalies else None,
           text="no anomalies" if not report.anomalies else None)
     if not report.ok:
@@ -292,21 +341,29 @@ def schema_show(version: Optional[int] = typer.Option(None, help="schema version
     """Print a schema version: kinds, roles, nullability, ranges and domains."""
     from everloop import data
 
-    _, store = _project(project)
+    spec, store = _project(project)
     found = data.current_schema(store) if version is None else (version, data.get_schema(store, version))
     if found is None:
         raise EverloopError("no schema yet; the first 'everloop ingest' infers one")
     number, schema = found
+    roles, conflicts = schema.column_roles(spec), schema.spec_conflicts(spec)
+    why = {r.name: r.why for r in roles}
     table = Table(title=f"schema v{number}")
-    for column in ("column", "role", "kind", "dtype", "nullable", "max null rate", "range", "categories"):
+    for column in ("column", "role", "kind", "dtype", "nullable", "max null rate", "range", "categories",
+                   "why"):
         table.add_column(column)
     for c in schema.columns:
         span = f"{_num(c.min)} .. {_num(c.max)}" if c.kind == "numeric" else ""
         cats = "" if c.categories is None else (", ".join(c.categories[:6]) + (
             f", ... ({len(c.categories)})" if len(c.categories) > 6 else ""))
-        table.add_row(c.name, c.role, c.kind, c.dtype, "yes" if c.nullable else "no", f"{c.max_null_rate:.1%}",
-                      span, cats)
-    _emit({"version": number} | schema.to_dict(), as_json, table)
+        table.add_row(escape(c.name), c.role, c.kind, c.dtype, "yes" if c.nullable else "no",
+                      f"{c.max_null_rate:.1%}", span, escape(cats), escape(why[c.name]))
+    for name, reason in schema.ignored.items():
+        table.add_row(escape(name), "ignored", "", "", "", "", "", "", escape(reason))
+    text = "\n".join(f"warning: {escape(line)}; {_CONFLICT_FIX}" for line in conflicts) or None
+    _emit({"version": number} | schema.to_dict() | {"ignored": schema.ignored,
+                                                    "column_roles": [asdict(r) for r in roles],
+                                                    "schema_conflicts": conflicts}, as_json, table, text=text)
 
 
 @schema_app.command("accept")
@@ -323,8 +380,8 @@ def schema_accept(from_data: Optional[Path] = typer.Option(None, "--from-data",
     if from_data is not None:
         if current is None:
             raise EverloopError("no schema yet; ingest data first")
-        observed = data.Schema.infer(data.read_source(from_data, project), spec)
-        schema = data.evolve(current[1], observed)
+        observed = data.Schema.infer(data.read_source(_user_path(from_data), project), spec)
+        schema = data.evolve(current[1], observed, spec)
         why = reason or f"evolved to admit {from_data}"
     else:
         schema = data.load_schema_file(file or project / data.SCHEMA_FILE, spec)
@@ -346,11 +403,30 @@ def train_cmd(dataset: Optional[int] = typer.Option(None, help="dataset version 
 
     spec, store = _project(project)
     with console.status("training...", spinner="dots") if not as_json else nullcontext():
-        result = train.train(store, spec, dataset, reason="everloop train")
+        try:
+            result = train.train(store, spec, dataset, reason="everloop train")
+        except Exception as exc:  # noqa: BLE001 - only a refused model.params value becomes a message
+            raise _bad_param(exc, spec) or exc
     _emit((result.to_dict()), as_json, text=(
         f"model v{result.version}: {result.metric} {result.value:.4f} on held-out rows of dataset "
         f"v{result.dataset_version}; trivial baseline {result.baseline:.4f} (lift {result.lift:+.4f}); "
         f"{result.seconds:.1f}s"))
+
+
+def _bad_param(exc: Exception, spec: Any) -> EverloopError | None:
+    """An estimator's refusal of a `model.params` value (scikit-learn checks them when fitting, e.g.
+    `max_iter: lots`) as one line naming the param, its value and the estimator's reason; None when
+    the error names no param of model.params, which then is no input problem and stays a traceback."""
+    import re
+
+    params = spec.model.params or {}
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    named = [name for name in params if re.search(rf"(?<![\w.]){re.escape(str(name))}(?![\w])", text)]
+    if isinstance(exc, EverloopError) or not named:  # ours already say what is wrong
+        return None
+    estimator = spec.model.estimator or "the default estimator"
+    values = ", ".join(f"model.params.{name}: {params[name]!r}" for name in named)
+    return EverloopError(f"{values} is refused by {estimator}: {text} (fix it in everloop.yaml)")
 
 
 models_app = typer.Typer(help="Model versions: list (the default), card, reproduce.", invoke_without_command=True)
@@ -482,7 +558,7 @@ def rollback(reason: str = typer.Option("rollback", help="why, for the alias his
 
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
-          port: int = typer.Option(8000, help="TCP port"),
+          port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
           workers: int = typer.Option(1, min=1, help="worker processes"),
           project: Path = ProjectOpt) -> None:
     """Serve the production model over HTTP; a new promotion is picked up without a restart."""
@@ -491,7 +567,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
     from everloop.serve._main import PROJECT_ENV
     from everloop.spec import load_spec
 
-    load_spec(project)  # fail fast, with the file's errors, before starting workers
+    load_spec(_project_folder(project))  # fail fast, with the file's errors, before starting workers
+    _check_port(host, port)  # uvicorn would log a busy port and exit 3 (1 with workers)
     os.environ[PROJECT_ENV] = str(project.resolve())
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     metrics_dir = None
@@ -504,6 +581,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
         # X-Forwarded-* rewriting (the service never uses the client's address)
         uvicorn.run("everloop.serve._main:app", factory=True, host=host, port=port, workers=workers,
                     access_log=False, server_header=False, proxy_headers=False)
+    except SystemExit as exc:  # uvicorn exits 1 or 3 when the server could not start; it logged why
+        if exc.code not in (0, None):
+            raise EverloopError(f"the server on {host}:{port} did not start (exit {exc.code}); "
+                                "the line above says why") from None
+        raise
     finally:
         if metrics_dir:
             import shutil
@@ -511,19 +593,61 @@ def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _check_port(host: str, port: int) -> None:
+    """Raise EverloopError, in one line naming host and port, when the server could not listen there:
+    the port is taken, the host is no address of this machine, or the port needs privileges. Binds the
+    way uvicorn does (SO_REUSEADDR), then lets go; a race with another process stays possible."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise EverloopError(f"--host {host}: not an address to listen on ({why})") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise EverloopError(f"port {port} on {host} is already in use; stop what listens there or "
+                                    "choose another with --port") from None
+            raise EverloopError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 @app.command()
-def predict(source: Path = typer.Argument(..., help="CSV or Parquet file of rows to score"),
-            output: Path = typer.Argument(..., help="Parquet file to write the predictions to"),
+def predict(source: Path = typer.Argument(..., help="CSV or Parquet file (or folder, or glob) to score"),
+            output: Path = typer.Argument(..., help="file to write: .csv, or .parquet/.pq (the extension sets "
+                                                    "the format)"),
             model: str = typer.Option("production", help="model version or alias"),
             chunk_rows: int = typer.Option(100_000, min=1, help="rows per chunk"),
+            keep: Optional[list[str]] = typer.Option(None, "--keep", help="an input column to copy into the "
+                                                     "output (repeatable); id and timestamp columns always are"),
             project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
-    """Batch-score a file through the same artifact as the service, in chunks."""
+    """Batch-score a file through the same artifact as the service, in chunks; report what validation
+    saw (unseen categories, nulls, values out of range). Exit 1 when rows fail the schema (nothing is
+    written then)."""
     from everloop.batch import score_file
 
     _, store = _project(project)
     with _rows_progress("scoring", as_json) as progress:
-        result = score_file(store, source, output, model=model, chunk_rows=chunk_rows, progress=progress)
-    _emit(result.__dict__, as_json, text=f"{result.rows} rows scored by model v{result.model_version} -> {result.output}")
+        result = score_file(store, _user_path(source), _user_path(output), model=model, chunk_rows=chunk_rows,
+                            keep=keep or [], progress=progress)
+    text = (f"{result.rows} rows scored by model v{result.model_version} -> {result.output} ({result.format}; "
+            f"columns: {', '.join(result.columns)})")
+    _emit(result.to_dict(), as_json, text=escape(text + _anomaly_lines(result.warnings)))
+
+
+def _anomaly_lines(anomalies: list[dict[str, Any]]) -> str:
+    """Validation anomalies (`ValidationReport.to_dict` form) as indented lines, each with example rows
+    (data rows counted from 1); empty when there are none."""
+    lines = []
+    for a in anomalies:
+        where = f" (e.g. rows {', '.join(str(r + 1) for r in a['rows'])})" if a.get("rows") else ""
+        lines.append(f"\n  {a['severity']}: column {a['column']!r}: {a['message']}{where}")
+    return "".join(lines)
 
 
 @app.command()
@@ -540,6 +664,7 @@ def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with c
     _, store = _project(project)
     # CSV as text: an id column must keep its leading zeros and never become a float; labels are
     # parsed by the model's rules, where "1" and 1 are one class.
+    source = _user_path(source)
     batches = list(iter_batches(source, as_text=True))
     frame = pd.concat(batches, ignore_index=True) if batches else pd.DataFrame()
     missing = {"id", "label"} - set(frame.columns)
@@ -595,8 +720,9 @@ def monitor_cmd(report: Optional[Path] = typer.Option(None, help="also write an 
     if result.status == "no data":
         lines.append(f"no predictions of model v{result.model_version} in the log yet: nothing to monitor")
     else:
+        judged = "performance" not in result.not_judged and p.get("value") is not None
         labelled = (f"{p.get('metric')} {_num(p.get('value'))} on the latest {p.get('labelled_rows')} labelled "
-                    f"predictions" if p.get("value") is not None else f"{p.get('metric')} on labels")
+                    f"predictions" if judged else f"{p.get('metric')} on labels: not judged")
         lines.append(f"performance: {labelled} (at training {_num(p.get('expected'))}): {p.get('why', '')}")
         if p.get("estimated") is not None:
             lines.append(f"estimated without labels: {_num(p['estimated'])} (90% interval "
@@ -638,7 +764,10 @@ def loop_cmd(once: bool = typer.Option(False, "--once", help="one turn, then exi
 
     spec, store = _project(project)
     while True:
-        decision = run_once(store, spec)
+        try:
+            decision = run_once(store, spec)
+        except Exception as exc:  # noqa: BLE001 - as in `train`: a refused model.params value is one line
+            raise _bad_param(exc, spec) or exc
         _emit((decision.to_dict()), as_json, text=f"{_when(time.time())} loop: {decision.action}: {decision.reason}")
         if once:
             if decision.action in ("failed", "kept_candidate"):
@@ -649,8 +778,9 @@ def loop_cmd(once: bool = typer.Option(False, "--once", help="one turn, then exi
 
 @app.command("backtest")
 def backtest_cmd(path: Optional[Path] = typer.Argument(None, help="labelled data (default: the spec's data.source)"),
-                 initial_rows: Optional[int] = typer.Option(None, help="rows of the first training period"),
-                 window_rows: Optional[int] = typer.Option(None, help="rows per window (default: monitoring.window.rows)"),
+                 initial_rows: Optional[int] = typer.Option(None, min=1, help="rows of the first training period"),
+                 window_rows: Optional[int] = typer.Option(None, min=1,
+                                                           help="rows per window (default: monitoring.window.rows)"),
                  report: Optional[Path] = typer.Option(None, help="also write an HTML report here"),
                  project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """Replay labelled, time-ordered data through the retraining policy; compare with never and always retraining."""
@@ -658,8 +788,8 @@ def backtest_cmd(path: Optional[Path] = typer.Argument(None, help="labelled data
     from everloop.loop import backtest, write_backtest_report
     from everloop.spec import load_spec
 
-    spec = load_spec(project)
-    frame = read_source(path if path is not None else spec.data.source, project)
+    spec = load_spec(_project_folder(project))
+    frame = read_source(_user_path(path) or spec.data.source, project)
     say = (lambda _m: None) if as_json else (lambda m: console.print(f"[dim]•[/dim] {m}"))
     result = backtest(frame, spec, initial_rows=initial_rows, window_rows=window_rows, progress=say)
     s = result.summary()
@@ -676,11 +806,34 @@ def backtest_cmd(path: Optional[Path] = typer.Argument(None, help="labelled data
 
 
 def main() -> None:
-    """Entry point: library errors become one clean message and an exit code."""
+    """Entry point: errors become one clean message (no traceback) and the README's exit codes:
+    0 success; 1 a check failed (CheckFailed, or rows refused by validation: a DataError carrying a
+    report with errors, so `ingest`, `predict` and `validate` exit alike on the same report); 2 bad
+    input (any other EverloopError, and an OSError on a path the user gave: missing, a folder, no
+    permission). Click's own usage errors exit 2."""
     try:
         app()  # click handles its own usage errors (exit 2) and exits 0 on success
     except CheckFailed:
         raise SystemExit(1) from None
     except EverloopError as exc:
-        errors.print(f"error: {exc}", style="red", highlight=False, markup=False)
+        _print_error(str(exc))
+        raise SystemExit(1 if _refused_by_validation(exc) else 2) from None
+    except OSError as exc:
+        if exc.filename is None:  # not about a path: a bug or the system, keep the traceback
+            raise
+        _print_error(f"{exc.filename}: {exc.strerror or exc}")
         raise SystemExit(2) from None
+
+
+def _print_error(message: str) -> None:
+    # soft_wrap: a long line stays one line when piped, for grep and logs
+    errors.print(f"error: {message}", style="red", highlight=False, markup=False, soft_wrap=True)
+
+
+def _refused_by_validation(exc: EverloopError) -> bool:
+    """Data read fine but failed the schema's checks (exit 1, like `validate`), as opposed to data that
+    could not be read or arguments that make no sense (exit 2)."""
+    from everloop.errors import DataError
+
+    report = exc.report if isinstance(exc, DataError) else None
+    return report is not None and not report.ok

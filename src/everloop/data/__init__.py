@@ -14,7 +14,7 @@ from everloop.data._datasets import (
 )
 from everloop.data._diff import diff_datasets
 from everloop.data._profile import ColumnProfile, Profile, numbers
-from everloop.data._schema import Anomaly, ColumnSchema, Schema, ValidationReport
+from everloop.data._schema import Anomaly, ColumnRole, ColumnSchema, Schema, ValidationReport
 from everloop.data._schema_file import (
     SCHEMA_FILE,
     accept_schema,
@@ -30,7 +30,7 @@ from everloop.data._stats import ColumnStats, DatasetStats
 __all__ = [
     "SCHEMA_FILE", "accept_schema", "diff_datasets", "evolve", "load_schema_file", "schema_changes", "schema_yaml",
     "write_schema_file", "ColumnProfile", "Profile", "numbers",
-    "Anomaly", "ColumnSchema", "DatasetVersion", "Schema", "ValidationReport", "current_schema",
+    "Anomaly", "ColumnRole", "ColumnSchema", "DatasetVersion", "Schema", "ValidationReport", "current_schema",
     "ColumnStats", "DatasetStats", "TypedReadFailed", "get_dataset", "get_schema", "ingest", "ingest_frame",
     "iter_batches", "list_datasets", "load_frame", "load_quarantine", "read_file", "read_source", "validate",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -54,6 +54,7 @@ class DatasetVersion:
     quarantine: str | None = None  # artifact of the refused rows, each with its reason
     quarantined: int = 0
     deduplicated: bool = False
+    notes: list[str] = field(default_factory=list)  # how the source was read (a sniffed delimiter), to show
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "stats"}
@@ -72,12 +73,14 @@ def ingest(store: Store, spec: ProjectSpec, path: str | Path | None = None, *, b
     name = f"sql: {label.query}" if isinstance(label, SqlSource) else label
     schema_row = current_schema(store)
     types = schema_row[1].kinds if schema_row else None
+    notes: list[str] = []
     try:
-        batches = iter_batches(source, base, types=types)
-        return _ingest(store, spec, batches, name, schema_row, mode, parent, progress)
+        batches = iter_batches(source, base, types=types, notes=notes)
+        version = _ingest(store, spec, batches, name, schema_row, mode, parent, progress)
     except TypedReadFailed:  # a cell did not parse: read again as text, to report every bad cell
         batches = iter_batches(source, base, as_text=True)
-        return _ingest(store, spec, batches, name, schema_row, mode, parent, progress)
+        version = _ingest(store, spec, batches, name, schema_row, mode, parent, progress)
+    return replace(version, notes=notes) if notes else version
 
 
 def ingest_frame(store: Store, spec: ProjectSpec, frame: pd.DataFrame, *, source: str,

@@ -13,6 +13,8 @@ values, not on every row).
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
@@ -33,9 +35,39 @@ EXAMPLES = 3
 NULL_RATE_SLACK = 0.01  # a column's null rate may exceed the schema's by this much before it is reported
 RANGE_MARGIN = 0.25  # inferred ranges are widened by this share of their span on each side
 
+# -- how values are written (the reading rules of docs/data.md, "Types and spellings") -------------------
+NUMERIC_SHARE = 0.95  # text is numbers (or dates) when this share of its values parse; the rest are errors
+LEADING_ZERO = r"^[+-]?0\d"  # `007`, `01234`: a code, always text
+ISO_DATETIME = (r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?)?\s*"
+                r"(?:[Zz]|[+-]\d{2}(?::?\d{2})?)?$")
+# Text that means true or false (compared in lower case). A column is bool when all its values are these
+# and both values occur; it then takes the spellings its data used, and no others.
+BOOL_SPELLINGS = {"true": True, "false": False, "yes": True, "no": False, "t": True, "f": False,
+                  "y": True, "n": False}
+# Numbers written with group separators or a decimal comma: the format's name (an example of it) ->
+# (the group separator characters, the decimal mark). Plain numbers (`1234.5`, `1e3`) need none. When
+# the data fit several equally (`3,5` fits 1234,5 and 1.234,5), the first listed wins; `1,234` alone
+# (three digits after one comma, every value) reads as a thousand and more, as in English-language data.
+_SPACES = " \u00a0\u202f"  # a space, a no-break space, a narrow no-break space
+NUMBER_FORMATS = {"1,234.5": (",", "."), "1234,5": ("", ","), "1.234,5": (".", ","), "1 234,5": (_SPACES, ","),
+                  "1 234.5": (_SPACES, "."), "1'234.5": ("'\u2019", ".")}
+
+
+def _format_pattern(groups: str, decimal: str) -> str:
+    """A value in one of NUMBER_FORMATS: digits grouped by threes (or not grouped at all), then decimals."""
+    whole = rf"\d{{1,3}}(?:[{re.escape(groups)}]\d{{3}})+|\d+" if groups else r"\d+"
+    return rf"^[+-]?(?:{whole})(?:{re.escape(decimal)}\d+)?$"
+
+
+_FORMATS = {name: (groups, decimal, _format_pattern(groups, decimal)) for name, (groups, decimal)
+            in NUMBER_FORMATS.items()}
+EXAMPLE_TIME = "2000-01-01T00:00:00Z"  # the date/time of `Schema.example_row`: any valid instant would do
+
 _PLAIN_NUMBERS = {int, float, type(None)}  # what `conform_records` takes as is (bool is not an int here)
 _PLAIN_TEXT = {str, type(None)}
 _PLAIN_SCALARS = {str, int, float, bool, type(None)}
+_BOOL_PLAIN = {bool, str}
+_BOOL_NULLABLE = {bool, str, type(None)}
 
 Kind = Literal["numeric", "categorical", "datetime"]
 Role = Literal["feature", "target", "id", "timestamp"]
@@ -53,6 +85,7 @@ class Anomaly:
     message: str
     rows: list[int] = field(default_factory=list)  # example row positions (0-based)
     values: list[Any] = field(default_factory=list)  # the offending values at those rows
+    categories: list[str] = field(default_factory=list)  # unseen_category: the distinct unseen values
 
     def describe(self) -> str:
         where = f" (e.g. rows {', '.join(str(r + 1) for r in self.rows)})" if self.rows else ""
@@ -86,9 +119,9 @@ class ValidationReport:
     def merge(self, other: "ValidationReport", offset: int) -> None:
         """Fold the report of a later batch (whose rows start at `offset`) into this one."""
         self.rows += other.rows
-        index = {(a.column, a.kind, a.severity, _stem(a.message)): n for n, a in enumerate(self.anomalies)}
+        index = {_merge_key(a): n for n, a in enumerate(self.anomalies)}
         for a in other.anomalies:
-            key = (a.column, a.kind, a.severity, _stem(a.message))
+            key = _merge_key(a)
             shifted = replace(a, rows=[r + offset for r in a.rows])
             if key not in index:
                 index[key] = len(self.anomalies)
@@ -96,9 +129,13 @@ class ValidationReport:
                 continue
             mine = self.anomalies[index[key]]
             count = mine.count + a.count
-            keep = EXAMPLES - len(mine.rows)
+            if mine.kind == "unseen_category":  # count the distinct categories of every batch, and their rows
+                self.anomalies[index[key]] = _merge_unseen(mine, shifted, count)
+                continue
+            of_columns = mine.kind in ("missing_column", "unexpected_column")  # about columns, not rows
+            keep = 0 if of_columns else EXAMPLES - len(mine.rows)
             self.anomalies[index[key]] = replace(
-                mine, count=count, message=f"{count} {_stem(mine.message)}" if mine.kind != "missing_column" else mine.message,
+                mine, count=count, message=mine.message if of_columns else f"{count} {_stem(mine.message)}",
                 rows=mine.rows + shifted.rows[:keep], values=mine.values + shifted.values[:keep])
 
 
@@ -133,17 +170,70 @@ class ColumnSchema:
     min: float | None = None
     max: float | None = None
     categories: list[str] | None = None
+    # How the values are written (learned by the first ingest; every later read follows it, see docs/data.md):
+    true_values: list[str] | None = None  # bool features: the data's spellings of true, the first canonical
+    false_values: list[str] | None = None  # ... and of false ("True"/"False" when None)
+    number_format: str | None = None  # numeric columns written with separators: a key of NUMBER_FORMATS
+    timezone: str | None = None  # datetime columns: the zone of values without an offset (None: UTC)
+
+    @cached_property  # frozen: computed once per column (the service asks on every request)
+    def bool_lookup(self) -> dict[str, str]:
+        """Each spelling of a bool feature, lower case, -> the canonical spelling of its value."""
+        trues, falses = self.true_values or ["True"], self.false_values or ["False"]
+        spelled = {v.strip().lower(): falses[0] for v in falses}
+        return spelled | {v.strip().lower(): trues[0] for v in trues}
+
+    @cached_property
+    def bool_spelled(self) -> dict[Any, str]:
+        """JSON true/false and each exact spelling of a bool feature -> its canonical spelling (the service's
+        shortcut; other cases of a spelling go through `bool_lookup`)."""
+        trues, falses = self.true_values or ["True"], self.false_values or ["False"]
+        return {v: falses[0] for v in falses} | {v: trues[0] for v in trues} | {True: trues[0], False: falses[0]}
+
+    @property
+    def is_bool(self) -> bool:
+        """A true/false feature: read by its spellings (`true_values`, `false_values`); the rest refused."""
+        return self.kind == "categorical" and self.dtype == "bool" and self.role == "feature"
+
+
+@dataclass(frozen=True)
+class ColumnRole:
+    """How the schema reads one column of the data, and why: `role` is feature, target, id, timestamp,
+    or "ignored" (left out of the schema, with `kind` and `dtype` None); `why` names the project file's
+    key that decided it (data.target, features.numeric, ...) or what inference saw."""
+
+    name: str
+    role: str
+    kind: str | None
+    dtype: str | None
+    why: str
+
+    def describe(self) -> str:
+        """One line: `name: role, kind (dtype); why`."""
+        if self.role == "ignored":
+            return f"{self.name}: ignored; {self.why}"
+        return f"{self.name}: {self.role}, {self.kind} ({self.dtype}); {self.why}"
 
 
 @dataclass(frozen=True)
 class Schema:
     columns: list[ColumnSchema]
+    # Columns of the data left out of the schema at inference (excluded, identifiers, free text): name -> why.
+    # Known, so a later file that has them is not warned about them.
+    ignored: dict[str, str] = field(default_factory=dict)
 
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
     def infer(cls, frame: pd.DataFrame, spec: ProjectSpec) -> "Schema":
-        """Learn a schema from one frame (for data that arrives in batches, see `layout` + `from_stats`)."""
+        """Learn a schema from one frame (for data that arrives in batches, see `layout` + `from_stats`).
+
+        Roles come from the project file (data.target, data.id, data.timestamp). A column named under
+        features.numeric / categorical / datetime takes that kind and is always a feature; every other
+        column (unless excluded, or features.infer_others is false) is inferred: numbers are numeric,
+        dates datetime, text and bools categorical, and columns that look like identifiers or free text
+        are left out, each with its reason in `Schema.ignored` (see `_inferred_kind`).
+        Raises DataError for empty data or a column the project file names that the data lacks."""
         layout = cls.layout(frame, spec)
         stats = DatasetStats({c.name: c.kind for c in layout.columns})
         stats.update(layout.conform(frame)[0])
@@ -164,7 +254,7 @@ class Schema:
             roles[data.id] = "id"
         if data.timestamp:
             roles[data.timestamp] = "timestamp"
-        numeric, categorical, datetimes = _feature_kinds(frame, spec, roles)
+        numeric, categorical, datetimes, ignored = _feature_kinds(frame, spec, roles)
         columns = []
         for name in frame.columns:
             series = frame[name]
@@ -181,11 +271,12 @@ class Schema:
                 kind = "categorical"
             elif name in datetimes:
                 kind = "datetime"
-            else:
-                continue  # excluded column
-            columns.append(ColumnSchema(str(name), kind, role, _dtype_name(series, kind), nullable=True,
-                                        max_null_rate=1.0))
-        return cls(columns)
+            else:  # left out: `_feature_kinds` said why
+                ignored.setdefault(str(name), "not a feature")
+                continue
+            columns.append(ColumnSchema(str(name), kind, role, nullable=True, max_null_rate=1.0,
+                                        **_value_format(series, kind, role)))
+        return cls(columns, ignored)
 
     def from_stats(self, stats: DatasetStats) -> "Schema":
         """This layout completed with the ranges, domains and null rates of the whole data."""
@@ -199,16 +290,20 @@ class Schema:
             lo, hi = _with_margin(s.min, s.max, dtype) if col.kind == "numeric" else (None, None)
             columns.append(replace(col, dtype=dtype, nullable=s.nulls > 0, max_null_rate=round(s.null_rate, 6),
                                    min=lo, max=hi, categories=categories))
-        return Schema(columns)
+        return Schema(columns, dict(self.ignored))
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> "Schema":
         if body.get("format") != SCHEMA_FORMAT:
             raise DataError(f"schema format {body.get('format')!r} is not supported (expected {SCHEMA_FORMAT})")
-        return cls([ColumnSchema(**c) for c in body["columns"]])
+        return cls([ColumnSchema(**c) for c in body["columns"]], dict(body.get("ignored") or {}))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": SCHEMA_FORMAT, "columns": [jsonable(asdict(c)) for c in self.columns]}
+        body: dict[str, Any] = {"format": SCHEMA_FORMAT,
+                                "columns": [jsonable(asdict(c)) for c in self.columns]}
+        if self.ignored:  # only when there are some: schemas stored before it existed keep their form
+            body["ignored"] = dict(self.ignored)
+        return body
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -231,11 +326,66 @@ class Schema:
     def kinds(self) -> dict[str, str]:
         return {c.name: c.kind for c in self.columns}
 
+    def example_row(self) -> dict[str, Any]:
+        """One request row of the features (name -> JSON value), each value of its column's own kind and
+        taken from the schema: numbers the middle of the column's range (whole for int columns), bools
+        true, categories the first known one, date/times EXAMPLE_TIME as ISO 8601 text. It passes `check`
+        like any good request: the service warms a model up with it and the API docs show it."""
+        row: dict[str, Any] = {}
+        for col in self.features:
+            if col.kind == "numeric":
+                lo = next((v for v in (col.min, col.max) if v is not None), 0.0)
+                hi = col.max if col.max is not None else lo
+                middle = (lo + hi) / 2
+                row[col.name] = int(round(middle)) if col.dtype == "int" else middle
+            elif col.kind == "datetime":
+                row[col.name] = EXAMPLE_TIME
+            elif col.is_bool:
+                row[col.name] = True
+            else:
+                row[col.name] = col.categories[0] if col.categories else "example"
+        return row
+
     def column(self, name: str) -> ColumnSchema:
         for c in self.columns:
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    def column_roles(self, spec: ProjectSpec) -> list[ColumnRole]:
+        """Every column the schema knows, with its role, kind, dtype and why: the schema's columns in
+        order, then the ignored ones. `why` names the project file's key when `spec` decided it, else
+        what inference saw (read back from the schema: kind and dtype), or the recorded reason."""
+        keys = {spec.data.target: "data.target", spec.data.id: "data.id",
+                spec.data.timestamp: "data.timestamp"}
+        for kind in ("numeric", "categorical", "datetime"):
+            keys |= {name: f"features.{kind}" for name in getattr(spec.features, kind) or []}
+        out = []
+        for col in self.columns:
+            named = keys.get(col.name)
+            if named and named.startswith("features.") and named != f"features.{col.kind}":
+                named = None  # the file was edited after inference: see `spec_conflicts`
+            why = f"{named} in the project file" if named else f"inferred: {_kind_evidence(col)}"
+            out.append(ColumnRole(col.name, col.role, col.kind, col.dtype, why))
+        out += [ColumnRole(name, "ignored", None, None, why) for name, why in self.ignored.items()]
+        return out
+
+    def spec_conflicts(self, spec: ProjectSpec) -> list[str]:
+        """Where the project file's `features` section and this schema disagree (the file was edited after
+        the schema was inferred; the schema, the contract, wins until it is changed): one line each."""
+        lines = []
+        features = {c.name: c for c in self.features}
+        for kind in ("numeric", "categorical", "datetime"):
+            for name in getattr(spec.features, kind) or []:
+                col = features.get(name)
+                if col is None:
+                    why = self.ignored.get(name, "not in the schema")
+                    lines.append(f"features.{kind} names {name!r}, which the schema leaves out ({why})")
+                elif col.kind != kind:
+                    lines.append(f"features.{kind} names {name!r}, which the schema reads as {col.kind}")
+        lines += [f"features.exclude names {name!r}, which the schema uses as a feature"
+                  for name in spec.features.exclude if name in features]
+        return lines
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -270,6 +420,18 @@ class Schema:
                 except OverflowError:  # an integer past float's range
                     return None
                 numbers.append(array)
+            elif col.is_bool:  # JSON true/false and the column's spellings; null only where training had some
+                if not types <= (_BOOL_NULLABLE if col.nullable else _BOOL_PLAIN):  # no ints: True == 1
+                    return None
+                spelled = col.bool_spelled
+                found = [spelled.get(v) for v in values]  # bools and exact spellings: one lookup each
+                if None in found:  # nulls, and spellings in another case (" YES")
+                    for n, v in enumerate(values):
+                        if found[n] is None and v is not None:
+                            found[n] = col.bool_lookup.get(v.strip().lower()) if type(v) is str else None
+                            if found[n] is None:
+                                return None  # not a spelling of this column: the full check names it
+                array = np.array(found, dtype=object)
             elif col.kind == "categorical":
                 if types <= _PLAIN_TEXT:
                     out[col.name] = np.array(values, dtype=object)
@@ -300,11 +462,15 @@ class Schema:
             checked.frame = frame if coerce else None
             return checked
         wanted = self.columns if mode == "dataset" else self.features
-        known = {c.name for c in self.columns}
-        for name in frame.columns:
-            if name not in known:
-                report.anomalies.append(Anomaly(str(name), "unexpected_column", "warning", len(frame),
-                                                "not in the schema; ignored"))
+        # Columns the schema left out on purpose (excluded, identifiers) are known: no warning. The rest:
+        # one line naming them all.
+        known = {c.name for c in self.columns} | self.ignored.keys()
+        unknown = [str(name) for name in frame.columns if name not in known]
+        if unknown:
+            report.anomalies.append(Anomaly(
+                ", ".join(unknown), "unexpected_column", "warning", len(frame),
+                "not in the schema; ignored" if len(unknown) == 1 else "columns not in the schema; ignored",
+                values=unknown))
         out: dict[str, pd.Series] = {}
         for col in wanted:
             if col.name not in frame.columns:
@@ -353,54 +519,231 @@ def _is_numeric(series: pd.Series) -> bool:
 
 
 def _looks_numeric(series: pd.Series) -> bool:
-    """Numeric dtype, or text of which nearly all values parse as numbers (a CSV column with a few bad cells)."""
+    """Numeric dtype, or text of which nearly all values are numbers (a CSV column with a few bad cells),
+    written plainly or all in one of NUMBER_FORMATS; never text with leading zeros (see `_numeric_reading`)."""
+    return _numeric_reading(series)[0]
+
+
+def _numeric_reading(series: pd.Series) -> tuple[bool, str | None]:
+    """(whether the column holds numbers, the key of NUMBER_FORMATS they are written in, or None: plainly).
+
+    Text is numbers when at least NUMERIC_SHARE of its present values parse, plainly (`1234.5`, `1e3`) or
+    else in the one format of NUMBER_FORMATS that parses the most of them (`1,234.5`; `1.234,5`). Text
+    with a leading zero (`007`, `01234`: postal and product codes) is never numbers: read through a float,
+    the code would lose its zeros, and `01234` and `1234` would become one value."""
     if _is_numeric(series):
-        return True
+        return True, None
     if pd.api.types.is_bool_dtype(series) or pd.api.types.is_datetime64_any_dtype(series):
-        return False
+        return False, None
     present = series.dropna()
     if present.empty:
+        return False, None
+    if present.dtype == object and not all(isinstance(v, str) for v in present):
+        parsed = _to_float(present)  # objects from a frame: numbers and text mixed
+        return bool(parsed.notna().mean() >= NUMERIC_SHARE), None
+    text = present.astype(str).str.strip()
+    if text.str.contains(r"\d").mean() < NUMERIC_SHARE or text.str.match(LEADING_ZERO).any():
+        return False, None
+    plain = _to_float(text).notna()
+    if plain.mean() >= NUMERIC_SHARE:
+        return True, None
+    best, share, written = None, 0.0, plain.to_numpy()
+    for name, (_, _, pattern) in _FORMATS.items():
+        matched = text.str.match(pattern).to_numpy(dtype=bool)
+        written = written | matched
+        if matched.mean() > share:
+            best, share = name, float(matched.mean())
+    # Numbers written in more than one way (1,234.5 beside 1.234,5): numbers in the most common format,
+    # and the others are errors that name it, not a column of text nobody can learn from.
+    return (True, best) if written.mean() >= NUMERIC_SHARE else (False, None)
+
+
+def _looks_datetime(series: pd.Series) -> bool:
+    """A date/time dtype, or text of which nearly all present values are ISO 8601 dates or times (with an
+    offset, `Z`, or none). Other spellings (`03/01/2026`: March or January?) are not guessed; name such a
+    column under features.datetime to read it as dates."""
+    if pd.api.types.is_datetime64_any_dtype(series):
+        return True
+    if _is_numeric(series) or pd.api.types.is_bool_dtype(series):
         return False
-    parsed = _to_float(present.astype(str) if present.dtype == object else present)
-    return bool(parsed.notna().mean() >= 0.95)
+    present = series.dropna()
+    if present.empty or (present.dtype == object and not all(isinstance(v, str) for v in present)):
+        return False
+    text = present.astype(str).str.strip()
+    return bool(text.str.match(ISO_DATETIME).mean() >= NUMERIC_SHARE)
 
 
-def _dtype_name(series: pd.Series, kind: Kind) -> str:
+def _value_format(series: pd.Series, kind: Kind, role: Role) -> dict[str, Any]:
+    """How a column's values are written, learned with its kind from the first data: the `dtype`, and for
+    bool features their spellings, for numbers written with separators their format, for date/times with
+    a zone (a Parquet column in Europe/Paris) that zone. Every later read of the column follows it."""
     if kind == "datetime":
-        return "datetime"
-    if pd.api.types.is_bool_dtype(series):
-        return "bool"
+        tz = getattr(series.dtype, "tz", None)
+        zone = getattr(tz, "key", None) or getattr(tz, "zone", None)  # a named zone; fixed offsets are UTC
+        return {"dtype": "datetime", "timezone": zone if zone not in (None, "UTC", "utc") else None}
     if kind == "numeric":
-        return "int" if pd.api.types.is_integer_dtype(series) else "float"
-    return "string"
+        return {"dtype": "int" if pd.api.types.is_integer_dtype(series) else "float",
+                "number_format": _numeric_reading(series)[1]}
+    spellings = _bool_spellings(series) if role == "feature" else None
+    if spellings is not None:
+        return {"dtype": "bool", "true_values": spellings[0], "false_values": spellings[1]}
+    return {"dtype": "bool" if pd.api.types.is_bool_dtype(series) else "string"}
+
+
+def _bool_spellings(series: pd.Series) -> tuple[list[str], list[str]] | None:
+    """(true spellings, false spellings) of a true/false column, the most frequent of each first; None when
+    the column is not one. Bools are; text is when every present value is a spelling in BOOL_SPELLINGS
+    (any case) and both values occur (a column holding only `f` may be anything, `m` and `f` are not bools)."""
+    present = series.dropna()
+    if present.empty:
+        return None
+    if pd.api.types.is_bool_dtype(series) or all(isinstance(v, (bool, np.bool_)) for v in present.unique()):
+        return ["True"], ["False"]
+    if present.dtype == object and not all(isinstance(v, str) for v in present.unique()):
+        return None
+    counts = present.astype(str).str.strip().value_counts()
+    if len(counts) > 2 * len(BOOL_SPELLINGS):  # no more distinct spellings than there are
+        return None
+    truth = {str(v): BOOL_SPELLINGS.get(str(v).lower()) for v in counts.index}
+    if None in truth.values() or len(set(truth.values())) != 2:
+        return None
+    out: tuple[list[str], list[str]] = ([], [])
+    for value in counts.index:  # most frequent first: the first spelling of each value is its canonical one
+        spelled = out[0] if truth[str(value)] else out[1]
+        if str(value).lower() not in {s.lower() for s in spelled}:
+            spelled.append(str(value))
+    return out
+
+
+# Identifier detection (see `_inferred_kind`). A column is judged only on at least ID_MIN_ROWS present
+# values: on fewer, one value per row is what most columns show.
+ID_MIN_ROWS = 20
+ID_UNIQUE_SHARE = 0.95  # "one value per row": at least this share of the present values are distinct
+ID_DENSE_SPAN = 1.5  # whole numbers spread over at most this many times their count: a run of numbers
+ID_NAME_WORDS = frozenset({"id", "ids", "identifier", "no", "nr", "num", "number", "key", "code", "uuid",
+                           "guid", "ref", "reference", "serial", "account"})
 
 
 def _feature_kinds(frame: pd.DataFrame, spec: ProjectSpec,
-                   roles: dict[str, Role]) -> tuple[set[str], set[str], set[str]]:
+                   roles: dict[str, Role]) -> tuple[set[str], set[str], set[str], dict[str, str]]:
+    """The numeric, categorical and date/time features of `frame`, and the columns left out with why.
+    Columns named under features.<kind> take that kind; every other one that has no role is inferred
+    (unless excluded or features.infer_others is false).
+    Raises DataError for a named column the data lacks."""
     feats = spec.features
-    explicit = (feats.numeric or []) + (feats.categorical or []) + (feats.datetime or [])
-    absent = [c for c in explicit if c not in frame.columns]
-    if absent:
-        raise DataError(f"features named in the project file are not in the data: {absent}")
     numeric = set(feats.numeric or [])
     categorical = set(feats.categorical or [])
     datetimes = set(feats.datetime or [])
-    if feats.numeric is not None or feats.categorical is not None or feats.datetime is not None:
-        return numeric, categorical, datetimes
+    absent = [c for c in [*(feats.numeric or []), *(feats.categorical or []), *(feats.datetime or [])]
+              if c not in frame.columns]
+    if absent:
+        raise DataError(f"features named in the project file are not in the data: {absent}; "
+                        f"the data has {list(frame.columns)}")
+    ignored: dict[str, str] = {}
     for name in frame.columns:
-        if name in roles or name in feats.exclude:
+        if name in roles or name in numeric or name in categorical or name in datetimes:
             continue
-        series = frame[name]
-        if _looks_numeric(series):
-            numeric.add(name)
-        elif pd.api.types.is_datetime64_any_dtype(series):
-            datetimes.add(name)
+        if name in feats.exclude:
+            ignored[str(name)] = "features.exclude in the project file"
+        elif not feats.infer_others:
+            ignored[str(name)] = ("not named under features.numeric, categorical or datetime, and "
+                                  "features.infer_others is false")
         else:
-            distinct = series.nunique(dropna=True)
-            # Free text and identifiers (nearly one value per row) carry no reusable signal.
-            if distinct <= MAX_DOMAIN and distinct <= max(20, 0.5 * len(series)):
-                categorical.add(name)
-    return numeric, categorical, datetimes
+            kind, why = _inferred_kind(str(name), frame[name])
+            if kind is None:
+                ignored[str(name)] = why
+            else:
+                {"numeric": numeric, "categorical": categorical, "datetime": datetimes}[kind].add(name)
+    return numeric, categorical, datetimes, ignored
+
+
+def _inferred_kind(name: str, series: pd.Series) -> tuple[Kind | None, str]:
+    """The kind of a column nobody named, or None and why it is no feature.
+
+    Numbers are numeric, unless they look like an identifier (`_numeric_identifier`); dates are datetime;
+    bools and text are categorical, unless the text has a different value on nearly every row (an
+    identifier, a UUID, a code or free text: no value recurs, so none can be learned; the rule of
+    AutoGluon's DropUniqueFeatureGenerator, max_unique_ratio 0.99, here 0.95 on at least ID_MIN_ROWS
+    values) or too many values to be a category (more than MAX_DOMAIN, or than half the rows and 20)."""
+    if _looks_numeric(series):
+        why = _numeric_identifier(name, series)
+        return (None, why) if why else ("numeric", "")
+    if _looks_datetime(series):
+        return "datetime", ""
+    if pd.api.types.is_bool_dtype(series):
+        return "categorical", ""
+    present = series.dropna()
+    distinct = int(present.nunique())
+    keep = f"to use it as a feature, name it in the project file: features.categorical: [{name}]"
+    if len(present) >= ID_MIN_ROWS and distinct >= ID_UNIQUE_SHARE * len(present):
+        return None, (f"looks like an identifier or free text: {distinct} different values in "
+                      f"{len(present)} rows (e.g. {_examples(present)}), none recurs; {keep}")
+    if distinct > MAX_DOMAIN or distinct > max(20, 0.5 * len(series)):
+        return None, (f"too many different values for a category: {distinct} in {len(present)} rows "
+                      f"(e.g. {_examples(present)}); {keep}")
+    return "categorical", ""
+
+
+def _numeric_identifier(name: str, series: pd.Series) -> str | None:
+    """Why a column of numbers looks like an identifier, or None when it is an ordinary number.
+
+    An identifier is whole numbers (an integer column; floats only when they are whole numbers made float
+    by missing values), a different one on nearly every row (ID_UNIQUE_SHARE of at least ID_MIN_ROWS), and
+    besides one of: rising or falling with the row order (numbers handed out in sequence), a run of
+    consecutive numbers (spread over at most ID_DENSE_SPAN times their count: 100001 .. 102000 shuffled)
+    or a name whose last word says so (account_no, customer_number, order_id). A measurement has
+    fractions (monthly charges) or repeats (age, counts); whole amounts that are all different, like
+    incomes, are neither in row order, nor dense, nor named as ids, and stay features."""
+    if pd.api.types.is_bool_dtype(series):
+        return None
+    if pd.api.types.is_float_dtype(series) and not series.isna().any():
+        return None  # a float column without gaps was written as floats: a measurement
+    values = _to_float(series).to_numpy()
+    values = values[np.isfinite(values)]
+    if len(values) < ID_MIN_ROWS or not np.array_equal(values, np.round(values)):
+        return None
+    distinct = len(np.unique(values))
+    if distinct < ID_UNIQUE_SHARE * len(values):
+        return None
+    steps = np.diff(values)
+    lo, hi = float(values.min()), float(values.max())
+    if (steps >= 0).all() or (steps <= 0).all():
+        how = f"{'rising' if steps.sum() >= 0 else 'falling'} with the row order"
+    elif hi - lo + 1 <= ID_DENSE_SPAN * distinct:
+        how = "a run of consecutive numbers"
+    elif _words(name)[-1:] and _words(name)[-1] in ID_NAME_WORDS:
+        how = "named like an identifier"
+    else:
+        return None
+    return (f"looks like an identifier: whole numbers, {distinct} different in {len(values)} rows, {how} "
+            f"({lo:.0f} .. {hi:.0f}); to use it as a feature, name it in the project file: "
+            f"features.numeric: [{name}] (or features.categorical for codes)")
+
+
+def _words(name: str) -> list[str]:
+    """The words of a column name, lower case: 'accountNo' and 'account_no' -> ['account', 'no']."""
+    return [w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", name)]
+
+
+def _examples(present: pd.Series, n: int = 3) -> str:
+    return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in present.head(n).tolist())
+
+
+def _kind_evidence(col: ColumnSchema) -> str:
+    """What inference saw in a column, read back from its schema entry."""
+    # getattr: how values are written is recorded by the type-parsing part of the schema, when it knows
+    number_format, zone = getattr(col, "number_format", None), getattr(col, "timezone", None)
+    if col.kind == "numeric":
+        return ("whole numbers" if col.dtype == "int" else "numbers") + (
+            f", written as {number_format}" if number_format else "")
+    if col.kind == "datetime":
+        return "dates and times" + (f", those without an offset in {zone}" if zone else "")
+    if col.dtype == "bool":
+        trues, falses = getattr(col, "true_values", None), getattr(col, "false_values", None)
+        return "true/false values" + (f" (written {trues[0]}/{falses[0]})" if trues and falses else "")
+    if col.dtype != "string":
+        return f"{col.dtype} values"
+    return f"text, {len(col.categories)} categories" if col.categories is not None else "text"
 
 
 # -- conversion helpers ---------------------------------------------------------------------------
@@ -440,16 +783,66 @@ def _category_strings(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _parse_datetimes(series: pd.Series) -> pd.Series:
-    """UTC timestamps at microsecond resolution, however they arrived (so equal data hashes equal)."""
+def _parse_datetimes(series: pd.Series, timezone: str | None = None) -> pd.Series:
+    """UTC timestamps at microsecond resolution, however they arrived (so equal data hashes equal): one
+    instant written with any offset, with `Z`, or without an offset (read in `timezone`, UTC when None)
+    is one value. Text is read as ISO 8601 first, then, for text that is not, by pandas' "mixed" parser
+    (dateutil: `Mar 1 2026`); what neither reads is NaT. Values that are not text or times are NaT."""
     if pd.api.types.is_datetime64_any_dtype(series):
-        parsed = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
-    else:
+        if series.dt.tz is not None:
+            return series.dt.tz_convert("UTC").dt.as_unit("us")
+        return _localize(series, timezone).dt.as_unit("us")
+    if _is_numeric(series) or pd.api.types.is_bool_dtype(series):  # 5 is no date: its unit is a guess
+        return pd.Series(pd.NaT, index=series.index, dtype="datetime64[us, UTC]")
+    if series.dtype == object:
+        times = series.map(lambda v: isinstance(v, (str, dt.date, np.datetime64))).to_numpy(dtype=bool)
+        if not times.all():
+            series = series.where(times)
+    if timezone is None or timezone == "UTC":
+        return _parse_times(series, utc=True)
+    # Values with an offset are instants; the others are wall-clock times in the schema's zone.
+    text = series.astype(object).where(series.notna())
+    offset = text.map(_has_offset).to_numpy(dtype=bool)
+    out = pd.Series(pd.NaT, index=series.index, dtype="datetime64[us, UTC]")
+    if offset.any():
+        out[offset] = _parse_times(text[offset], utc=True)
+    if (~offset).any():
+        out[~offset] = _localize(_parse_times(text[~offset], utc=False), timezone).dt.as_unit("us")
+    return out
+
+
+OFFSET = r"(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"  # how an ISO 8601 time ends when it names its offset
+
+
+def _has_offset(value: Any) -> bool:
+    """A time that names its offset (text ending in one, or an aware datetime): an instant in any zone."""
+    if isinstance(value, str):
+        return re.search(OFFSET, value.strip()) is not None
+    return isinstance(value, dt.datetime) and value.tzinfo is not None
+
+
+def _parse_times(series: pd.Series, utc: bool) -> pd.Series:
+    try:
+        parsed = pd.to_datetime(series, utc=utc, format="ISO8601")
+    except (ValueError, TypeError, OverflowError):
         try:
-            parsed = pd.to_datetime(series, utc=True, format="ISO8601")
-        except (ValueError, TypeError, OverflowError):
+            parsed = pd.to_datetime(series, errors="coerce", utc=utc, format="mixed")
+        except (ValueError, TypeError, OverflowError):  # naive and aware objects mixed: as UTC
             parsed = pd.to_datetime(series, errors="coerce", utc=True, format="mixed")
+    if not pd.api.types.is_datetime64_any_dtype(parsed):  # naive and aware values mixed: not times here
+        parsed = pd.to_datetime(parsed, errors="coerce", utc=True)
     return parsed.dt.as_unit("us")
+
+
+def _localize(naive: pd.Series, timezone: str | None) -> pd.Series:
+    """Naive times read as wall-clock times in `timezone` (UTC when None), as UTC. A time the clock skips
+    (spring forward) moves forward; one it shows twice (fall back) is the first, as in Python's fold=0."""
+    if naive.dt.tz is not None:
+        return naive.dt.tz_convert("UTC")
+    if timezone is None or timezone == "UTC":
+        return naive.dt.tz_localize("UTC")
+    first = np.ones(len(naive), dtype=bool)  # ambiguous=True: the daylight-saving (first) reading
+    return naive.dt.tz_localize(timezone, ambiguous=first, nonexistent="shift_forward").dt.tz_convert("UTC")
 
 
 # -- the checks -----------------------------------------------------------------------------------
@@ -460,10 +853,12 @@ def _check_column(col: ColumnSchema, series: pd.Series, checked: Checked, null_r
     if col.kind == "numeric":
         result, nulls = _check_numeric(col, series, checked)
     elif col.kind == "datetime":
-        result = _parse_datetimes(series)
+        result = _parse_datetimes(series, col.timezone)
         nulls = series.isna().to_numpy()
         _add(checked, col.name, "type_mismatch", "error", result.isna().to_numpy() & ~nulls, series,
              "values are not dates or times")
+    elif col.is_bool:
+        result, nulls = _check_bool(col, series, checked)
     else:
         result, nulls = _check_categorical(col, series, checked, coerce)
     _check_nulls(col, series, nulls, checked, null_rates)
@@ -471,12 +866,13 @@ def _check_column(col: ColumnSchema, series: pd.Series, checked: Checked, null_r
 
 
 def _check_numeric(col: ColumnSchema, series: pd.Series, checked: Checked) -> tuple[pd.Series, np.ndarray]:
+    not_numbers = "values are not numbers" + (f" written as {col.number_format}" if col.number_format else "")
     text = _arrow_text(series)
     if text is not None:  # Arrow-backed text (a CSV read as text, pandas' str dtype): parse in Arrow
-        parsed = _parse_numbers(text)
+        parsed = _parse_numbers(text, col.number_format)
         values = parsed.to_numpy(zero_copy_only=False)
         nulls = text.is_null().to_numpy(zero_copy_only=False)
-        _add(checked, col.name, "type_mismatch", "error", np.isnan(values) & ~nulls, series, "values are not numbers")
+        _add(checked, col.name, "type_mismatch", "error", np.isnan(values) & ~nulls, series, not_numbers)
         result = pd.Series(values, index=series.index, copy=False)
     elif _is_numeric(series):
         values = series.to_numpy(dtype="float64", na_value=np.nan)
@@ -485,14 +881,14 @@ def _check_numeric(col: ColumnSchema, series: pd.Series, checked: Checked) -> tu
     else:
         # Text or mixed objects: what parses is a number, the rest is a type mismatch.
         raw_nulls = series.isna().to_numpy()
-        result = _to_float(series)
+        result = _to_float(series if col.number_format is None else _unformat(series, col.number_format))
         values = result.to_numpy()
         is_bool = _bools(series, values, raw_nulls)
         if is_bool.any():  # True is not the number 1
             values = np.where(is_bool, np.nan, values)
             result = pd.Series(values, index=series.index)
         bad = (np.isnan(values) & ~raw_nulls) | is_bool
-        _add(checked, col.name, "type_mismatch", "error", bad, series, "values are not numbers")
+        _add(checked, col.name, "type_mismatch", "error", bad, series, not_numbers)
         nulls = raw_nulls
     lo, hi = _finite_range(values)
     if lo is None:
@@ -524,15 +920,38 @@ def _arrow_text(series: pd.Series) -> pa.ChunkedArray | None:
     return data if pa.types.is_string(data.type) or pa.types.is_large_string(data.type) else None
 
 
-def _parse_numbers(text: pa.ChunkedArray) -> pa.ChunkedArray:
+def _parse_numbers(text: pa.ChunkedArray, number_format: str | None = None) -> pa.ChunkedArray:
     """Text to float64; what is not a number becomes null. One cast when every cell parses, else
-    a regular expression picks the cells that do (both run in Arrow's C++)."""
-    try:
-        return pc.cast(text, pa.float64())
-    except pa.ArrowInvalid:
-        trimmed = pc.utf8_trim_whitespace(text)
-        numeric = pc.match_substring_regex(trimmed, NUMBER)
-        return pc.cast(pc.if_else(numeric, trimmed, pa.scalar(None, trimmed.type)), pa.float64())
+    a regular expression picks the cells that do (both run in Arrow's C++). With `number_format` (a key
+    of NUMBER_FORMATS), only text in that format is a number: `1,234.5` is 1234.5 in "1,234.5", and
+    `1.234` is 1234 in "1.234,5" (there, `1.5` is no number at all: it is not written that way)."""
+    if number_format is None:
+        try:
+            return pc.cast(text, pa.float64())
+        except pa.ArrowInvalid:
+            trimmed = pc.utf8_trim_whitespace(text)
+            numeric = pc.match_substring_regex(trimmed, NUMBER)
+            return pc.cast(pc.if_else(numeric, trimmed, pa.scalar(None, trimmed.type)), pa.float64())
+    groups, decimal, pattern = _FORMATS[number_format]
+    trimmed = pc.utf8_trim_whitespace(text)
+    kept = pc.if_else(pc.match_substring_regex(trimmed, pattern), trimmed, pa.scalar(None, trimmed.type))
+    if groups:
+        kept = pc.replace_substring_regex(kept, f"[{re.escape(groups)}]", "")
+    if decimal != ".":
+        kept = pc.replace_substring(kept, decimal, ".")
+    return pc.cast(kept, pa.float64())
+
+
+def _unformat(series: pd.Series, number_format: str) -> pd.Series:
+    """An object column with its text read in `number_format` (as floats, NaN where it is not in that
+    format); numbers and other objects stay as they are, for the caller's checks."""
+    values = series.to_numpy(dtype=object, copy=True)
+    text = np.flatnonzero([isinstance(v, str) for v in values])
+    if len(text):
+        strings = pa.chunked_array([pa.array(values[text].tolist(), type=pa.string())])
+        parsed = _parse_numbers(strings, number_format)
+        values[text] = parsed.to_numpy(zero_copy_only=False)
+    return pd.Series(values, index=series.index, dtype=object)
 
 
 def _bools(series: pd.Series, values: np.ndarray, nulls: np.ndarray) -> np.ndarray:
@@ -556,6 +975,58 @@ def _finite_range(values: np.ndarray) -> tuple[float | None, float | None]:
     return (None, None) if np.isnan(lo) else (float(lo), float(hi))
 
 
+def _check_bool(col: ColumnSchema, series: pd.Series, checked: Checked) -> tuple[pd.Series, np.ndarray]:
+    """A true/false feature: bools, and text in one of the column's own spellings (any case), become its
+    canonical spellings (`true_values[0]`, `false_values[0]`); anything else (`5`, `0`, `"maybe"`, a
+    spelling the data never used) is an error naming the spellings it takes. MLflow's schema enforcement
+    turns 0/1 into bools silently for a boolean column; here a value means what the training data meant."""
+    trues, falses = col.true_values or ["True"], col.false_values or ["False"]
+    lookup = col.bool_lookup
+    if pd.api.types.is_bool_dtype(series):  # bool, or pandas' nullable boolean
+        nulls = series.isna().to_numpy()
+        flags = series.to_numpy(dtype=object, na_value=None)
+        out = np.where(flags == True, trues[0], falses[0]).astype(object)  # noqa: E712 - an object array
+        out[nulls] = None
+        return pd.Series(out, index=series.index, dtype=object), nulls
+    if series.dtype == object:  # keyed by type too: True == 1 in Python, and pandas would merge them
+        values = series.to_numpy(dtype=object)
+        codes = np.empty(len(values), dtype=np.intp)
+        index: dict[Any, int] = {}
+        uniques_values: list[Any] = []
+        for i, value in enumerate(values):
+            try:
+                key: Any = (type(value), value)
+                hash(key)
+            except TypeError:  # a list or a dict: no spelling of anything
+                key = (type(value), id(value))
+            n = index.get(key)
+            if n is None:
+                n = index[key] = len(uniques_values)
+                uniques_values.append(value)
+            codes[i] = n
+    else:
+        codes, found = pd.factorize(series, use_na_sentinel=True)
+        uniques_values = list(found)
+    mapped = np.empty(len(uniques_values) + 1, dtype=object)  # the last slot: missing (code -1)
+    bad_codes, null_codes = [], [-1]
+    for n, value in enumerate(uniques_values):
+        if value is None or (not isinstance(value, (str, list, tuple, dict, set, np.ndarray)) and pd.isna(value)):
+            null_codes.append(n)  # None, NaN, NA, NaT
+        elif isinstance(value, (bool, np.bool_)):
+            mapped[n] = trues[0] if value else falses[0]
+        elif isinstance(value, str) and value.strip().lower() in lookup:
+            mapped[n] = lookup[value.strip().lower()]
+        else:
+            bad_codes.append(n)
+    codes = np.asarray(codes)
+    nulls = np.isin(codes, null_codes)
+    if bad_codes:
+        _add(checked, col.name, "type_mismatch", "error", np.isin(codes, bad_codes), series,
+             f"values are not true/false: this column takes {' or '.join(trues)} for true and "
+             f"{' or '.join(falses)} for false (any case), or JSON true/false")
+    return pd.Series(mapped[codes], index=series.index, dtype=object), nulls
+
+
 def _check_categorical(col: ColumnSchema, series: pd.Series, checked: Checked,
                        coerce: bool) -> tuple[pd.Series | None, np.ndarray]:
     text = _arrow_text(series)
@@ -565,8 +1036,8 @@ def _check_categorical(col: ColumnSchema, series: pd.Series, checked: Checked,
             known = pc.is_in(text, value_set=pa.array(col.categories, type=text.type))
             if (pc.sum(known).as_py() or 0) < len(text) - text.null_count:
                 unseen = ~known.to_numpy(zero_copy_only=False) & ~nulls
-                _add(checked, col.name, "unseen_category", "warning", unseen, series,
-                     f"categories not seen in training (known: {_short(col.categories)})")
+                distinct = pc.unique(pc.filter(text, pa.array(unseen))).to_pylist()
+                _add_unseen(checked, col, unseen, series, [str(v) for v in distinct])
         return (series if coerce else None), nulls
     if series.dtype == object:
         unhashable = series.map(lambda v: isinstance(v, (list, dict, set))).to_numpy()
@@ -580,8 +1051,7 @@ def _check_categorical(col: ColumnSchema, series: pd.Series, checked: Checked,
     if col.categories is not None and len(strings):
         unseen = ~np.isin(strings, col.categories)
         if unseen.any():
-            _add(checked, col.name, "unseen_category", "warning", np.isin(codes, np.flatnonzero(unseen)), series,
-                 f"categories not seen in training (known: {_short(col.categories)})")
+            _add_unseen(checked, col, np.isin(codes, np.flatnonzero(unseen)), series, list(strings[unseen]))
     if not coerce:
         return None, nulls
     lookup = np.append(strings, None)  # code -1 (missing) reads the trailing None
@@ -596,6 +1066,9 @@ def _check_nulls(col: ColumnSchema, series: pd.Series, nulls: np.ndarray, checke
         _add(checked, col.name, "missing_label", "error", nulls, series, "missing labels")
     elif col.role in ("id", "timestamp"):
         _add(checked, col.name, "null_values", "error", nulls, series, f"missing {col.role} values")
+    elif not col.nullable and col.is_bool:  # no missing state was learned: neither true nor false is a guess
+        _add(checked, col.name, "null_values", "error", nulls, series,
+             "missing values in a true/false column the training data had none in; send true or false")
     elif not col.nullable:
         _add(checked, col.name, "null_values", "warning", nulls, series,
              "missing values in a column the schema has none in")
@@ -623,6 +1096,47 @@ def _add(checked: Checked, column: str, kind: str, severity: Severity, mask: np.
                                             [int(p) for p in positions], values))
     if severity == "error":
         checked.reasons.append((mask, column, message))
+
+
+def _add_unseen(checked: Checked, col: ColumnSchema, mask: np.ndarray, original: pd.Series,
+                categories: list[str]) -> None:
+    """An unseen_category warning that counts categories and rows apart and names the categories:
+    "6 categories not seen in training (334 rows): 'a', 'b', ..." (TFDV reports the rows only)."""
+    before = len(checked.report.anomalies)
+    _add(checked, col.name, "unseen_category", "warning", mask, original, "unseen")
+    if len(checked.report.anomalies) > before:
+        a = checked.report.anomalies[-1]
+        kept = categories[:MAX_DOMAIN]
+        tail = f" (known: {_short(col.categories or [])})"
+        checked.report.anomalies[-1] = replace(a, message=unseen_message(kept, a.count, tail), categories=kept)
+
+
+def unseen_message(categories: list[str], rows: int, tail: str = "") -> str:
+    """"N categories not seen in training (R rows): 'a', 'b', ..." + tail; N reads "1000+" when the
+    list was capped at MAX_DOMAIN distinct values."""
+    n = len(categories)
+    count = f"{n}+" if n >= MAX_DOMAIN else str(n)
+    shown = [repr(c if len(c) <= 40 else c[:37] + "...") for c in categories[:5]]
+    names = ", ".join(shown) + (f", ... ({count} in all)" if n > 5 else "")
+    return (f"{count} {'category' if n == 1 else 'categories'} not seen in training "
+            f"({rows} {'row' if rows == 1 else 'rows'}): {names}{tail}")
+
+
+def _merge_unseen(mine: Anomaly, later: Anomaly, rows: int) -> Anomaly:
+    """Two batches' unseen_category warnings of one column as one: distinct categories and rows summed."""
+    known = set(mine.categories)
+    extra = [c for c in later.categories if c not in known][:max(0, MAX_DOMAIN - len(mine.categories))]
+    categories = mine.categories + extra
+    _, sep, rest = mine.message.partition(" (known: ")
+    keep = EXAMPLES - len(mine.rows)
+    return replace(mine, count=rows, message=unseen_message(categories, rows, sep + rest), categories=categories,
+                   rows=mine.rows + later.rows[:keep], values=mine.values + later.values[:keep])
+
+
+def _merge_key(a: Anomaly) -> tuple[str, str, str, str]:
+    """Anomalies of two batches with this key are one anomaly (an unseen_category message names the
+    batch's own categories, so the column and kind decide)."""
+    return a.column, a.kind, a.severity, "" if a.kind == "unseen_category" else _stem(a.message)
 
 
 def _stem(message: str) -> str:

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from everloop.data._schema import SCHEMA_FORMAT, ColumnSchema, Schema
+from everloop.data._schema import NUMBER_FORMATS, SCHEMA_FORMAT, ColumnSchema, Schema
 from everloop.errors import SpecError
 from everloop.spec import ProjectSpec, describe_errors
 from everloop.store import Store
@@ -33,12 +34,18 @@ class _Column(BaseModel):
     min: float | None = None
     max: float | None = None
     categories: list[str] | None = None
+    # How values are written (see ColumnSchema and docs/data.md, "Types and spellings"):
+    true_values: list[str] | None = None
+    false_values: list[str] | None = None
+    number_format: str | None = None
+    timezone: str | None = None
 
 
 class _SchemaFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal[1] = SCHEMA_FORMAT
     columns: dict[str, _Column]
+    ignored: dict[str, str] = Field(default_factory=dict)  # columns of the data left out: name -> why
 
 
 def schema_yaml(schema: Schema, version: int | None = None) -> str:
@@ -52,9 +59,17 @@ def schema_yaml(schema: Schema, version: int | None = None) -> str:
             entry |= {"min": col.min, "max": col.max}
         if col.categories is not None:
             entry["categories"] = col.categories
+        for spelling in ("true_values", "false_values", "number_format", "timezone"):  # only where they apply
+            if getattr(col, spelling) is not None:
+                entry[spelling] = getattr(col, spelling)
         body["columns"][col.name] = entry
+    if schema.ignored:
+        body["ignored"] = dict(schema.ignored)
     header = (f"# everloop data schema{f' (version {version})' if version else ''}.\n"
               "# Ranges were inferred with a margin of a quarter of the observed span; categories are the ones seen.\n"
+              "# 'ignored' lists the data's columns left out, with why; to use one, move it to 'columns'\n"
+              "# (with its kind and role: feature) or name it under features in everloop.yaml and run\n"
+              "# `everloop schema accept --from-data FILE`.\n"
               "# Edit freely, then run `everloop schema accept` to make this file the current schema.\n")
     return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
@@ -74,7 +89,8 @@ def load_schema_file(path: str | Path, spec: ProjectSpec) -> Schema:
         problems = describe_errors(exc, _SchemaFile)
         raise SpecError(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems),
                         path=str(path), problems=problems) from None
-    schema = Schema([ColumnSchema(name, **entry.model_dump()) for name, entry in parsed.columns.items()])
+    schema = Schema([ColumnSchema(name, **entry.model_dump()) for name, entry in parsed.columns.items()],
+                    dict(parsed.ignored))
     problems = _consistency(schema, spec)
     if problems:
         raise SpecError(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems),
@@ -93,6 +109,9 @@ def _consistency(schema: Schema, spec: ProjectSpec) -> list[str]:
             problems.append(f"role {role!r}: the schema marks {found} but the project file names no data.{role}")
     if not schema.features:
         problems.append("no feature columns")
+    both = [c.name for c in schema.columns if c.name in schema.ignored]
+    if both:
+        problems.append(f"ignored.{both[0]}: the column is also under columns; keep it in one of the two")
     for col in schema.columns:
         if col.kind == "numeric" and col.min is not None and col.max is not None and col.min > col.max:
             problems.append(f"columns.{col.name}: min {col.min} is above max {col.max}")
@@ -100,13 +119,42 @@ def _consistency(schema: Schema, spec: ProjectSpec) -> list[str]:
             problems.append(f"columns.{col.name}: categories are only for categorical columns (kind is {col.kind})")
         if col.categories is not None and len(set(col.categories)) != len(col.categories):
             problems.append(f"columns.{col.name}: categories are listed more than once")
+        problems += _spelling_problems(col)
     return problems
 
 
-def evolve(current: Schema, observed: Schema) -> Schema:
+def _spelling_problems(col: ColumnSchema) -> list[str]:
+    """What is wrong with how a column says its values are written (true/false spellings, number format,
+    time zone), one line each."""
+    problems = []
+    where = f"columns.{col.name}"
+    if (col.true_values is not None or col.false_values is not None) and col.dtype != "bool":
+        problems.append(f"{where}: true_values/false_values are only for dtype bool (dtype is {col.dtype})")
+    trues = {v.strip().lower() for v in col.true_values or []}
+    falses = {v.strip().lower() for v in col.false_values or []}
+    if trues & falses:
+        problems.append(f"{where}: {sorted(trues & falses)} is under both true_values and false_values")
+    if col.true_values == [] or col.false_values == []:
+        problems.append(f"{where}: true_values and false_values need at least one spelling each")
+    if col.number_format is not None and (col.kind != "numeric" or col.number_format not in NUMBER_FORMATS):
+        problems.append(f"{where}: number_format {col.number_format!r} is not one of {list(NUMBER_FORMATS)} "
+                        "(numeric columns only)")
+    if col.timezone is not None:
+        try:
+            ZoneInfo(col.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            problems.append(f"{where}: timezone {col.timezone!r} is not a time zone name (e.g. Europe/Paris)")
+        if col.kind != "datetime":
+            problems.append(f"{where}: timezone is only for datetime columns")
+    return problems
+
+
+def evolve(current: Schema, observed: Schema, spec: ProjectSpec | None = None) -> Schema:
     """`current` widened to admit what `observed` (inferred from new data) saw: ranges grow, new
     categories join the domain, a column that now has nulls becomes nullable. New columns are added
-    as features; columns the new data lacks are kept (removing one is an edit of the file)."""
+    as features; columns the new data lacks are kept (removing one is an edit of the file). A column the
+    current schema ignores stays ignored unless `spec` names it under features.numeric/categorical/datetime
+    (then it is added with that kind); columns `observed` ignores join the ignored ones with their reasons."""
     seen = {c.name: c for c in observed.columns}
     out = []
     for col in current.columns:
@@ -121,8 +169,14 @@ def evolve(current: Schema, observed: Schema) -> Schema:
             categories = sorted(set(col.categories) | set(new.categories or [])) if new.categories is not None else None
         out.append(replace(col, min=lo, max=hi, categories=categories, nullable=col.nullable or new.nullable,
                            max_null_rate=max(col.max_null_rate, new.max_null_rate)))
-    out += [replace(c, role="feature") if c.role == "feature" else c for c in seen.values() if c.role == "feature"]
-    return Schema(out)
+    named = set() if spec is None else {
+        n for kind in ("numeric", "categorical", "datetime") for n in getattr(spec.features, kind) or []}
+    out += [c for c in seen.values()
+            if c.role == "feature" and (c.name not in current.ignored or c.name in named)]
+    kept = {c.name for c in out}
+    ignored = {n: why for n, why in current.ignored.items() if n not in kept}
+    ignored |= {n: why for n, why in observed.ignored.items() if n not in kept and n not in ignored}
+    return Schema(out, ignored)
 
 
 def accept_schema(store: Store, schema: Schema, reason: str) -> tuple[int, bool]:
@@ -141,9 +195,12 @@ def schema_changes(old: Schema, new: Schema) -> list[str]:
     before, after = {c.name: c for c in old.columns}, {c.name: c for c in new.columns}
     lines = [f"+ column {n!r} ({after[n].kind}, {after[n].role})" for n in after if n not in before]
     lines += [f"- column {n!r}" for n in before if n not in after]
+    lines += [f"+ ignored {n!r}: {why}" for n, why in new.ignored.items() if n not in old.ignored]
+    lines += [f"- ignored {n!r}" for n in old.ignored if n not in new.ignored]
     for name in before.keys() & after.keys():
         a, b = before[name], after[name]
-        for field in ("kind", "role", "dtype", "nullable", "max_null_rate", "min", "max"):
+        for field in ("kind", "role", "dtype", "nullable", "max_null_rate", "min", "max", "true_values",
+                      "false_values", "number_format", "timezone"):
             if getattr(a, field) != getattr(b, field):
                 lines.append(f"~ {name}.{field}: {getattr(a, field)} -> {getattr(b, field)}")
         if a.categories != b.categories:

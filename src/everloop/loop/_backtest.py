@@ -17,9 +17,10 @@ import pandas as pd
 
 from everloop.data import Profile, Schema
 from everloop.errors import DataError, EverloopError
-from everloop.monitor import DriftDetector, decay_threshold, estimate_interval
+from everloop.monitor import DriftDetector, decay_threshold, estimate_interval, labelled_decay
 from everloop.spec import ProjectSpec
-from everloop.train import Fitted, allowed_loss, as_labels, fit, improvement, score_labels
+from everloop.train import (Fitted, allowed_loss, as_labels, bootstrap_labels, calibration_maps, fit, improvement,
+                            score_labels)
 
 LABELLED = "__labelled__"  # which rows have a real label
 
@@ -31,6 +32,8 @@ class _Model:
     recent_from: int  # where the rows of its current world start in `rows`
     profile: Profile
     trained_at: Any  # the time (or window number) of its training, for the cooldown
+    calibration: dict[str, Any] | None = None  # for estimated performance, as the live monitor has
+    reference_draws: np.ndarray | None = None  # its metric bootstrapped over its held-out rows
 
 
 @dataclass
@@ -66,8 +69,8 @@ def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None
     first = _train(conformed.iloc[:initial_rows], 0, schema, spec, kinds, when=_time(conformed, spec, 0))
     result = BacktestResult(first.fitted.metric, retrainings={"policy": 0, "never": 0, "every_window": 0})
     models = {"policy": first, "never": first, "every_window": first}
-    d = spec.monitoring.drift
-    for n, start in enumerate(range(initial_rows, len(conformed) - window_rows + 1, window_rows), start=1):
+    starts = list(range(initial_rows, len(conformed) - window_rows + 1, window_rows))
+    for n, start in enumerate(starts, start=1):
         window = conformed.iloc[start:start + window_rows]
         seen = conformed.iloc[:start + window_rows]
         row: dict[str, Any] = {"window": n, "start": str(window[spec.data.timestamp].iloc[0])
@@ -79,22 +82,29 @@ def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None
         drift = DriftDetector.from_spec(spec.monitoring.drift).fit_profile(policy.profile).score(
             window[schema.feature_names])
         judged = len(window) >= spec.monitoring.min_rows
-        fired = _fired(spec, policy, judged and drift.dataset_drift, row["policy"], window, schema, judged)
-        row |= {"drifted_share": drift.drifted_share, "triggers": fired, "action": "idle"}
-        if fired and not _cooling(spec, policy, window, n):
+        fired = _fired(spec, policy, judged and drift.dataset_drift, window, schema, judged)
+        row |= {"drifted_share": drift.drifted_share, "triggers": fired, "action": "idle",
+                "reason": "no trigger fired"}
+        last = n == len(starts)  # nothing is left to predict after the last window: no retraining
+        if fired and last:
+            row |= {"action": "end", "reason": f"{', '.join(fired)} fired after the last window"}
+        elif fired and not _cooling(spec, policy, window, n):
             candidate = _retrain(policy, seen, window, schema, spec, kinds, n)
             if candidate is not None and _passes(candidate, policy, schema, spec):
                 models["policy"] = candidate
                 result.retrainings["policy"] += 1
-                row["action"] = "promoted"
+                row |= {"action": "promoted", "reason": f"{', '.join(fired)} fired; the retrained model passed"}
             else:
-                row["action"] = "refused"
+                row |= {"action": "refused", "reason": f"{', '.join(fired)} fired; the retrained model "
+                        + ("could not be trained" if candidate is None else "was refused by the gate")}
         elif fired:
-            row["action"] = "cooldown"
-        every = _retrain(models["every_window"], seen, window, schema, spec, kinds, n)
-        if every is not None:
-            models["every_window"] = every
-            result.retrainings["every_window"] += 1
+            row |= {"action": "cooldown", "reason": f"{', '.join(fired)} fired within "
+                    f"{spec.retraining.cooldown_minutes:g} min (data time) of the last retraining"}
+        if not last and row["labelled_rows"]:  # a window without labels teaches nothing new
+            every = _retrain(models["every_window"], seen, window, schema, spec, kinds, n)
+            if every is not None:
+                models["every_window"] = every
+                result.retrainings["every_window"] += 1
         result.windows.append(row)
         if progress:
             progress(f"window {n}: policy {_fmt(row['policy'])}, never {_fmt(row['never'])}, every window "
@@ -120,11 +130,26 @@ def write_backtest_report(path: Any, result: BacktestResult, title: str = "everl
                              marker={"symbol": "star", "size": 14}, name="policy retrained after this window"))
     fig.update_layout(title=f"{result.metric} per window (each model predicts a window before it may learn from it)",
                       xaxis_title="window", yaxis_title=result.metric, height=480)
-    summary = result.summary()
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+    s = result.summary()
+    cell = lambda v: html.escape(_fmt(v) if isinstance(v, float) or v is None else str(v))  # noqa: E731
+    strategies = "".join(
+        f"<tr><th>{label}</th><td>{cell(s[f'mean_{name}'])}</td><td>{s['retrainings'][name]}</td></tr>"
+        for name, label in (("policy", "the spec's policy"), ("never", "never retrain"),
+                            ("every_window", "retrain every window")))
+    columns = ("window", "start", "labelled_rows", "policy", "never", "every_window", "drifted_share", "action",
+               "reason")
+    windows = "".join("<tr>" + "".join(f"<td>{cell(w.get(c))}</td>" for c in columns) + "</tr>"
+                      for w in result.windows)
+    style = "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left} table{border-collapse:collapse}"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head>"
             f"<body style='font-family:system-ui,sans-serif;margin:2em'><h1>{html.escape(title)}</h1>"
-            f"<table>{rows}</table>{fig.to_html(full_html=False, include_plotlyjs='inline')}</body></html>")
+            f"<p>{s['windows']} windows; mean {html.escape(result.metric)} per strategy (windows with too few "
+            f"labels have none):</p><table><tr><th>strategy</th><th>mean {html.escape(result.metric)}</th>"
+            f"<th>retrainings</th></tr>{strategies}</table>"
+            f"{fig.to_html(full_html=False, include_plotlyjs='inline')}"
+            f"<h2>Window by window</h2><table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{windows}"
+            f"</table></body></html>")
     Path(path).write_text(page, encoding="utf-8")
     return Path(path)
 
@@ -158,7 +183,13 @@ def _train(rows: pd.DataFrame, recent_from: int, schema: Schema, spec: ProjectSp
     fitted = fit(rows[keep].drop(columns=LABELLED), schema, spec, recent_from_row=recent_labelled,
                  recent_weight=spec.retraining.data.recent_weight)
     profile = Profile.reference(rows.iloc[recent_from:][schema.feature_names], kinds)
-    return _Model(fitted, rows.reset_index(drop=True), recent_from, profile, when)
+    held_out = fitted.eval_rows.assign(**{LABELLED: True})
+    scored = _scored(fitted, held_out, schema, 1)
+    draws = bootstrap_labels(fitted.metric, *scored, fitted.classes) if scored else None
+    calibration = None
+    if fitted.task == "classification":
+        calibration = calibration_maps(fitted.pipeline.predict_proba(held_out[schema.feature_names]), fitted.y_eval)
+    return _Model(fitted, rows.reset_index(drop=True), recent_from, profile, when, calibration, draws)
 
 
 def _retrain(current: _Model, seen: pd.DataFrame, window: pd.DataFrame, schema: Schema, spec: ProjectSpec,
@@ -192,21 +223,28 @@ def _passes(candidate: _Model, current: _Model, schema: Schema, spec: ProjectSpe
     return improvement(metric, theirs, mine) <= allowed_loss(spec.promotion.max_regression, theirs)
 
 
-def _fired(spec: ProjectSpec, model: _Model, drifted: bool, value: float | None, window: pd.DataFrame,
-           schema: Schema, judged: bool) -> list[str]:
-    """The live loop's triggers on one window: drift (when judged), performance on its real labels
-    (when enough), estimated performance (when the whole interval is worse than the threshold)."""
+def _fired(spec: ProjectSpec, model: _Model, drifted: bool, window: pd.DataFrame, schema: Schema,
+           judged: bool) -> list[str]:
+    """The live loop's triggers on one window, by the monitor's own rules: drift (when judged),
+    performance on the window's real labels (enough of them, and decayed beyond the uncertainty of
+    both the window and the training value), estimated performance (the whole interval worse)."""
     triggers, fired = spec.retraining.triggers, []
     metric = model.fitted.metric
-    threshold, _ = decay_threshold(spec, metric, model.fitted.metrics[metric])
+    expected = model.fitted.metrics[metric]
+    threshold, _ = decay_threshold(spec, metric, expected)
     if "drift" in triggers and drifted:
         fired.append("drift")
-    if "performance" in triggers and value is not None and np.isfinite(value) and improvement(
-            metric, value, threshold) < 0:
-        fired.append("performance")
+    scored = _scored(model.fitted, window, schema, spec.monitoring.min_labelled_rows)
+    if "performance" in triggers and scored is not None:
+        value = score_labels(metric, *scored, model.fitted.classes)
+        if np.isfinite(value):
+            draws = bootstrap_labels(metric, *scored, model.fitted.classes)
+            reference = model.reference_draws if model.reference_draws is not None else np.empty(0)
+            if labelled_decay(spec, metric, expected, value, draws, reference)["decayed"]:
+                fired.append("performance")
     if "estimated_performance" in triggers and judged and model.fitted.task == "classification":
         proba = model.fitted.pipeline.predict_proba(window[schema.feature_names])
-        estimate = estimate_interval(metric, proba)
+        estimate = estimate_interval(metric, proba, model.calibration)
         if estimate is not None and estimate.worse_than(threshold, metric):
             fired.append("estimated_performance")
     if "schedule" in triggers or "new_labels" in triggers:
@@ -229,8 +267,10 @@ def _time(frame: pd.DataFrame, spec: ProjectSpec, position: int, n: int = 0) -> 
     return n
 
 
-def _metric(fitted: Fitted, rows: pd.DataFrame, schema: Schema, min_labelled: int) -> float | None:
-    """The metric on the rows' real labels; None with fewer than `min_labelled` of them."""
+def _scored(fitted: Fitted, rows: pd.DataFrame, schema: Schema,
+            min_labelled: int) -> tuple[Any, np.ndarray, np.ndarray | None] | None:
+    """(truth, predicted, proba) on the rows' real labels (classes the model never saw left out);
+    None with fewer than `min_labelled` of them."""
     rows = rows[rows[LABELLED].to_numpy()]
     if len(rows) < min_labelled:
         return None
@@ -242,9 +282,14 @@ def _metric(fitted: Fitted, rows: pd.DataFrame, schema: Schema, min_labelled: in
         known = np.isin(y, np.asarray(fitted.classes, dtype=object))
         if not known.all():  # a class the model never saw cannot be scored
             y, proba = y[known], proba[known]
-        predicted = np.asarray(fitted.classes, dtype=object)[proba.argmax(axis=1)]
-        return score_labels(fitted.metric, y, predicted, proba, fitted.classes)
-    return score_labels(fitted.metric, target, fitted.pipeline.predict(features))
+        return y, np.asarray(fitted.classes, dtype=object)[proba.argmax(axis=1)], proba
+    return target.to_numpy(), fitted.pipeline.predict(features), None
+
+
+def _metric(fitted: Fitted, rows: pd.DataFrame, schema: Schema, min_labelled: int) -> float | None:
+    """The metric on the rows' real labels; None with fewer than `min_labelled` of them."""
+    scored = _scored(fitted, rows, schema, min_labelled)
+    return None if scored is None else score_labels(fitted.metric, *scored, fitted.classes)
 
 
 def _fmt(value: float | None) -> str:

@@ -72,6 +72,15 @@ class ColumnDrift:
     p_value_threshold: float | None = None  # the thresholds this column was judged with
     min_effect: float | None = None
 
+    @property
+    def severity(self) -> float:
+        """The largest effect among the signals that made the column drift (0 when it did not)."""
+        if not self.drifted:
+            return 0.0
+        effects = {"ks": self.effect, "chi2": self.effect, UNSEEN_VALUES: self.unseen_share,
+                   UNSEEN_CATEGORIES: self.unseen_share, NULL_RATE: self.null_rate_change}
+        return max((float(effects.get(r) or 0.0) for r in self.reasons), default=0.0)
+
 
 @dataclass(frozen=True)
 class DriftReport:
@@ -84,6 +93,7 @@ class DriftReport:
     dataset_drift: bool
     reference_rows: int
     current_rows: int
+    severe: list[str] = field(default_factory=list)  # counted columns that drifted by severe_effect or more
 
     @property
     def drifted(self) -> list[str]:
@@ -100,7 +110,7 @@ class DriftReport:
     def to_dict(self) -> dict[str, Any]:
         return {"columns": [asdict(c) for c in self.columns], "drifted": self.drifted,
                 "drifted_share": self.drifted_share, "dataset_drift": self.dataset_drift,
-                "counted": self.counted, "ignored": self.ignored,
+                "counted": self.counted, "ignored": self.ignored, "severe": self.severe,
                 "reference_rows": self.reference_rows, "current_rows": self.current_rows}
 
 
@@ -116,8 +126,9 @@ class DriftDetector:
 
     def __init__(self, p_value: float = 0.01, min_effect: float = 0.03, max_drifted_share: float = 0.2, *,
                  per_column: Mapping[str, tuple[float, float]] | None = None, ignore: Iterable[str] = (),
-                 include: Iterable[str] = ()):
+                 include: Iterable[str] = (), severe_effect: float | None = None):
         self.p_value = p_value
+        self.severe_effect = severe_effect
         self.min_effect = min_effect
         self.max_drifted_share = max_drifted_share
         self.per_column = dict(per_column or {})
@@ -133,7 +144,7 @@ class DriftDetector:
         ignore = set(spec.ignore) | {name for name, f in spec.features.items() if f.ignore}
         include = {name for name, f in spec.features.items() if f.ignore is False}
         return cls(spec.p_value, spec.min_effect, spec.max_drifted_share, per_column=per_column, ignore=ignore,
-                   include=include)
+                   include=include, severe_effect=spec.severe_effect)
 
     def fit(self, reference: pd.DataFrame, kinds: dict[str, str]) -> "DriftDetector":
         return self.fit_profile(Profile.reference(reference, kinds))
@@ -152,7 +163,12 @@ class DriftDetector:
         share = sum(r.drifted for r in counted) / len(counted) if counted else 0.0
         reference_rows = max((c.rows for c in self.profile_.columns.values()), default=0)
         current_rows = max((c.rows for c in window.columns.values()), default=0)
-        return DriftReport(results, share, share > self.max_drifted_share, reference_rows, current_rows)
+        # one feature moved this far (all its values new, a category a third of the rows) is drift however
+        # many other features stayed put: a share rule alone calls it healthy with 6 features
+        severe = ([r.column for r in counted if r.severity >= self.severe_effect]
+                  if self.severe_effect is not None else [])
+        return DriftReport(results, share, share > self.max_drifted_share or bool(severe), reference_rows,
+                           current_rows, severe)
 
     def is_ignored(self, name: str, kind: str) -> bool:
         """Whether a column is left out of the dataset verdict: named in `ignore`, or date/time and not

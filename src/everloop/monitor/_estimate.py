@@ -253,10 +253,20 @@ def _bin_onehot(confidence: np.ndarray) -> np.ndarray:
 
 
 def _label_probabilities(proba: np.ndarray, calibration: dict[str, Any] | None) -> np.ndarray:
-    """Each row's chance of each label: binary scores through the isotonic calibration map, if any."""
-    if proba.shape[1] == 2 and calibration:
+    """Each row's chance of each label: binary scores through the isotonic calibration map, multiclass
+    probabilities through one map per class (one-vs-rest, then renormalised per row, as NannyML's CBPE
+    calibrates multiclass models), if the model has them."""
+    if not calibration:
+        return proba
+    if proba.shape[1] == 2 and "x" in calibration:
         positive = np.interp(proba[:, 1], calibration["x"], calibration["y"])
         return np.column_stack([1 - positive, positive])
+    maps = calibration.get("classes")
+    if maps and len(maps) == proba.shape[1]:
+        mapped = np.column_stack([np.interp(proba[:, k], m["x"], m["y"]) for k, m in enumerate(maps)])
+        totals = mapped.sum(axis=1, keepdims=True)
+        # a row every map sends to 0 keeps its own probabilities rather than a division by zero
+        return np.where(totals > 0, mapped / np.where(totals > 0, totals, 1), proba)
     return proba
 
 

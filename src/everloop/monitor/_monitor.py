@@ -40,8 +40,8 @@ from everloop.monitor._skew import replay_skew, skew_alert
 from everloop.registry import PRODUCTION, load_model
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
-from everloop.train import (TrainedModel, allowed_loss, describe_tolerance, higher_is_better, improvement,
-                            label_parser, score_labels)
+from everloop.train import (TrainedModel, allowed_loss, bootstrap_labels, describe_tolerance, higher_is_better,
+                            improvement, label_parser, score_labels)
 
 log = logging.getLogger("everloop.monitor")
 READ_BATCH = 20_000
@@ -109,14 +109,16 @@ def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, r
                                {"labelled_rows": 0}, {}, not_judged={"all": "no predictions logged yet"})
         return result
     references = reference_profiles(store, trained)
-    out = None
+    out, already = None, None
     for window in plan:
         result = judge(store, spec, trained, window, references, latest=window is current)
+        if window is current:
+            out, already = result, _stored_alerts(store, trained.version, window.key)
         if record:
             _record(store, result, window)
-        if window is current:
-            out = result
-    if notify and out.alerts:
+    # a window whose alerts were already sent (a loop turning every few seconds over the same rows)
+    # does not page again; new alerts on it do
+    if notify and out.alerts and out.alerts != already:
         send_alert(spec, {"event": "monitor", "status": out.status, "model_version": out.model_version,
                           "alerts": out.alerts, "window": out.window})
     return out
@@ -165,10 +167,14 @@ def judge(store: Store, spec: ProjectSpec, trained: TrainedModel, window: _windo
     else:
         d = result.drift
         if d.dataset_drift:
-            counted = sum(not getattr(c, "ignored", False) for c in d.columns)
-            alerts.append(("drift", f"drift: {len(d.drifted)} of {counted} features drifted "
-                                    f"({d.drifted_share:.0%} > {m.drift.max_drifted_share:.0%}): "
-                                    f"{', '.join(d.drifted)}"))
+            text = (f"drift: {len(d.drifted)} of {d.counted} features drifted ({d.drifted_share:.0%}; the "
+                    f"dataset drifts above {m.drift.max_drifted_share:.0%}): {', '.join(d.drifted)}")
+            if d.severe:
+                columns = {c.column: c for c in d.columns}
+                text += "; by itself, as each moved by at least drift.severe_effect " + \
+                        f"{m.drift.severe_effect:g}: " + ", ".join(
+                            f"{n} ({'/'.join(columns[n].reasons)}, effect {columns[n].severity:.2f})" for n in d.severe)
+            alerts.append(("drift", text))
         p = result.prediction_drift
         if p.drifted:
             alerts.append(("prediction_drift", f"prediction drift: the model's "
@@ -239,7 +245,7 @@ def decay_threshold(spec: ProjectSpec, metric: str, expected: float) -> tuple[fl
     perf = spec.monitoring.performance
     sign = 1 if higher_is_better(metric) else -1
     candidates = [(expected - sign * allowed_loss(perf.max_drop, expected),
-                   f"allowed drop from training's {expected:.4f}: {describe_tolerance(perf.max_drop, expected, metric)}"
+                   f"allowed worsening from training's {expected:.4f}: {describe_tolerance(perf.max_drop, expected, metric)}"
                    " (monitoring.performance.max_drop)")]
     if perf.min_metric is not None:
         candidates.append((perf.min_metric, f"monitoring.performance.min_metric {perf.min_metric}"))
@@ -285,6 +291,7 @@ def _labelled_performance(store: Store, spec: ProjectSpec, trained: TrainedModel
     if trained.task == "classification":
         names = [str(c) for c in trained.classes]
         proba = np.array([[o["probabilities"][c] for c in names] for o in outputs], dtype=float)
+        proba /= proba.sum(axis=1, keepdims=True)  # logged rounded to 6 decimals; log loss wants sums of 1
         value = score_labels(metric, labels, predicted, proba, trained.classes)
     else:
         value = score_labels(metric, labels, predicted)
@@ -301,10 +308,62 @@ def _labelled_performance(store: Store, spec: ProjectSpec, trained: TrainedModel
     threshold, rules = decay_threshold(spec, metric, expected)
     out["threshold"], out["rules"] = threshold, rules
     out["allowed_drop"] = allowed_loss(spec.monitoring.performance.max_drop, expected)
-    out["decayed"] = improvement(metric, value, threshold) < 0
-    out["why"] = (f"worse than {threshold:.4f} ({'; '.join(rules)})" if out["decayed"]
-                  else f"within thresholds (worst allowed {threshold:.4f})")
+    names = trained.classes if trained.task == "classification" else None
+    window_draws = bootstrap_labels(metric, labels, predicted, proba if names else None, names)
+    out |= labelled_decay(spec, metric, expected, value, window_draws, _reference_draws(store, trained))
+    if "value_low" not in out:
+        result.not_judged["performance"] = out["why"]
     return out
+
+
+def labelled_decay(spec: ProjectSpec, metric: str, expected: float, value: float, window_draws: np.ndarray,
+                   reference_draws: np.ndarray) -> dict[str, Any]:
+    """Decay on real labels, judged with the uncertainty of both numbers: the window's metric
+    (`window_draws`: its bootstrap distribution) and the training value it is compared with
+    (`reference_draws`: the model's metric bootstrapped over its held-out rows). Decay only when the
+    loss is beyond the allowed drop (or the metric below min_metric) even at the favourable end of a
+    90% interval: a window of 100 labels from unchanged traffic differs from a 400-row evaluation by
+    chance more often than not, and a point comparison called that decay (about 40% of such windows).
+    Returns {decayed, why, value_low, value_high, loss, loss_low, loss_high}."""
+    perf = spec.monitoring.performance
+    out: dict[str, Any] = {"decayed": False}
+    if not len(window_draws):
+        out["why"] = f"{metric} {value:.4f}; its uncertainty could not be estimated: not judged"
+        return out
+    better, worse = (95, 5) if higher_is_better(metric) else (5, 95)
+    out["value_low"], out["value_high"] = (float(np.percentile(window_draws, q)) for q in (5, 95))
+    reasons = []
+    allowed = allowed_loss(perf.max_drop, expected)
+    if len(reference_draws):
+        rng = np.random.default_rng(1)
+        pairs = min(len(window_draws), len(reference_draws))
+        losses = improvement(metric, rng.permutation(reference_draws)[:pairs], window_draws[:pairs])
+        low, high = float(np.percentile(losses, 5)), float(np.percentile(losses, 95))
+        out |= {"loss": improvement(metric, expected, value), "loss_low": low, "loss_high": high}
+        if low > allowed:
+            reasons.append(f"worse than at training ({expected:.4f}) by {out['loss']:.4f} (90% interval "
+                           f"{low:.4f}..{high:.4f}), more than the allowed "
+                           f"{describe_tolerance(perf.max_drop, expected, metric)} (monitoring.performance.max_drop)")
+    favourable = float(np.percentile(window_draws, better))
+    if perf.min_metric is not None and improvement(metric, favourable, perf.min_metric) < 0:
+        reasons.append(f"below monitoring.performance.min_metric {perf.min_metric} even at the favourable end "
+                       f"of its 90% interval ({favourable:.4f})")
+    out["decayed"] = bool(reasons)
+    out["why"] = "; ".join(reasons) if reasons else (
+        f"within thresholds, or too uncertain to say ({metric} {value:.4f}, 90% interval "
+        f"{out['value_low']:.4f}..{out['value_high']:.4f}; training {expected:.4f})")
+    return out
+
+
+def _reference_draws(store: Store, trained: TrainedModel) -> np.ndarray:
+    """The model's metric on its own held-out rows, bootstrapped: how well the training value is known."""
+    manifest = trained.manifest
+    frame = store.get_frame(manifest["eval_artifact"])
+    if not len(frame):
+        return np.empty(0)
+    predictions = trained.predict(frame)
+    return bootstrap_labels(manifest["metric"], frame[manifest["target"]], predictions.labels, predictions.proba,
+                            trained.classes if trained.task == "classification" else None)
 
 
 def _estimated_performance(spec: ProjectSpec, trained: TrainedModel, acc: "_Accumulator", result: MonitorResult,
@@ -417,6 +476,14 @@ def _recorded_complete(store: Store, model_version: int) -> set[str]:
     with store.engine.connect() as conn:
         return set(conn.execute(sa.select(t.c.window_key).where(t.c.model_version == model_version,
                                                                 t.c.complete.is_(True))).scalars())
+
+
+def _stored_alerts(store: Store, model_version: int, key: str) -> list[str] | None:
+    t = store.tables.monitor_runs
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.select(t.c.result).where(t.c.model_version == model_version,
+                                                          t.c.window_key == key)).scalar()
+    return stored.get("alerts") if stored else None
 
 
 def _record(store: Store, result: MonitorResult, window: _windows.Window) -> None:

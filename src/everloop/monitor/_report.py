@@ -304,12 +304,15 @@ def _summary(run: dict[str, Any], spec: ProjectSpec | None) -> str:
                  else state((), estimated is not None, ("estimat",))))
     if drift:
         columns = [c for c in drift.get("columns") or [] if isinstance(c, dict)]
-        drifted = [str(c) for c in drift.get("drifted") or []] or [str(c.get("column")) for c in columns
-                                                                   if c.get("drifted")]
+        counted = [c for c in columns if not c.get("ignored")]
+        drifted = [str(c.get("column")) for c in counted if c.get("drifted")]
+        also = [str(c.get("column")) for c in columns if c.get("ignored") and c.get("drifted")]
         limit = _max_share(run, spec)
-        text = (f"{len(drifted)} of {len(columns)} features drifted ({_pct(drift.get('drifted_share'))}"
+        text = (f"{len(drifted)} of {len(counted)} counted features drifted ({_pct(drift.get('drifted_share'))}"
                 + (f"; dataset drift above {_pct(limit)}" if limit is not None else "") + ")"
-                + (f": {', '.join(drifted)}" if drifted else ""))
+                + (f": {', '.join(drifted)}" if drifted else "")
+                + (f"; by itself: {', '.join(map(str, drift['severe']))}" if drift.get("severe") else "")
+                + (f"; ignored features that drifted: {', '.join(also)}" if also else ""))
     else:
         text = "not measured"
     rows.append(("data drift", text, state(("drift:",), bool(drift), ("drift",))))
@@ -403,7 +406,7 @@ def _over_time(runs: list[dict[str, Any]], spec: ProjectSpec | None) -> go.Figur
     line([_float(p.get("estimated")) for p in perfs], "estimated without labels", 1, mode="lines+markers",
          line={"color": "#ff7f0e", "dash": "dash"},
          marker={"color": ["#c62828" if p.get("estimated_decayed") else "#ff7f0e" for p in perfs]})
-    line([_float(p.get("value")) for p in perfs], "on labelled rows", 1, mode="lines+markers",
+    line(_labelled_points(perfs), "on labelled rows", 1, mode="lines+markers",
          line={"color": "#1f77b4"}, marker={"size": 8, "color": [_RED if p.get("decayed") else "#1f77b4"
                                                                   for p in perfs]})
     line([_float(p.get("expected")) for p in perfs], "at training", 1, mode="lines",
@@ -452,6 +455,20 @@ def _over_time(runs: list[dict[str, Any]], spec: ProjectSpec | None) -> go.Figur
     fig.update_layout(height=1250, xaxis5_title="monitoring window (index, start UTC)",
                       legend={"orientation": "h", "y": -0.08})
     return fig
+
+
+def _labelled_points(perfs: list[dict[str, Any]]) -> list[float | None]:
+    """The labelled metric per window, drawn only where its labelled window (the latest labelled
+    predictions: it can stay the same while drift windows pass without new labels) differs from the
+    one already drawn: the same number is not history."""
+    out, drawn = [], None
+    for p in perfs:
+        key = (p.get("from"), p.get("to"), p.get("labelled_rows"))
+        value = _float(p.get("value"))
+        out.append(value if value is not None and key != drawn else None)
+        if value is not None:
+            drawn = key
+    return out
 
 
 def _feature_heatmap(runs: list[dict[str, Any]]) -> go.Figure:

@@ -144,9 +144,9 @@ class Comparison:
 
     frame: pd.DataFrame  # features + target (+ slice columns for held-out rows), rows neither model trained on
     source: str | None  # HELD_OUT, TRAFFIC, or None when neither gave enough rows
-    held_out: int  # the candidate's evaluation rows
+    held_out: int  # both models' evaluation rows, each row once
     held_out_unseen: int  # ... of which neither model trained on
-    traffic: int | None  # labelled predictions read (None: not needed, not read)
+    traffic: int | None  # labelled predictions read with a valid label (None: not needed, not read)
     traffic_unseen: int | None  # ... with a valid label, of which neither model trained on
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,7 +266,7 @@ def _unseen(frame: pd.DataFrame, seen: list[tuple[list[str], np.ndarray]]) -> np
 def _labelled_traffic(store: Store, manifest: dict[str, Any]) -> tuple[pd.DataFrame, int]:
     """The latest labelled predictions as a frame of their logged features plus the target (labels
     parsed for the model's task and classes; rows whose label does not parse dropped), and how many
-    labelled predictions were read."""
+    labelled predictions with a valid label were read."""
     logged, labels = prediction_log.latest_labelled(store.engine, TRAFFIC_ROWS)
     parse = label_parser(manifest["task"], manifest.get("classes"))
     parsed, valid = [], np.zeros(len(labels), dtype=bool)
@@ -278,7 +278,7 @@ def _labelled_traffic(store: Store, manifest: dict[str, Any]) -> tuple[pd.DataFr
             continue
     frame = logged.features.reset_index(drop=True).loc[valid].reset_index(drop=True)
     target = pd.Series(parsed, dtype=float if manifest["task"] == "regression" else object)
-    return frame.assign(**{manifest["target"]: target}), len(labels)
+    return frame.assign(**{manifest["target"]: target}), len(parsed)  # invalid stored labels never count
 
 
 def promote(store: Store, spec: ProjectSpec, candidate: int, *, reason: str = "", force: bool = False,

@@ -39,11 +39,14 @@ from everloop.serve._protocols import (
     V2_TYPES,
     ClientError,
     Rows,
+    ids_headers,
+    load_body,
     loads,
     mlflow_answer,
     parse_invocations,
     parse_predict,
     parse_v2,
+    strict_option,
     v2_answer,
 )
 from everloop.spec import ProjectSpec, load_spec
@@ -51,6 +54,7 @@ from everloop.store import Store
 from everloop.train import TrainedModel
 
 log = logging.getLogger("everloop.serve")
+RawHeaders = list[tuple[bytes, bytes]]  # (name, value) pairs, as ASGI sends them
 
 ADMIN_TOKEN_ENV = "EVERLOOP_ADMIN_TOKEN"
 API_TOKEN_ENV = "EVERLOOP_API_TOKEN"
@@ -134,62 +138,78 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             raise ClientError(422, outcome.errors)
         return outcome
 
-    # The prediction endpoints, as functions of (scope, headers, body) -> JSON bytes: the hot path calls
-    # them straight from ASGI (see Service), the FastAPI routes below only for /docs and tests' clients.
+    # The prediction endpoints, as functions of (scope, headers, body) -> JSON bytes (or JSON bytes and
+    # extra headers): the hot path calls them straight from ASGI (see Service), the FastAPI routes below
+    # only for /docs. Every answer carries the prediction ids that /feedback takes labels for.
+    strict = spec.serving.strict
 
     async def predict(scope: dict, headers: Headers, raw: bytes) -> bytes:
         started = time.perf_counter()
         model = _require_model(holder)
         _check_api_token(headers, api_token)
-        rows = parsed(scope, raw, lambda raw: parse_predict(loads(raw), model.schema.feature_names,
+        strictly = strict_option(scope.get("query_string", b""), strict)
+        rows = parsed(scope, raw, lambda raw: parse_predict(load_body(raw), model.schema.feature_names,
                                                             spec.serving.max_batch_rows))
-        outcome = answered(await batcher.submit(model, rows, started))  # each output carries its id
+        outcome = answered(await batcher.submit(model, rows, started, strictly))  # each output carries its id
+        if outcome.warnings:  # only then: a clean answer stays as it was
+            return _dumps({"model_version": model.version, "predictions": outcome.outputs,
+                           "warnings": outcome.warnings})
         return _dumps({"model_version": model.version, "predictions": outcome.outputs})
 
-    async def invocations(scope: dict, headers: Headers, raw: bytes) -> bytes:
+    async def invocations(scope: dict, headers: Headers, raw: bytes) -> tuple[bytes, RawHeaders]:
         started = time.perf_counter()
         model = _require_model(holder)
         _check_api_token(headers, api_token)
+        strictly = strict_option(scope.get("query_string", b""), strict)
         content_type = headers.get("content-type", "application/json")
         rows = parsed(scope, raw, lambda raw: parse_invocations(raw, content_type, model.schema.feature_names,
                                                                 spec.serving.max_batch_rows))
-        outcome = answered(await batcher.submit(model, rows, started))
-        return _dumps(mlflow_answer([o["prediction"] for o in outcome.outputs]))
+        outcome = answered(await batcher.submit(model, rows, started, strictly))
+        # MLflow's answer has room for the labels only: the ids go in a header.
+        return (_dumps(mlflow_answer([o["prediction"] for o in outcome.outputs])),
+                ids_headers([o["id"] for o in outcome.outputs]))
 
     async def v2_infer(scope: dict, headers: Headers, raw: bytes) -> bytes:
         started = time.perf_counter()
         model = _require_model(holder)
         _check_api_token(headers, api_token)
         _check_name(scope["path"].split("/")[3], spec)
+        strictly = strict_option(scope.get("query_string", b""), strict)
         bodies: list[Any] = []
 
         def parse(raw: bytes) -> Rows:
-            bodies.append(loads(raw))
+            bodies.append(load_body(raw))
             return parse_v2(bodies[0], model.schema.feature_names, spec.serving.max_batch_rows)
 
         rows = parsed(scope, raw, parse)
         body = bodies[0]  # a dict: parse_v2 refuses anything else
-        outcome = answered(await batcher.submit(model, rows, started))
+        outcome = answered(await batcher.submit(model, rows, started, strictly or _v2_strict(body)))
         labels = [o["prediction"] for o in outcome.outputs]
         proba = ([list(o["probabilities"].values()) for o in outcome.outputs]
                  if outcome.outputs and "probabilities" in outcome.outputs[0] else None)
-        return _dumps(v2_answer(spec.name, model.version, body.get("id"), labels, proba))
+        return _dumps(v2_answer(spec.name, model.version, body.get("id"), labels, proba,
+                                [o["id"] for o in outcome.outputs]))
 
     app.hot_paths = {"/predict": predict, "/invocations": invocations, V2_INFER: v2_infer}
 
     def route(handler: Any) -> Any:
         async def endpoint(request: Request) -> Response:
             raw = await _body(request)
-            return Response(await handler(request.scope, request.headers, raw), media_type="application/json")
+            body, extra = _answer_parts(await handler(request.scope, request.headers, raw))
+            response = Response(body, media_type="application/json")
+            for name, value in extra:
+                response.headers.append(name.decode(), value.decode())
+            return response
         return endpoint
 
-    app.post("/predict", openapi_extra=schemas["predict"], summary="Predict one row or a batch")(route(predict))
-    app.post("/invocations", openapi_extra=schemas["invocations"], summary="MLflow scoring protocol")(
-        route(invocations))
+    app.post("/predict", openapi_extra=schemas["predict"] | STRICT_QUERY, summary="Predict one row or a batch")(
+        route(predict))
+    app.post("/invocations", openapi_extra=schemas["invocations"] | STRICT_QUERY,
+             summary="MLflow scoring protocol")(route(invocations))
 
     v2_endpoint = route(v2_infer)
 
-    @app.post(V2_INFER, openapi_extra=schemas["v2"], summary="Open Inference Protocol")
+    @app.post(V2_INFER, openapi_extra=schemas["v2"] | STRICT_QUERY, summary="Open Inference Protocol")
     async def v2_route(name: str, request: Request) -> Response:  # `name` declared for the OpenAPI schema
         return await v2_endpoint(request)
 
@@ -231,7 +251,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     @app.get("/v2/health/ready")
     async def v2_ready() -> JSONResponse:
         ready = holder.current is not None
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        return JSONResponse({"ready": True} if ready else {"ready": False, "reason": _not_ready(holder)},
+                            status_code=200 if ready else 503)
 
     @app.post("/feedback", openapi_extra=schemas["feedback"], summary="Ground-truth labels for earlier predictions")
     async def feedback(request: Request) -> Response:
@@ -264,9 +285,10 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     async def ready() -> JSONResponse:
         model = holder.current
         if model is None:
-            return JSONResponse({"ready": False, "reason": holder.last_error or "no model in production yet"},
-                                status_code=503)
-        return JSONResponse({"ready": True, "model_version": model.version})
+            return JSONResponse({"ready": False, "reason": _not_ready(holder)}, status_code=503)
+        # Serving, while the alias names a version that was refused: say so (the old model keeps serving).
+        refused = {"refused": holder.last_error} if holder.last_error else {}
+        return JSONResponse({"ready": True, "model_version": model.version} | refused)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -311,11 +333,36 @@ def _dumps(content: Any) -> bytes:
         return json.dumps(content, default=str).encode()
 
 
+def _answer_parts(answer: bytes | tuple[bytes, RawHeaders]) -> tuple[bytes, RawHeaders]:
+    """A prediction handler's answer as (JSON body, extra headers)."""
+    return (answer, []) if type(answer) is bytes else answer  # type: ignore[return-value]
+
+
+def _v2_strict(body: dict[str, Any]) -> bool:
+    """An inference request's `parameters.strict` (the protocol's place for per-request options)."""
+    parameters = body.get("parameters")
+    if not isinstance(parameters, dict) or "strict" not in parameters:
+        return False
+    if not isinstance(parameters["strict"], bool):
+        raise ClientError(422, [{"loc": ["parameters", "strict"], "msg": "expected true or false",
+                                 "input": parameters["strict"]}])
+    return parameters["strict"]
+
+
 def _require_model(holder: ModelHolder) -> TrainedModel:
+    """The model being served; else 503 saying why: which model was refused and why, or that none is
+    in production yet (every endpoint that needs a model answers the same)."""
     model = holder.current
     if model is None:
-        raise ClientError(503, "no model is in production yet; promote one with 'everloop promote'")
+        raise ClientError(503, _not_ready(holder))
     return model
+
+
+def _not_ready(holder: ModelHolder) -> str:
+    if holder.last_error:
+        return (f"{holder.last_error}; no other model is loaded: promote a fixed version with "
+                "'everloop promote', or roll back with 'everloop rollback'")
+    return "no model is in production yet; promote one with 'everloop promote'"
 
 
 def _check_api_token(headers: Headers, expected: str | None) -> None:
@@ -354,10 +401,13 @@ def _limit_threads() -> None:
 
 
 V2_INFER = "/v2/models/{name}/infer"
+STRICT_QUERY = {"parameters": [{"name": "strict", "in": "query", "required": False, "schema": {"type": "boolean"},
+                                "description": "refuse (422) rows with a category not seen in training, a value "
+                                               "outside the schema's range or an unexpected null"}]}
 ARRIVING = "everloop.arriving"
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
-Handler = Callable[[dict, Headers, bytes], Awaitable[bytes]]
+Handler = Callable[[dict, Headers, bytes], Awaitable["bytes | tuple[bytes, RawHeaders]"]]
 
 
 def _is_v2_infer(path: str) -> bool:
@@ -413,8 +463,11 @@ class Service(FastAPI):
 async def _answer(handler: Handler, scope: dict, receive: Any, send: Any) -> int:
     """Read the body, call the handler, send its JSON (or the client error's); returns the status."""
     headers = Headers(scope=scope)
+    extra: RawHeaders = []
     try:
         body, status = await handler(scope, headers, await _read_body(headers, receive)), 200
+        if type(body) is not bytes:  # (body, headers): /invocations' ids
+            body, extra = body
     except ClientError as exc:
         body, status = _dumps({"detail": exc.detail}), exc.status
     except ClientDisconnect:
@@ -423,7 +476,7 @@ async def _answer(handler: Handler, scope: dict, receive: Any, send: Any) -> int
         log.exception("prediction request failed")
         body, status = b'{"detail":"Internal Server Error"}', 500
     await send({"type": "http.response.start", "status": status,
-                "headers": JSON_HEADERS + [(b"content-length", str(len(body)).encode())]})
+                "headers": JSON_HEADERS + [(b"content-length", str(len(body)).encode())] + extra})
     await send({"type": "http.response.body", "body": body})
     return status
 

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from everloop._jsonable import jsonable
+from everloop.data import ColumnSchema, Schema
 from everloop.serve._log import LogEntry
 from everloop.serve._protocols import Rows
 from everloop.train import TrainedModel
@@ -31,6 +32,7 @@ from everloop.train import TrainedModel
 class Outcome:
     outputs: list[dict[str, Any]] = field(default_factory=list)  # one per row: id, prediction (+ probabilities)
     errors: list[dict[str, Any]] = field(default_factory=list)  # 422 details when a row is invalid
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # {"row", "column", "why"}: see RowWarnings
 
 
 @dataclass
@@ -39,6 +41,96 @@ class _Job:
     rows: Rows
     future: asyncio.Future
     started: float  # perf_counter() when the request arrived: the logged latency counts from here
+    strict: bool = False  # refuse rows with warnings instead of answering them
+
+
+@dataclass(frozen=True)
+class Warned:
+    """One value the schema accepts but warns about, at `row` of a model call."""
+
+    row: int
+    position: int  # the column's place among the features: warnings come in row, then schema order
+    column: str
+    why: str
+    value: Any
+
+
+class RowWarnings:
+    """The per-row form of the schema's warnings on request rows: a category not seen in training, a
+    number outside the schema's range (the training range widened by `RANGE_MARGIN`, never below 0 for
+    data that never was negative), a null in a column that had none in training. `Schema.check` counts
+    these per column for reports; a service must say which row of which request has one, so that a
+    client can see it (or, strict, have it refused).
+
+    Built once per model. `find` costs a few operations per model call when no value is unusual
+    (numbers: one vectorised comparison of all of them with the ranges; categories: one subset test
+    per column); rows are only walked in a column where something was found."""
+
+    def __init__(self, schema: Schema):
+        features = schema.features
+        numeric = [c for c in features if c.kind == "numeric"]
+        self.position = {c.name: n for n, c in enumerate(features)}
+        # Numbers without a range that may be null cannot warn: left out.
+        self.numeric = [c for c in numeric if c.min is not None or c.max is not None or not c.nullable]
+        self.lo = np.array([-np.inf if c.min is None else c.min for c in self.numeric])[:, None]
+        self.hi = np.array([np.inf if c.max is None else c.max for c in self.numeric])[:, None]
+        # Per categorical column, the values that need no look (None: any but a null); a column
+        # without a domain that may be null cannot warn: left out.
+        self.categorical = [(c, None if c.categories is None else frozenset(c.categories + [None] * c.nullable))
+                            for c in features if c.kind == "categorical"
+                            and (c.categories is not None or not c.nullable)]
+        self.others = [c for c in features if c.kind not in ("numeric", "categorical") and not c.nullable]
+
+    def find(self, columns: Any) -> list[Warned]:
+        """The warned values of conformed request rows (`Schema.conform_records`' arrays or the frame of
+        `Schema.check(mode="request")`), sorted by row, then column."""
+        found: list[Warned] = []
+        if self.numeric:  # one block of every numeric column, compared with the ranges at once
+            arrays = [columns[c.name] for c in self.numeric]
+            block = np.concatenate(arrays, dtype=np.float64).reshape(len(arrays), -1)
+            usual = block >= self.lo
+            usual &= block <= self.hi  # NaN (a null) is unusual too: looked at below
+            if not usual.all():
+                for n in np.flatnonzero(~usual.all(axis=1)):
+                    self._numbers(self.numeric[n], block[n], np.flatnonzero(~usual[n]), found)
+        for col, usual_values in self.categorical:
+            column = columns[col.name]
+            values = (column.to_numpy(dtype=object, na_value=None) if isinstance(column, pd.Series)
+                      else column).tolist()  # a list: Python iterates it several times faster than an array
+            if usual_values.issuperset(values) if usual_values is not None else None not in set(values):
+                continue
+            position = self.position[col.name]
+            for row, value in enumerate(values):
+                if value is None:
+                    if not col.nullable:
+                        found.append(Warned(row, position, col.name, MISSING, None))
+                elif usual_values is not None and value not in usual_values:
+                    why = f"category {value!r} not seen in training"
+                    found.append(Warned(row, position, col.name, why, value))
+        for col in self.others:  # date/times: no range in the schema, only nulls to look for
+            for row in np.flatnonzero(np.asarray(pd.isna(columns[col.name]))):
+                found.append(Warned(int(row), self.position[col.name], col.name, MISSING, None))
+        if len(found) > 1:
+            found.sort(key=lambda w: (w.row, w.position))
+        return found
+
+    def _numbers(self, col: ColumnSchema, values: np.ndarray, rows: np.ndarray, found: list[Warned]) -> None:
+        position = self.position[col.name]
+        for row in rows.tolist():
+            value = float(values[row])
+            if value != value:  # NaN: a null
+                if not col.nullable:
+                    found.append(Warned(row, position, col.name, MISSING, None))
+            elif col.min is not None and value < col.min:
+                why = f"value {value:.15g} is below the schema's minimum {col.min:.15g}"
+                found.append(Warned(row, position, col.name, why, value))
+            else:
+                why = f"value {value:.15g} is above the schema's maximum {col.max:.15g}"
+                found.append(Warned(row, position, col.name, why, value))
+
+
+MISSING = "missing value in a column that had none in training"
+STRICT = "(refused: strict checks are on)"
 
 
 _ID_PREFIX = uuid.uuid4().hex[:16]  # per worker process; a counter makes each id unique within it
@@ -71,15 +163,24 @@ class MicroBatcher:
         self.on_predicted = on_predicted
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._warnings: tuple[TrainedModel, RowWarnings] | None = None  # of the latest model called
 
-    def submit(self, model: TrainedModel, rows: Rows, started: float) -> "asyncio.Future[Outcome]":
-        """Queue rows for the next model call; await the returned future for their outcome. (A plain
-        function returning the future, not a coroutine: one frame less to resume per request.)"""
+    def _rules(self, model: TrainedModel) -> RowWarnings:
+        if self._warnings is None or self._warnings[0] is not model:
+            self._warnings = (model, RowWarnings(model.schema))
+        return self._warnings[1]
+
+    def submit(self, model: TrainedModel, rows: Rows, started: float,
+               strict: bool = False) -> "asyncio.Future[Outcome]":
+        """Queue rows for the next model call; await the returned future for their outcome: outputs
+        (with their ids) and the rows' warnings, or with `strict` errors (422 details) instead when any
+        row has a warning. (A plain function returning the future, not a coroutine: one frame less to
+        resume per request.)"""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._run())
-        job = _Job(model, rows, loop.create_future(), started)
+        job = _Job(model, rows, loop.create_future(), started, strict)
         self.queue.append(job)
         self._wakeup.set()
         return job.future
@@ -153,15 +254,19 @@ class MicroBatcher:
         outputs = predictions.records(ids)
         if self.on_batch:
             self.on_batch(len(records))
-        start, now, latencies = 0, time.perf_counter(), []
-        for job in jobs:
-            end = start + len(job.rows.records)
-            _resolve(job, Outcome(outputs[start:end]))
-            latencies += [(now - job.started) * 1000] * (end - start)
-            start = end
-        if self.on_predicted:
+        answered, latencies = _settle(jobs, outputs, self._rules(model).find(columns))
+        if not self.on_predicted or (answered is not None and not answered):
+            return
+        if answered is None:  # the common case: every row answered, logged as it is
             self.on_predicted(LogEntry(ids, time.time(), model.version, columns, predictions.labels.tolist(),
                                        predictions.proba, predictions.classes, latencies), outputs)
+            return
+        at = np.asarray(answered)  # some requests refused (strict): log the others' rows only
+        self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
+                                   {name: values[at] for name, values in columns.items()},
+                                   predictions.labels[at].tolist(),
+                                   None if predictions.proba is None else predictions.proba[at],
+                                   predictions.classes, latencies), [outputs[p] for p in answered])
 
     def _process_checked(self, jobs: list[_Job], records: list[dict[str, Any]]) -> None:
         model = jobs[0].model
@@ -179,16 +284,14 @@ class MicroBatcher:
                 outputs[position] = output
         if self.on_batch:
             self.on_batch(len(frame))
-        start, now, latencies, answered = 0, time.perf_counter(), [], []
-        for job in jobs:
-            end = start + len(job.rows.records)
-            if bad[start:end].any():  # the whole request is refused, naming each bad field
-                _resolve(job, Outcome(errors=_errors(checked.reasons, frame, job.rows, start, end)))
-            else:
-                _resolve(job, Outcome(outputs[start:end]))
-                latencies += [(now - job.started) * 1000] * (end - start)
-                answered += range(start, end)
-            start = end
+
+        def errors(job: _Job, start: int, end: int) -> list[dict[str, Any]] | None:
+            # A request with a bad row is refused whole, naming each bad field.
+            return _errors(checked.reasons, frame, job.rows, start, end) if bad[start:end].any() else None
+
+        answered, latencies = _settle(jobs, outputs, self._rules(model).find(checked.frame), errors)
+        if answered is None:
+            answered = list(range(len(frame)))
         if self.on_predicted and answered and predictions is not None:
             at = np.searchsorted(good, answered)  # the answered rows among the predicted ones
             self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
@@ -196,6 +299,38 @@ class MicroBatcher:
                                        predictions.labels[at].tolist(),
                                        None if predictions.proba is None else predictions.proba[at],
                                        predictions.classes, latencies), [outputs[p] for p in answered])
+
+
+ErrorsOf = Callable[[_Job, int, int], "list[dict[str, Any]] | None"]
+
+
+def _settle(jobs: list[_Job], outputs: list[Any], found: list[Warned],
+            errors_of: ErrorsOf | None = None) -> tuple[list[int] | None, list[float]]:
+    """Resolve each job of a model call, whose rows are `start:end` of the call: refused (422) with
+    `errors_of`'s errors, or with its rows' warnings when it is strict and has some; else answered with
+    its outputs and warnings. Returns the answered rows (None: all of them) and their latencies (ms)."""
+    start, now, latencies, answered, refused, at = 0, time.perf_counter(), [], [], False, 0
+    for job in jobs:
+        end = start + len(job.rows.records)
+        first = at
+        while at < len(found) and found[at].row < end:
+            at += 1
+        mine = found[first:at]
+        errors = errors_of(job, start, end) if errors_of is not None else None
+        if not errors and job.strict and mine:
+            errors = [{"loc": job.rows.locs[w.row - start] + [w.column], "msg": f"{w.why} {STRICT}",
+                       "input": jsonable(job.rows.records[w.row - start].get(w.column))}  # as it was sent
+                      for w in mine]
+        if errors:
+            _resolve(job, Outcome(errors=errors))
+            refused = True
+        else:
+            warnings = [{"row": w.row - start, "column": w.column, "why": w.why} for w in mine]
+            _resolve(job, Outcome(outputs[start:end], warnings=warnings))
+            latencies += [(now - job.started) * 1000] * (end - start)
+            answered += range(start, end)
+        start = end
+    return (answered if refused else None), latencies
 
 
 def _resolve(job: _Job, outcome: Outcome) -> None:

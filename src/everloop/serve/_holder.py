@@ -28,8 +28,8 @@ class ModelHolder:
         self.compile_trees = compile_trees
         self.alias = alias
         self.current: TrainedModel | None = None
-        self.last_error: str | None = None
-        self._refused: set[int] = set()
+        self.last_error: str | None = None  # why the alias's version is not served: "model vN refused: why"
+        self._refused: dict[int, str] = {}  # version -> why, so a version is tried once and its reason kept
         self._on_swap = on_swap
         self._on_failure = on_failure
         self._lock = threading.Lock()
@@ -40,9 +40,13 @@ class ModelHolder:
         """Load the alias's version if it changed; True when a swap happened."""
         with self._lock:  # one loader at a time; requests never take this lock
             target = alias_version(self.store, self.alias)
-            if target is None or (self.current is not None and self.current.version == target):
+            if target is None:
+                return False
+            if self.current is not None and self.current.version == target:
+                self.last_error = None  # the alias is back on the model being served
                 return False
             if target in self._refused:
+                self.last_error = self._refused[target]  # the alias came back to a refused version
                 return False
             try:
                 model = load_model(self.store, target)
@@ -50,8 +54,7 @@ class ModelHolder:
                 probe = eval_frame(self.store, model.manifest).head(200)
                 model.check_fast_path(probe)
             except (EverloopError, Exception) as exc:  # a broken model must never replace a working one
-                self._refused.add(target)
-                self.last_error = f"model v{target} refused: {exc}"
+                self.last_error = self._refused[target] = f"model v{target} refused: {exc}"
                 log.error(self.last_error)
                 if self._on_failure:
                     self._on_failure(target, exc)
@@ -91,13 +94,7 @@ def _compile(model: TrainedModel, probe: pd.DataFrame, cache: Path) -> None:
 
 
 def _warm(model: TrainedModel) -> None:
-    """Predict one synthetic row, so the first real request pays no lazy-initialisation cost
-    and a model that cannot predict is caught before it serves."""
-    row = {}
-    for col in model.schema.features:
-        if col.kind == "numeric":
-            lo, hi = col.min or 0.0, col.max if col.max is not None else (col.min or 0.0)
-            row[col.name] = (lo + hi) / 2
-        else:
-            row[col.name] = col.categories[0] if col.categories else "x"
-    model.predict(pd.DataFrame([row]))
+    """Predict one row built from the schema's own values (`Schema.example_row`: a value of each column's
+    kind, as a request would send it, through the same checks), so the first real request pays no
+    lazy-initialisation cost and a model that cannot predict is caught before it serves."""
+    model.predict(pd.DataFrame([model.schema.example_row()]))

@@ -44,6 +44,141 @@ def loads(raw: bytes) -> Any:
         raise ClientError(400, f"the body is not valid JSON: {exc}") from None
 
 
+def load_body(raw: bytes) -> Any:
+    """A prediction request's JSON body, refused (422) when an object in it repeats a key: JSON parsers
+    keep one of the values silently (orjson and the standard parser the last), so `{"age": 3, "age": 70}`
+    is ambiguous. Errors: ClientError 400 (not JSON), 422 (a repeated key, naming it, its object's
+    location and the key positions).
+
+    The check costs one count of a byte on the common path. Each key of a body is followed by a colon,
+    so a body with no more colons than its parsed objects hold keys has no repeated key (colons in text
+    only add to the count). When there are more (date/times and other text with colons), the colons
+    right after a quote are counted the same way, which text rarely has (sound unless a key has space
+    before its colon); objects nested deeper than rows are counted only when needed; and only when
+    every count differs is the body parsed again with every key kept, which decides exactly."""
+    body = loads(raw)
+    if type(body) is not dict and type(body) is not list:
+        return body
+    keys = _flat_key_count(body)
+    data = np.frombuffer(raw, dtype=np.uint8) if len(raw) > _LARGE else None  # a vectorised count
+    colons = raw.count(b":") if data is None else int(np.count_nonzero(data == _COLON))
+    if colons == keys:
+        return body
+    quoted, spaced = _quoted_colons(raw, data)
+    if quoted == keys and not spaced:
+        return body
+    repeats: list[dict[str, Any]] = []
+    try:
+        deep = _key_count(body)
+        if deep != keys and (colons == deep or (quoted == deep and not spaced)):
+            return body
+        _locate_repeats(json.loads(raw, object_pairs_hook=_KeptPairs.of), [], repeats)
+    except RecursionError:  # orjson reads 1024 levels; no request needs a tenth of that
+        raise ClientError(422, [{"loc": [], "msg": "the body nests objects or lists too deeply to be read"}]
+                          ) from None
+    if repeats:
+        raise ClientError(422, repeats)
+    return body
+
+
+_LARGE = 4096  # bytes: from here numpy counts faster than bytes.count
+_COLON, _QUOTE = ord(":"), ord('"')
+_SPACED_COLONS = (b" :", b"\t:", b"\n:", b"\r:")
+_WHITESPACE = np.frombuffer(b" \t\n\r", dtype=np.uint8)
+
+
+def _quoted_colons(raw: bytes, data: np.ndarray | None) -> tuple[int, bool]:
+    """How many colons follow a quote, and whether any follows JSON whitespace."""
+    if data is None:
+        return raw.count(b'":'), any(s in raw for s in _SPACED_COLONS)
+    before = data[np.flatnonzero(data[1:] == _COLON)]  # the byte before each colon
+    return int(np.count_nonzero(before == _QUOTE)), bool(np.isin(before, _WHITESPACE).any())
+
+
+def _flat_key_count(body: dict[str, Any] | list[Any]) -> int:
+    """The keys of the body's own object and of the objects right inside it (rows, a `features` object,
+    v2's inputs): a body's keys but for objects nested deeper."""
+    if type(body) is list:
+        return sum([len(r) for r in body if type(r) is dict])
+    n = len(body)
+    for v in body.values():
+        if type(v) is dict:
+            n += len(v)
+        elif type(v) is list:
+            n += sum([len(r) for r in v if type(r) is dict])
+    return n
+
+
+def _key_count(value: dict[str, Any] | list[Any]) -> int:
+    """The keys of every object in a parsed body (a list's objects are looked for when it holds any)."""
+    if type(value) is dict:
+        n = len(value)
+        types = set(map(type, value.values()))  # in C: most objects hold no object or list
+        if dict in types or list in types:
+            n += sum([_key_count(v) for v in value.values() if type(v) is dict or type(v) is list])
+        return n
+    types = set(map(type, value))
+    if dict in types or list in types:
+        return sum([_key_count(v) for v in value if type(v) is dict or type(v) is list])
+    return 0
+
+
+class _KeptPairs(dict):
+    """A parsed JSON object that remembers the keys it was given more than once, with their positions."""
+
+    repeated: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        kept = dict(pairs)
+        if len(kept) == len(pairs):
+            return kept
+        out = cls(kept)
+        positions: dict[str, list[int]] = {}
+        for n, (key, _) in enumerate(pairs):
+            positions.setdefault(key, []).append(n)
+        out.repeated = {k: p for k, p in positions.items() if len(p) > 1}
+        return out
+
+
+def _locate_repeats(value: Any, loc: list[Any], out: list[dict[str, Any]]) -> None:
+    if isinstance(value, _KeptPairs):
+        for key, positions in value.repeated.items():
+            out.append(_ambiguous(loc + [key], repr(key), positions, "keys", " in this object"))
+    if isinstance(value, dict):
+        for key, v in value.items():
+            if isinstance(v, (dict, list)):
+                _locate_repeats(v, loc + [key], out)
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            if isinstance(v, (dict, list)):
+                _locate_repeats(v, loc + [n], out)
+
+
+def _ambiguous(loc: list[Any], what: str, positions: list[int], label: str, within: str = "",
+               note: str = "") -> dict[str, Any]:
+    """The 422 item for a name given more than once, e.g. "column 'age' is given 2 times (positions 0
+    and 3): which value is meant is ambiguous; send it once"."""
+    return {"loc": loc, "msg": f"{what} is given {len(positions)} times{within} ({label} {_positions(positions)}"
+                               f"{note}): which value is meant is ambiguous; send it once"}
+
+
+def _positions(positions: list[int]) -> str:
+    """0-based positions as "0 and 3" or "0, 3 and 5"."""
+    text = [str(p) for p in positions]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " and " + text[-1]
+
+
+def _repeated_names(names: list[str]) -> dict[str, list[int]]:
+    """Names given more than once in a list, with their 0-based positions; empty when all differ."""
+    if len(set(names)) == len(names):
+        return {}
+    positions: dict[str, list[int]] = {}
+    for n, name in enumerate(names):
+        positions.setdefault(name, []).append(n)
+    return {k: p for k, p in positions.items() if len(p) > 1}
+
+
 def _check_size(rows: list[Any], max_rows: int, where: str) -> None:
     if not rows:
         raise ClientError(422, [{"loc": [where], "msg": "expected at least one row"}])
@@ -96,7 +231,7 @@ def parse_invocations(raw: bytes, content_type: str, names: list[str], max_rows:
     """MLflow's scoring formats: dataframe_split, dataframe_records, instances, inputs; or a CSV body."""
     if content_type.startswith("text/csv"):
         return _csv_rows(raw, names, max_rows)
-    body = loads(raw)
+    body = load_body(raw)
     if isinstance(body, list):  # MLflow 1.x: a bare list of records
         body = {"dataframe_records": body}
     if not isinstance(body, dict):
@@ -114,6 +249,10 @@ def parse_invocations(raw: bytes, content_type: str, names: list[str], max_rows:
         columns = value.get("columns", names)
         if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
             raise ClientError(422, [{"loc": [key, "columns"], "msg": "expected a list of column names"}])
+        repeated = _repeated_names(columns)
+        if repeated:
+            raise ClientError(422, [_ambiguous([key, "columns"], f"column {name!r}", p, "positions")
+                                    for name, p in repeated.items()])
         data = value["data"]
         _check_size(data, max_rows, key)
         rows = [dict(zip(columns, r)) if isinstance(r, list) and len(r) == len(columns) else r for r in data]
@@ -137,8 +276,10 @@ def parse_invocations(raw: bytes, content_type: str, names: list[str], max_rows:
 
 
 def _csv_rows(raw: bytes, names: list[str], max_rows: int) -> Rows:
+    """A `text/csv` body: a header line, then one row per line; empty fields are nulls. A UTF-8
+    byte-order mark (as Excel and PowerShell write) is not part of the first column's name."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ClientError(400, f"the CSV body is not UTF-8 text: {exc}") from None
     try:
@@ -148,6 +289,10 @@ def _csv_rows(raw: bytes, names: list[str], max_rows: int) -> Rows:
     if len(table) < 2:
         raise ClientError(422, [{"loc": ["csv"], "msg": "expected a header line and at least one row"}])
     header, data = table[0], table[1:]
+    repeated = _repeated_names(header)
+    if repeated:
+        raise ClientError(422, [_ambiguous(["csv", 0, name], f"column {name!r}", p, "fields", " in the header",
+                                           ", from 0") for name, p in repeated.items()])
     _check_size(data, max_rows, "csv")
     bad = [{"loc": ["csv", n + 1], "msg": f"expected {len(header)} fields, got {len(r)}"}
            for n, r in enumerate(data) if len(r) != len(header)]
@@ -159,6 +304,26 @@ def _csv_rows(raw: bytes, names: list[str], max_rows: int) -> Rows:
 
 def mlflow_answer(labels: list[Any]) -> dict[str, Any]:
     return {"predictions": labels}
+
+
+IDS_HEADER = b"x-everloop-prediction-ids"
+_HEADER_LINE = 4000  # bytes of ids per header line: under every common client's line limit (aiohttp: 8190)
+
+
+def ids_headers(ids: list[str]) -> list[tuple[bytes, bytes]]:
+    """The prediction ids of an answer as `X-Everloop-Prediction-Ids` header lines, comma-separated, in
+    row order. A long list is split over several lines of the same name, which HTTP clients join with
+    ", " (RFC 9110, section 5.3), so that no line passes a client's line limit."""
+    text = ",".join(ids).encode()
+    if len(text) <= _HEADER_LINE:
+        return [(IDS_HEADER, text)]
+    lines, start = [], 0
+    while start < len(text):
+        last = start + _HEADER_LINE >= len(text)
+        end = len(text) if last else text.rfind(b",", start, start + _HEADER_LINE + 1)
+        lines.append((IDS_HEADER, text[start:end]))
+        start = end + 1
+    return lines
 
 
 # -- Open Inference Protocol (KServe v2) -----------------------------------------------------------
@@ -180,6 +345,10 @@ def parse_v2(body: Any, names: list[str], max_rows: int) -> Rows:
         raise ClientError(422, problems)
     if len(inputs) == 1 and inputs[0]["name"] not in names:
         return _v2_tensor(inputs[0], names, max_rows)
+    repeated = _repeated_names([item["name"] for item in inputs])
+    if repeated:
+        raise ClientError(422, [_ambiguous(["inputs", p[-1], "name"], f"input {name!r}", p, "inputs")
+                                for name, p in repeated.items()])
     columns: dict[str, list[Any]] = {}
     for n, item in enumerate(inputs):
         data = _flat(item["data"])
@@ -217,17 +386,41 @@ def _flat(data: Any) -> list[Any]:
 
 
 def v2_answer(model_name: str, version: int | None, request_id: str | None, labels: list[Any],
-              proba: list[list[float]] | None) -> dict[str, Any]:
+              proba: list[list[float]] | None, ids: list[str]) -> dict[str, Any]:
+    """An inference response: the outputs `predict` ([rows, 1] labels), `predict_proba` ([rows, classes],
+    classifiers only) and `prediction_id` ([rows, 1] BYTES: the ids /feedback takes labels for)."""
     label_type = "INT64" if all(isinstance(v, int) and not isinstance(v, bool) for v in labels) else (
         "FP64" if all(isinstance(v, float) for v in labels) else "BYTES")
     outputs = [{"name": "predict", "shape": [len(labels), 1], "datatype": label_type, "data": labels}]
     if proba is not None:
         outputs.append({"name": "predict_proba", "shape": [len(proba), len(proba[0]) if proba else 0],
                         "datatype": "FP64", "data": [p for row in proba for p in row]})
+    outputs.append({"name": "prediction_id", "shape": [len(ids), 1], "datatype": "BYTES", "data": ids})
     answer = {"model_name": model_name, "model_version": str(version), "outputs": outputs}
     if request_id is not None:
         answer["id"] = request_id
     return answer
+
+
+def strict_option(query: bytes, default: bool) -> bool:
+    """Whether a request asks for strict checks: `?strict=true` (or 1, yes) turns them on for it; the
+    project's `serving.strict` (`default`) cannot be turned off by a request. Errors: ClientError 422
+    for a value that is not a boolean."""
+    if not query or b"strict" not in query:
+        return default
+    from urllib.parse import parse_qs
+
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("strict")
+    if not values:
+        return default
+    chosen = {_TRUTHS.get(v.strip().lower()) for v in values}
+    if None in chosen or len(chosen) > 1:
+        raise ClientError(422, [{"loc": ["query", "strict"], "input": values if len(values) > 1 else values[0],
+                                 "msg": "expected true or false (also 1/0, yes/no; a bare ?strict is true)"}])
+    return default or chosen.pop()
+
+
+_TRUTHS = {"true": True, "1": True, "yes": True, "": True, "false": False, "0": False, "no": False}
 
 
 V2_TYPES = {"numeric": "FP64", "categorical": "BYTES", "datetime": "BYTES"}

@@ -30,15 +30,35 @@ class DataSpec(_Strict):
 
 
 class FeaturesSpec(_Strict):
-    numeric: list[str] | None = Field(None, description="numeric feature columns; inferred when absent")
-    categorical: list[str] | None = Field(None, description="categorical feature columns; inferred when absent")
-    datetime: list[str] | None = Field(None, description="date/time feature columns, used as year, month, day, "
-                                       "weekday and hour; inferred when absent")
+    """Which columns are features, and of what kind. Each list names the kind of the columns it lists;
+    every other column (not the target, id, timestamp or excluded) is inferred from the data, unless
+    `infer_others` is false. An empty list names no column of its kind; it never means "no features"."""
+
+    numeric: list[str] | None = Field(None, description="columns used as numeric features, whatever the data "
+                                      "looks like (also kept when they look like identifiers)")
+    categorical: list[str] | None = Field(None, description="columns used as categorical features, e.g. "
+                                          "integer codes or text with many values")
+    datetime: list[str] | None = Field(None, description="columns used as date/time features (year, month, "
+                                       "day, weekday and hour)")
+    infer_others: bool = Field(True, description="columns not named under numeric, categorical, datetime or "
+                               "exclude are inferred as features (true) or left out (false: only the named "
+                               "columns are features)")
     categorical_encoding: Literal["onehot", "ordinal"] = Field(
         "onehot", description="onehot (for linear models and most others) or ordinal (compact, for tree ensembles)"
     )
     exclude: list[str] = Field(default_factory=list, description="columns never used as features")
     custom: str | None = Field(None, description="user transformer factory as 'module:callable'")
+
+    @model_validator(mode="after")
+    def _named_once(self) -> "FeaturesSpec":
+        seen: dict[str, str] = {}
+        for key in ("numeric", "categorical", "datetime", "exclude"):
+            for name in getattr(self, key) or []:
+                if name in seen:
+                    raise ValueError(f"column {name!r} is listed under both features.{seen[name]} and "
+                                     f"features.{key}; keep it in one")
+                seen[name] = key
+        return self
 
 
 class ModelSpec(_Strict):
@@ -151,6 +171,10 @@ class DriftSpec(_Strict):
         default_factory=dict, description="per-feature settings overriding the defaults: {name: {p_value, "
         "min_effect, ignore}}",
     )
+    severe_effect: float | None = Field(
+        0.25, ge=0, le=1, description="a counted feature that drifts with an effect (KS statistic, total variation, "
+        "share of values training never had, or rise of the null rate) of at least this makes the dataset drift by "
+        "itself, whatever max_drifted_share says; null: only the share decides")
     prediction: PredictionDriftSpec = Field(default_factory=lambda: PredictionDriftSpec())
 
     @model_validator(mode="after")
@@ -269,6 +293,10 @@ class ServingSpec(_Strict):
                                                                 "to be on their way (a lone request never waits)")
     compile_trees: bool = Field(True, description="serve tree ensembles compiled to native code (TL2cgen, needs a "
                                                   "C compiler) once they match scikit-learn; off: scikit-learn serves")
+    strict: bool = Field(False, description="refuse (422) request rows with a category not seen in "
+                         "training, a value outside the schema's range or a null where training had "
+                         "none; off: answer them, with warnings in /predict's answer (a request opts "
+                         "in with ?strict=true)")
 
 
 class ProjectSpec(_Strict):

@@ -135,17 +135,21 @@ class TrainedModel:
 
 
 def _unusual_rows(features: pd.DataFrame, n: int = 20) -> pd.DataFrame:
-    """Copies of a few rows where each numeric value is missing and each category missing or unseen:
-    the cases a fast path most easily gets wrong."""
+    """Copies of a few conformed rows where each value is missing (in its column's own type: NaN, None,
+    NaT) and each category unseen: the cases a fast path most easily gets wrong. Every value keeps its
+    column's type, so the probe tests the features and never trips over a value no request could send."""
     head = features.head(n)
     missing = head.copy()
     unseen = head.copy()
     for name in head.columns:
-        if head[name].dtype == object:
-            missing[name] = None
+        column = head[name]
+        if column.dtype == object or isinstance(column.dtype, pd.StringDtype):  # categories, bools as text
+            missing[name] = pd.Series([None] * len(head), index=head.index, dtype=column.dtype)
             unseen[name] = "\x00unseen"
-        elif pd.api.types.is_float_dtype(head[name]):
+        elif pd.api.types.is_float_dtype(column):
             missing[name] = np.nan
+        elif pd.api.types.is_datetime64_any_dtype(column):
+            missing[name] = pd.Series(pd.NaT, index=head.index, dtype=column.dtype)
     return pd.concat([missing, unseen], ignore_index=True)
 
 

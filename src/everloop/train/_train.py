@@ -30,7 +30,7 @@ from everloop.features import build_features, custom_source_hash
 from everloop.spec import ProjectSpec
 from everloop.store import Store
 from everloop.train._artifact import save_model
-from everloop.train._metrics import REGRESSION, all_metrics, improvement, score
+from everloop.train._metrics import REGRESSION, all_metrics, bootstrap_scores, improvement, score
 from everloop.train._rows import HASH_COLUMN, row_hashes
 
 # Training runs with a fixed number of OpenMP/BLAS threads, so that a retraining elsewhere uses the
@@ -81,10 +81,22 @@ def score_labels(metric: str, truth: Any, predicted: Any, proba: np.ndarray | No
                  classes: list[Any] | None = None) -> float:
     """`metric` of predictions against raw truth values. With `classes` (classification), truth goes
     through `as_labels` and the predicted labels are cast to its type, so "1", 1 and 1.0 are one class."""
+    y, predicted = _label_arrays(truth, predicted, classes)
+    return score(metric, y, predicted, proba, classes)
+
+
+def bootstrap_labels(metric: str, truth: Any, predicted: Any, proba: np.ndarray | None = None,
+                     classes: list[Any] | None = None, *, draws: int = 200, seed: int = 0) -> np.ndarray:
+    """The bootstrap distribution of `score_labels` (see `bootstrap_scores`): finite draws, shape (<= draws,)."""
+    y, predicted = _label_arrays(truth, predicted, classes)
+    return bootstrap_scores(metric, y, predicted, proba, classes, draws=draws, seed=seed)
+
+
+def _label_arrays(truth: Any, predicted: Any, classes: list[Any] | None) -> tuple[np.ndarray, np.ndarray]:
     if classes is None:
-        return score(metric, np.asarray(truth, dtype=float), np.asarray(predicted, dtype=float))
+        return np.asarray(truth, dtype=float), np.asarray(predicted, dtype=float)
     y = as_labels(truth)
-    return score(metric, y, np.asarray(predicted, dtype=object).astype(y.dtype), proba, classes)
+    return y, np.asarray(predicted, dtype=object).astype(y.dtype)
 
 
 def make_estimator(spec: ProjectSpec, task: str) -> Any:
@@ -243,7 +255,7 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
 def monitoring_references(store: Store, fitted: Fitted, reference_rows: pd.DataFrame, schema: Schema) -> dict[str, Any]:
     """What the monitor compares every window with, computed once here and stored with the model:
     the profile of the training rows of the current world, the profile of the model's scores on its
-    held-out rows, and (binary classifiers) the calibration map that confidence-based performance
+    held-out rows, and (classifiers) the calibration maps that confidence-based performance
     estimation needs."""
     kinds = {c.name: c.kind for c in schema.features}
     features = schema.feature_names
@@ -252,10 +264,9 @@ def monitoring_references(store: Store, fitted: Fitted, reference_rows: pd.DataF
     out: dict[str, Any] = {"profile": store.put_json(profile.to_dict())}
     if fitted.task == "classification":
         proba = fitted.pipeline.predict_proba(eval_features)
+        out["calibration"] = calibration_maps(proba, fitted.y_eval)
         if proba.shape[1] == 2:
             scores, kind = pd.Series(proba[:, 1]), "numeric"
-            iso = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(proba[:, 1], fitted.y_eval == 1)
-            out["calibration"] = {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
         else:
             scores, kind = pd.Series(np.asarray(fitted.classes, dtype=object)[proba.argmax(axis=1)]).map(str), "categorical"
     else:
@@ -263,6 +274,21 @@ def monitoring_references(store: Store, fitted: Fitted, reference_rows: pd.DataF
     out["prediction_profile"] = store.put_json(Profile.reference(pd.DataFrame({"prediction": scores}),
                                                                  {"prediction": kind}).to_dict())
     return out
+
+
+def calibration_maps(proba: np.ndarray, y_codes: np.ndarray) -> dict[str, Any]:
+    """Isotonic maps from a classifier's probabilities (rows x classes) to how often each class was
+    right on held-out rows with class codes `y_codes` (0..k-1): for binary models one map of P(class 1)
+    ({"x", "y"}), for multiclass one per class, one-vs-rest ({"classes": [{"x", "y"}, ...]}), as
+    NannyML's CBPE calibrates before estimating. An over-confident model estimated without them would
+    report a loss far better than the one its labels will show."""
+    def fit(scores: np.ndarray, hits: np.ndarray) -> dict[str, list[float]]:
+        iso = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(scores, hits)
+        return {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+
+    if proba.shape[1] == 2:
+        return fit(proba[:, 1], y_codes == 1)
+    return {"classes": [fit(proba[:, k], y_codes == k) for k in range(proba.shape[1])]}
 
 
 def reproducibility_record(spec: ProjectSpec, project_dir: Path) -> dict[str, Any]:
