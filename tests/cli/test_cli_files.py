@@ -358,3 +358,32 @@ def test_bad_inputs_give_one_line_and_exit_2(proj, tmp_path, everloop, case):
     run = everloop(*args, "-p", project)
     assert run.code == 2 and expected in one_error_line(run), run
     assert not Path(out).exists()
+
+
+def test_predict_never_overwrites_its_input_nor_invents_folders(tmp_path):
+    """Found by a new user: `predict in.csv in.csv` replaced the input with its predictions, exit 0."""
+    import pandas as pd
+    import pytest
+
+    from everloop import data, registry, train
+    from everloop.batch import score_file
+    from everloop.errors import DataError
+    from everloop.spec import load_spec
+    from everloop.store import Store
+    from tests.conftest import write_project
+
+    folder = write_project(tmp_path / "p", rows=600)
+    spec, store = load_spec(folder), Store.for_project(folder)
+    data.ingest(store, spec, base=folder)
+    registry.promote(store, spec, train.train(store, spec).version)
+    source = folder / "data" / "customers.csv"
+    before = source.read_bytes()
+    with pytest.raises(DataError, match="would overwrite"):
+        score_file(store, source, source)
+    assert source.read_bytes() == before
+    with pytest.raises(DataError, match="does not exist"):
+        score_file(store, source, tmp_path / "no" / "such" / "out.csv")
+    assert not (tmp_path / "no").exists()
+    out = score_file(store, source, tmp_path / "out.csv")
+    assert out.rows == len(pd.read_csv(source))
+    store.close()

@@ -94,3 +94,19 @@ def test_a_window_pages_once_however_often_the_loop_turns(client, webhook):
     again = monitor(client.store, spec)
     assert again.alerts == first.alerts and len(received) == 1, "the same window's alerts are not sent twice"
     assert len(list_runs(client.store)) == 1
+
+
+def test_a_failed_delivery_is_tried_again_and_a_filling_window_pages_once(client, webhook):
+    url, received = webhook
+    raw = client.spec.model_dump()
+    raw["monitoring"]["webhook"] = "http://127.0.0.1:9/down"  # nothing listens: the delivery fails
+    send_traffic(client, make_churn(600, shifted=True, seed=39))
+    down = monitor(client.store, parse_spec(raw))
+    assert down.alerts and down.delivered == []
+    raw["monitoring"]["webhook"] = url
+    spec = parse_spec(raw)
+    up = monitor(client.store, spec)
+    assert len(received) == 1 and set(up.delivered) >= {"drift"}
+    send_traffic(client, make_churn(200, shifted=True, seed=40))  # the same window fills up: new numbers
+    monitor(client.store, spec)
+    assert len(received) == 1

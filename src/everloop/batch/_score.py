@@ -71,8 +71,15 @@ def score_file(store: Store, source: str | Path, output: str | Path, *, model: i
     lacks or whose name an output column takes, unreadable input, or rows with errors (nothing is
     written then); NotFoundError for an unknown model version or alias."""
     kind = output_format(output)  # before any work: a wrong name must not cost a whole scoring run
-    trained = load_model(store, model)
     source = Path(source).resolve()
+    target = Path(output).resolve()
+    if source == target or (source.is_dir() and source in target.parents):
+        raise DataError(f"{output}: the output would overwrite (or land inside) the input {source}; "
+                        "write the predictions elsewhere", path=str(output))
+    if not target.parent.is_dir():  # a typo in a path must not create a new tree of folders
+        raise DataError(f"{output}: the folder {target.parent} does not exist; create it first",
+                        path=str(output))
+    trained = load_model(store, model)
     # Read by the model's schema, never inferred again: CSV cells arrive as text and each column is parsed
     # as the first ingest read it (bool spellings, codes with leading zeros, number formats, date/times).
     chunks = iter_batches(source, types=trained.schema.kinds, batch_rows=chunk_rows)
@@ -86,7 +93,6 @@ def score_chunks(trained: TrainedModel, chunks: Iterable[pd.DataFrame], output: 
     beside it, renamed into place at the end; see `score_file`."""
     kind = kind or output_format(output)
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
         tmp, handle = _new_temp(output)
     except OSError as exc:
         raise DataError(f"{output}: cannot write there: {exc.strerror or exc}", path=str(output)) from None

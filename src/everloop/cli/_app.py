@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from everloop._jsonable import jsonable
-from everloop.errors import EverloopError, GateError
+from everloop.errors import DataError, EverloopError, GateError
 
 app = typer.Typer(help="everloop: keep a production ML model healthy for its whole life, in one tool.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -31,7 +31,28 @@ app = typer.Typer(help="everloop: keep a production ML model healthy for its who
 console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
-ProjectOpt = typer.Option(Path("."), "--project", "-p", help="project folder (holds everloop.yaml and .everloop/)")
+
+SPEC_FILE = "everloop.yaml"  # as everloop.spec names it (not imported here: the CLI starts without pydantic)
+
+
+def _find_project(ctx: typer.Context, param: typer.CallbackParam, value: Path) -> Path:
+    """`--project` left out: the current folder, or else the nearest folder above it that holds
+    everloop.yaml (as git finds its repository; that one as an absolute path). Given: as given. Nothing
+    found: "." unchanged, and `_project_folder` says what to do (no error here, so that a group's own
+    `-p`, which a sub-command's `-p` does not set, never fails on its own)."""
+    source = ctx.get_parameter_source(param.name or "project")
+    if source is not None and source.name != "DEFAULT":  # by name: typer may bundle its own click
+        return value
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / SPEC_FILE).is_file():
+            return value if folder == here else folder
+    return value
+
+
+ProjectOpt = typer.Option(Path("."), "--project", "-p", callback=_find_project,
+                          help="project folder (holds everloop.yaml and .everloop/); default: the current "
+                               "folder or the nearest one above it with an everloop.yaml")
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON instead of tables")
 
 
@@ -40,6 +61,7 @@ class CheckFailed(Exception):
 
 
 def _project(project: Path) -> tuple[Any, Any]:
+    """(ProjectSpec, Store) of a project folder; EverloopError as `_project_folder` raises it."""
     from everloop.spec import load_spec
     from everloop.store import Store
 
@@ -48,10 +70,17 @@ def _project(project: Path) -> tuple[Any, Any]:
 
 
 def _project_folder(project: Path) -> Path:
-    """`--project` as given, once it is known not to be a file (the project is the folder around it)."""
+    """`--project` as given (or as `_find_project` found it), once it is known to be a folder that holds
+    everloop.yaml. Raises EverloopError saying where it looked and what to do: a file was given (the
+    project is the folder around it), or no project file is there (or, for the default, above)."""
     if project.is_file():
         raise EverloopError(f"--project {project}: is a file; give the folder that holds everloop.yaml "
                             f"(here: {project.parent})")
+    if not (project / SPEC_FILE).exists():
+        where = (f"no {SPEC_FILE} in {Path.cwd()} (nor above it, when -p is not given)" if project == Path(".")
+                 else f"--project {project}: no {SPEC_FILE} in {project.resolve()}")
+        raise EverloopError(f"{where}; run everloop inside a project folder, give one with -p/--project "
+                            "FOLDER, or create one with 'everloop init FOLDER'")
     return project
 
 
@@ -99,31 +128,77 @@ def _user_path(path: Path | None) -> Path | None:
 # -- commands -------------------------------------------------------------------------------------
 
 
+def _version(value: bool) -> None:
+    if value:
+        from everloop import __version__
+
+        console.print(f"everloop {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="print everloop's version and exit")) -> None:
+    """everloop: keep a production ML model healthy for its whole life, in one tool."""
+
+
+def project_name(folder: Path) -> str:
+    """The project name `init` gives a folder: its own name (of the absolute path, so "." is the current
+    folder's), with every run of characters a project name cannot hold (see ProjectSpec.name) made
+    one "-"; "project" when nothing is left. E.g. `my churn (v2)` -> `my-churn-v2`."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(os.path.abspath(folder)).name).strip("-_.")
+    return name or "project"
+
+
 @app.command()
-def init(folder: Path = typer.Argument(Path("."), help="where to create the project"),
-         example: Optional[str] = typer.Option(None, help="start from an example: 'churn'")) -> None:
+def init(folder: Path = typer.Argument(Path("."), help="where to create the project (a new folder, or one "
+                                                       "that holds your data); its name names the project"),
+         example: Optional[str] = typer.Option(None, help="start from an example: 'churn'"),
+         name: Optional[str] = typer.Option(None, help="the project's name (default: the folder's name)"),
+         data: Optional[str] = typer.Option(None, "--data", help="your data: data.source, a CSV/Parquet file, "
+                                            "folder or glob relative to the project folder"),
+         target: Optional[str] = typer.Option(None, help="the column to predict: data.target")) -> None:
     """Create a project: an everloop.yaml to edit (and, with --example churn, data to try it on)."""
+    import glob
+    import re
+
     import yaml
 
     from everloop.demo import demo_spec, make_churn
 
-    target = folder / "everloop.yaml"
-    if target.exists():
-        raise EverloopError(f"{target} already exists; not overwriting it")
+    spec_file = folder / SPEC_FILE
+    if spec_file.exists():
+        raise EverloopError(f"{spec_file} already exists; not overwriting it")
+    if example not in (None, "churn"):
+        raise EverloopError(f"--example {example!r}: unknown example; expected 'churn'")
+    if example and (data or target):
+        raise EverloopError("--example churn brings its own data and target; leave out --data and --target")
+    project = name or project_name(folder)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", project):
+        raise EverloopError(f"--name {project!r}: a project name is letters, digits, '_', '.' and '-', "
+                            "starting with a letter or digit")
     folder.mkdir(parents=True, exist_ok=True)
-    spec = demo_spec()
+    spec = demo_spec() | {"name": project}
     if example == "churn":
         (folder / "data").mkdir(exist_ok=True)
         make_churn(10_000, seed=7).to_csv(folder / "data" / "customers.csv", index=False)
-    elif example is not None:
-        raise EverloopError(f"--example {example!r}: unknown example; expected 'churn'")
     else:
-        spec["data"] = {"source": "data/train.csv", "target": "label"}
+        spec["data"] = {"source": data or "data/train.csv", "target": target or "label"}
         for key in ("evaluation", "monitoring", "retraining", "serving", "promotion"):
             spec.pop(key)
         spec["model"] = {"seed": 42}
-    target.write_text("# everloop project file; see docs/project-file.md\n" + yaml.safe_dump(spec, sort_keys=False))
-    console.print(f"created {target}" + (" and data/customers.csv" if example else "; point data.source at your data"))
+    spec_file.write_text("# everloop project file; see docs/project-file.md\n"
+                         + yaml.safe_dump(spec, sort_keys=False))
+    todo = [] if example else [what for what, given in (("data.source at your data", data),
+                                                        ("data.target at the column to predict", target))
+                               if not given]
+    console.print(f"created project {project!r}: {spec_file}" + (" and data/customers.csv" if example else "")
+                  + (f"; point {' and '.join(todo)}" if todo else ""), highlight=False)
+    if data and not glob.glob(str(folder / data)):  # a file, folder or glob; an absolute one stays itself
+        console.print(f"note: {folder / data} does not exist (yet); data.source is relative to the project "
+                      "folder", highlight=False)
 
 
 @app.command()
@@ -182,7 +257,10 @@ def ingest(path: Optional[Path] = typer.Argument(None, help="a file to ingest in
     spec, store = _project(project)
     inferring = data.current_schema(store) is None  # the first ingest: list every column
     with _rows_progress("ingesting", as_json) as progress:
-        version = data.ingest(store, spec, _user_path(path), base=project, mode=mode.value, progress=progress)
+        try:
+            version = data.ingest(store, spec, _user_path(path), base=project, mode=mode.value, progress=progress)
+        except DataError as exc:
+            raise _quarantine_hint(exc, path, mode) from None
     written = data.write_schema_file(store, project)  # the first ingest: the inferred schema, to read and edit
     schema = data.get_schema(store, version.schema_version)
     roles, conflicts = schema.column_roles(spec), schema.spec_conflicts(spec)
@@ -199,6 +277,19 @@ def ingest(path: Optional[Path] = typer.Argument(None, help="a file to ingest in
     text += "".join(f"\nwarning: {escape(line)}; {_CONFLICT_FIX}" for line in conflicts)
     _emit(version.to_dict() | {"schema_inferred": inferring, "column_roles": [asdict(r) for r in roles],
                                "schema_conflicts": conflicts}, as_json, text=text)
+
+
+def _quarantine_hint(exc: DataError, path: Path | None, mode: IngestMode) -> DataError:
+    """A source refused in reject mode for errors of its rows (missing labels, bad values) says how to
+    store the good rows and set the bad ones aside: the same command with `--mode quarantine`. Errors of
+    whole columns (a column missing, no rows) refuse in either mode: those stay as they were."""
+    anomalies = exc.report.errors if exc.report is not None else []
+    if mode is not IngestMode.reject or not anomalies or any(a.kind in ("missing_column", "empty")
+                                                            for a in anomalies):
+        return exc
+    command = " ".join(["everloop ingest", *([str(path)] if path is not None else []), "--mode quarantine"])
+    return DataError(f"{exc}\nto store the good rows and set these aside with their reasons: {command}",
+                     report=exc.report, path=exc.path)
 
 
 _CONFLICT_FIX = ("the schema decides until it is changed: 'everloop schema accept --from-data FILE' adds the "
@@ -429,7 +520,7 @@ def _bad_param(exc: Exception, spec: Any) -> EverloopError | None:
     return EverloopError(f"{values} is refused by {estimator}: {text} (fix it in everloop.yaml)")
 
 
-models_app = typer.Typer(help="Model versions: list (the default), card, reproduce.", invoke_without_command=True)
+models_app = typer.Typer(help="Model versions: list (the default), card, import.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 
 
@@ -465,16 +556,60 @@ def models_card(version: str = typer.Argument(..., help="model version or alias"
     console.print(f"model card: {path}")
 
 
+@models_app.command("import")
+def models_import(path: Path = typer.Argument(..., help="a joblib or pickle file, a .skops file, or an MLflow model "
+                                                       "directory (sklearn flavor)"),
+                  dataset: Optional[int] = typer.Option(None, help="dataset version: schema, monitoring reference "
+                                                                   "and evaluation rows (default: the latest)"),
+                  features: bool = typer.Option(False, "--features", help="for a bare estimator that wants encoded "
+                                                "features: fit a fresh clone of it behind everloop's features"),
+                  trust: Optional[list[str]] = typer.Option(None, "--trust", help="a type the skops file holds that "
+                                                            "you reviewed and trust (repeat for each)"),
+                  sha256: Optional[str] = typer.Option(None, help="the sha256 the file must have; else refused "
+                                                       "before it is loaded"),
+                  held_out: bool = typer.Option(False, "--held-out", help="the model never saw the dataset's rows: "
+                                                "its metrics are out-of-sample"),
+                  name: Optional[str] = typer.Option(None, help="what to call the model in its card and lineage"),
+                  project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Adopt a scikit-learn model fitted elsewhere as a new model version (then: everloop promote N)."""
+    from everloop import registry
+
+    spec, store = _project(project)
+    with console.status("importing...", spinner="dots") if not as_json else nullcontext():
+        result = registry.import_model(store, spec, _user_path(path), dataset, features=features,
+                                       trust=trust or (), sha256=sha256, held_out=held_out, name=name)
+    if not as_json:
+        for warning in result.warnings:
+            errors.print(f"warning: {warning}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+    rows = (f"held-out rows of dataset v{result.dataset_version}" if result.refit else
+            f"dataset v{result.dataset_version}'s rows" + ("" if not result.in_sample else
+                                                          ", in-sample: the model may have seen them"))
+    how = ("a fresh clone of it was fitted behind everloop's features" if result.refit
+           else "imported as it is")
+    text = (f"found: {result.description}; {how}\n"
+            f"model v{result.version} imported from {path} (sha256 {result.sha256[:12]}): {result.metric} "
+            f"{result.value:.4f} on {rows}; trivial baseline {result.baseline:.4f} (lift {result.lift:+.4f})\n"
+            f"next: everloop promote {result.version}")
+    if result.in_sample and not result.refit:
+        text += ("\nnote: the monitor compares live performance with these in-sample metrics; if the model never "
+                 "saw these rows, import with --held-out")
+    _emit(result.to_dict(), as_json, text=escape(text))
+
+
 @app.command()
 def reproduce(version: str = typer.Argument(..., help="model version or alias"),
               project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
-    """Retrain a model version from its record and check it predicts identically; exit 1 if not."""
+    """Retrain a model version from its record and check it predicts identically; exit 1 if not, 2 if it
+    has no training record (an imported model)."""
     from everloop import registry, train
 
     _, store = _project(project)
     number = registry.resolve(store, version)
     with console.status(f"retraining model v{number} from its record...") if not as_json else nullcontext():
         report = train.reproduce(store, number)
+    if not report.record:  # imported: nothing to retrain from, so nothing was checked
+        _emit(report.to_dict(), as_json, text="\n".join(report.problems))
+        raise typer.Exit(2)
     if report.identical:
         text = f"model v{number} reproduced: identical outputs on {report.rows} evaluation rows"
     else:
@@ -514,6 +649,8 @@ def lineage(model: Optional[str] = typer.Option(None, help="a model version or a
                 f"{out['prediction']['output']} (label: {out['prediction']['label']})") if prediction else None
     node = (root.add if root else Tree)(f"model v{out['model']['version']} ({out['model']['metric']} "
                                         f"{out['model']['value']:.4f}; {out['model']['reason'] or 'no reason'})")
+    if out["model"].get("origin"):
+        node.add(f"pipeline: {out['model']['origin']}")
     parent = node
     for d in out["datasets"]:
         parent = parent.add(f"dataset v{d['version']}: {d['rows']} rows from {d['source']} ({d['content_hash'][:12]})")

@@ -23,6 +23,7 @@ from everloop.train import (Fitted, allowed_loss, as_labels, bootstrap_labels, c
                             score_labels)
 
 LABELLED = "__labelled__"  # which rows have a real label
+ROW = "__row__"  # each row's position in the history: which rows a model trained on, exactly
 
 
 @dataclass
@@ -172,6 +173,7 @@ def _conform(frame: pd.DataFrame, spec: ProjectSpec, initial_rows: int) -> tuple
         raise DataError("the data do not match the schema inferred from its first period:\n" + report.summary(),
                         report=report)
     conformed[LABELLED] = labelled
+    conformed[ROW] = np.arange(len(conformed))
     return conformed, schema
 
 
@@ -196,7 +198,10 @@ def _retrain(current: _Model, seen: pd.DataFrame, window: pd.DataFrame, schema: 
              kinds: dict[str, str], n: int) -> _Model | None:
     """The spec's data selection: the latest recent_rows labelled rows, after the current model's own
     training rows when include_reference is set."""
-    recent = seen[seen[LABELLED].to_numpy()].iloc[-spec.retraining.data.recent_rows:]
+    recent = seen[seen[LABELLED].to_numpy()]
+    if spec.retraining.data.include_reference:  # rows the current model was given are not taken twice
+        recent = recent[~recent[ROW].isin(current.rows[ROW])]
+    recent = recent.iloc[-spec.retraining.data.recent_rows:]
     if spec.retraining.data.include_reference:  # as the live loop: the current model's whole training data
         rows = pd.concat([current.rows, recent], ignore_index=True)
         recent_from = len(current.rows)
@@ -209,18 +214,24 @@ def _retrain(current: _Model, seen: pd.DataFrame, window: pd.DataFrame, schema: 
 
 
 def _passes(candidate: _Model, current: _Model, schema: Schema, spec: ProjectSpec) -> bool:
-    """The gate's rules on the candidate's held-out rows: beat the baseline, reach min_metric, and lose
-    no more than max_regression against the current model."""
+    """The live gate's rules: beat the baseline and reach min_metric on the candidate's held-out rows,
+    and lose no more than max_regression against the current model on the rows neither trained on
+    (both models' held-out rows minus both training sets); too few of those refuses, as live."""
     metric = candidate.fitted.metric
     mine = candidate.fitted.metrics[metric]
     if not np.isfinite(mine) or improvement(metric, mine, candidate.fitted.baseline[metric]) <= 0:
         return False
     if spec.promotion.min_metric is not None and improvement(metric, mine, spec.promotion.min_metric) < 0:
         return False
-    theirs = _metric(current.fitted, candidate.fitted.eval_rows.assign(**{LABELLED: True}), schema, 1)
-    if theirs is None or not np.isfinite(theirs):
-        return True
-    return improvement(metric, theirs, mine) <= allowed_loss(spec.promotion.max_regression, theirs)
+    held_out = pd.concat([candidate.fitted.eval_rows, current.fitted.eval_rows]).drop_duplicates(ROW)
+    trained = pd.concat([candidate.fitted.train_rows[ROW], current.fitted.train_rows[ROW]])
+    rows = held_out[~held_out[ROW].isin(trained)].assign(**{LABELLED: True})
+    if len(rows) < spec.promotion.min_comparison_rows:
+        return False
+    a, b = _metric(candidate.fitted, rows, schema, 1), _metric(current.fitted, rows, schema, 1)
+    if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)):
+        return False
+    return improvement(metric, b, a) <= allowed_loss(spec.promotion.max_regression, b)
 
 
 def _fired(spec: ProjectSpec, model: _Model, drifted: bool, window: pd.DataFrame, schema: Schema,

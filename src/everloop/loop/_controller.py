@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
@@ -13,10 +14,10 @@ from everloop._jsonable import jsonable
 from everloop.data import get_dataset, ingest_frame, load_frame
 from everloop.errors import EverloopError
 from everloop.monitor import MonitorResult, monitor, send_alert
-from everloop.registry import PRODUCTION, check_gate, get_model, set_alias
+from everloop.registry import PRODUCTION, ModelVersion, check_gate, get_model, load_model, set_alias
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
-from everloop.train import label_parser, train
+from everloop.train import label_parser, row_hashes, train
 
 CANDIDATE = "candidate"
 ALERTING = {"promoted", "kept_candidate", "failed"}  # decisions a person should hear about
@@ -125,14 +126,44 @@ def _retrain(store: Store, spec: ProjectSpec, fired: list[str]) -> tuple[int, in
     frame, recent_from_row = recent, 0
     if spec.retraining.data.include_reference:
         old = load_frame(store, reference)
+        recent = _not_in(recent, old, spec)
+        if recent.empty:
+            raise EverloopError("every recent labelled prediction is already in the production model's data; "
+                                "nothing new to retrain on")
         frame = pd.concat([old, recent[[c for c in old.columns if c in recent]]], ignore_index=True)
         recent_from_row = len(old)
     dataset = ingest_frame(store, spec, frame, source=f"loop: {len(recent)} recent labelled rows"
                            + (f" + dataset v{reference.version}" if spec.retraining.data.include_reference else ""),
                            parent=reference.version)
+    template, record = _template(store, production)
     result = train(store, spec, dataset.version, reason=f"loop retraining after {', '.join(fired)}",
-                   recent_from_row=recent_from_row, recent_weight=spec.retraining.data.recent_weight)
+                   recent_from_row=recent_from_row, recent_weight=spec.retraining.data.recent_weight,
+                   template=template, record=record)
     return result.version, dataset.version, dataset.rows
+
+
+def _not_in(recent: pd.DataFrame, old: pd.DataFrame, spec: ProjectSpec) -> pd.DataFrame:
+    """The recent rows that the reference data does not hold yet. A second retraining's reference is
+    the first one's dataset, which already holds the recent rows of then: taken again, they would sit
+    on both sides of the new model's split (a held-out row with a copy in training scores as if seen).
+    Matched by the id column (the prediction id, for logged rows) when the project has one, else by
+    every feature and the label (identical rows then count once)."""
+    if spec.data.id and spec.data.id in old and spec.data.id in recent:
+        return recent[~recent[spec.data.id].astype(str).isin(set(old[spec.data.id].astype(str)))]
+    columns = [c for c in old.columns if c in recent and c != spec.data.timestamp]
+    return recent[~np.isin(row_hashes(recent, columns), row_hashes(old, columns))]
+
+
+def _template(store: Store, production: ModelVersion) -> tuple[Any, dict[str, Any] | None]:
+    """What a retraining fits: for an imported model (or one refit from an imported one) a fresh clone of
+    its own pipeline, so the user's preprocessing and hyper-parameters carry over, with what it came
+    from for the new manifest; (None, None) for a model of the project file's pipeline, which the spec
+    rebuilds."""
+    manifest = production.manifest
+    if manifest.get("pipeline_source") not in ("imported", "clone"):
+        return None, None
+    record = {"template_of": production.version, "imported_from": manifest.get("imported_from")}
+    return load_model(store, production.version).pipeline, record
 
 
 def _last_retrain(store: Store) -> float | None:

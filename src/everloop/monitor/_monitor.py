@@ -67,6 +67,7 @@ class MonitorResult:
     alerts: list[str] = field(default_factory=list)
     not_judged: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # reported, not alerts (e.g. ignored settings)
+    delivered: list[str] = field(default_factory=list)  # alert kinds the webhook has received for the window
     created_at: float = field(default_factory=time.time)
 
     @property
@@ -85,7 +86,8 @@ class MonitorResult:
     def to_dict(self) -> dict[str, Any]:
         return jsonable({"status": self.status, "model_version": self.model_version, "created_at": self.created_at,
                          "window": self.window, "alerts": self.alerts, "not_judged": self.not_judged,
-                         "notes": self.notes, "drift": self.drift.to_dict() if self.drift else None,
+                         "notes": self.notes, "delivered": self.delivered,
+                         "drift": self.drift.to_dict() if self.drift else None,
                          "prediction_drift": self.prediction_drift.__dict__ if self.prediction_drift else None,
                          "performance": self.performance, "health": self.health, "skew": self.skew,
                          "distributions": self.distributions})
@@ -109,19 +111,28 @@ def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, r
                                {"labelled_rows": 0}, {}, not_judged={"all": "no predictions logged yet"})
         return result
     references = reference_profiles(store, trained)
-    out, already = None, None
+    out = None
     for window in plan:
         result = judge(store, spec, trained, window, references, latest=window is current)
         if window is current:
-            out, already = result, _stored_alerts(store, trained.version, window.key)
+            out = result
+            # a window pages once per kind of alert (drift, decay, ...): a loop turning every few seconds
+            # over the same rows, or a window filling up with the same drift, does not page again; a
+            # delivery that failed is tried again on the next run
+            delivered = _stored_delivered(store, trained.version, window.key)
+            new = sorted({_kind(a) for a in result.alerts} - delivered)
+            if notify and new and send_alert(spec, {"event": "monitor", "status": result.status,
+                                                    "model_version": result.model_version, "new": new,
+                                                    "alerts": result.alerts, "window": result.window}):
+                delivered |= set(new)
+            result.delivered = sorted(delivered)
         if record:
             _record(store, result, window)
-    # a window whose alerts were already sent (a loop turning every few seconds over the same rows)
-    # does not page again; new alerts on it do
-    if notify and out.alerts and out.alerts != already:
-        send_alert(spec, {"event": "monitor", "status": out.status, "model_version": out.model_version,
-                          "alerts": out.alerts, "window": out.window})
     return out
+
+
+def _kind(alert: str) -> str:
+    return alert.split(":")[0]
 
 
 def judge(store: Store, spec: ProjectSpec, trained: TrainedModel, window: _windows.Window,
@@ -160,6 +171,10 @@ def judge(store: Store, spec: ProjectSpec, trained: TrainedModel, window: _windo
     result.skew = replay_skew(trained, acc.sample_features(), acc.sample_outputs, max_rows=m.skew.sample_rows,
                               tolerance=m.skew.tolerance)
     result.health = acc.health() | service_errors(store, acc.first_at, acc.last_at)
+    requests = result.health.get("requests") or 0
+    if requests < m.health.min_requests:  # said, but not a reason to withhold "healthy" on drift and labels
+        result.notes.append(f"health: {requests} requests in the window's time, fewer than "
+                            f"monitoring.health.min_requests {m.health.min_requests}: error rates not judged")
     alerts: list[tuple[str, str]] = []
     if not judged:
         result.not_judged["drift"] = (f"{acc.rows} predictions in this window, fewer than monitoring.min_rows "
@@ -240,18 +255,37 @@ def labelled_rows_limit(spec: ProjectSpec) -> int:
     return m.performance.labelled_rows or m.window.rows or DEFAULT_LABELLED_ROWS
 
 
-def decay_threshold(spec: ProjectSpec, metric: str, expected: float) -> tuple[float, list[str]]:
-    """The worst value of `metric` that is not decay, and the rules it comes from (texts with units)."""
+def decay_threshold(spec: ProjectSpec, metric: str, expected: float,
+                    against_training: bool = True) -> tuple[float | None, list[str]]:
+    """The worst value of `metric` that is not decay, and the rules it comes from (texts with units);
+    (None, []) when no rule applies. `against_training=False` (a model whose training value was
+    measured on rows it may have trained on) leaves only min_metric."""
     perf = spec.monitoring.performance
     sign = 1 if higher_is_better(metric) else -1
-    candidates = [(expected - sign * allowed_loss(perf.max_drop, expected),
-                   f"allowed worsening from training's {expected:.4f}: {describe_tolerance(perf.max_drop, expected, metric)}"
-                   " (monitoring.performance.max_drop)")]
+    candidates = []
+    if against_training:
+        candidates.append((expected - sign * allowed_loss(perf.max_drop, expected),
+                           f"allowed worsening from training's {expected:.4f}: "
+                           f"{describe_tolerance(perf.max_drop, expected, metric)} (monitoring.performance.max_drop)"))
     if perf.min_metric is not None:
         candidates.append((perf.min_metric, f"monitoring.performance.min_metric {perf.min_metric}"))
+    if not candidates:
+        return None, []
     # the stricter rule is the one demanding the better value
     threshold = max(c[0] for c in candidates) if sign > 0 else min(c[0] for c in candidates)
     return threshold, [c[1] for c in candidates]
+
+
+def _in_sample(trained: TrainedModel, result: MonitorResult) -> bool:
+    """An imported model's metrics may come from rows it trained on: too good to judge decay against."""
+    if not trained.manifest.get("in_sample"):
+        return False
+    note = (f"model v{trained.version} was imported and its metrics were measured on rows it may have "
+            "trained on: decay against them is not judged (only monitoring.performance.min_metric); import "
+            "with --held-out rows to judge it")
+    if note not in result.notes:
+        result.notes.append(note)
+    return True
 
 
 # -- pieces ---------------------------------------------------------------------------------------
@@ -305,12 +339,14 @@ def _labelled_performance(store: Store, spec: ProjectSpec, trained: TrainedModel
             out["why"] = f"{metric} is undefined on these {len(labels)} labelled rows; performance not judged"
         result.not_judged["performance"] = out["why"]
         return out
-    threshold, rules = decay_threshold(spec, metric, expected)
+    in_sample = _in_sample(trained, result)
+    threshold, rules = decay_threshold(spec, metric, expected, not in_sample)
     out["threshold"], out["rules"] = threshold, rules
     out["allowed_drop"] = allowed_loss(spec.monitoring.performance.max_drop, expected)
     names = trained.classes if trained.task == "classification" else None
     window_draws = bootstrap_labels(metric, labels, predicted, proba if names else None, names)
-    out |= labelled_decay(spec, metric, expected, value, window_draws, _reference_draws(store, trained))
+    reference = np.empty(0) if in_sample else _reference_draws(store, trained)
+    out |= labelled_decay(spec, metric, expected, value, window_draws, reference)
     if "value_low" not in out:
         result.not_judged["performance"] = out["why"]
     return out
@@ -383,7 +419,10 @@ def _estimated_performance(spec: ProjectSpec, trained: TrainedModel, acc: "_Accu
     if not judged:
         perf["estimated_why"] = f"{acc.rows} predictions, fewer than monitoring.min_rows: not judged"
         return
-    threshold, rules = decay_threshold(spec, metric, perf["expected"])
+    threshold, rules = decay_threshold(spec, metric, perf["expected"], not _in_sample(trained, result))
+    if threshold is None:
+        perf["estimated_why"] = "no threshold to judge against (see notes)"
+        return
     perf["estimated_decayed"] = bool(estimate.worse_than(threshold, metric))
     perf["estimated_why"] = (f"even the interval's best end is worse than {threshold:.4f} ({'; '.join(rules)})"
                              if perf["estimated_decayed"] else
@@ -478,12 +517,13 @@ def _recorded_complete(store: Store, model_version: int) -> set[str]:
                                                                 t.c.complete.is_(True))).scalars())
 
 
-def _stored_alerts(store: Store, model_version: int, key: str) -> list[str] | None:
+def _stored_delivered(store: Store, model_version: int, key: str) -> set[str]:
+    """The alert kinds already delivered to the webhook for this window."""
     t = store.tables.monitor_runs
     with store.engine.connect() as conn:
         stored = conn.execute(sa.select(t.c.result).where(t.c.model_version == model_version,
                                                           t.c.window_key == key)).scalar()
-    return stored.get("alerts") if stored else None
+    return set((stored or {}).get("delivered") or [])
 
 
 def _record(store: Store, result: MonitorResult, window: _windows.Window) -> None:

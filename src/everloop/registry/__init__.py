@@ -1,6 +1,7 @@
 """Model versions, aliases and their history, the promotion gate, rollback."""
 
 from everloop.registry._card import write_card
+from everloop.registry._import import ImportResult, import_model, origin_text
 from everloop.registry._lineage import dataset_lineage, model_lineage, prediction_lineage
 from everloop.registry._registry import (
     PRODUCTION,
@@ -20,6 +21,7 @@ from everloop.registry._registry import (
     set_alias,
 )
 
-__all__ = ["PRODUCTION", "GateDecision", "ModelVersion", "alias_at", "alias_history", "dataset_lineage",
+__all__ = ["PRODUCTION", "GateDecision", "ImportResult", "ModelVersion", "import_model", "origin_text",
+           "alias_at", "alias_history", "dataset_lineage",
            "model_lineage", "prediction_lineage", "write_card", "alias_version", "check_gate",
            "eval_frame", "get_model", "list_models", "load_model", "promote", "resolve", "rollback", "set_alias"]

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_curve
 
+from everloop.registry._import import origin_text
 from everloop.registry._registry import alias_history, eval_frame, get_model, list_models, load_model
 from everloop.store import Store
 from everloop.train import as_labels, improvement
@@ -20,24 +21,38 @@ from everloop.train import as_labels, improvement
 
 def write_card(store: Store, version: int, path: str | Path) -> Path:
     """Write model `version`'s card: purpose and lineage, metrics against the trivial baseline, slices,
-    calibration (classifiers) or residuals (regressors), the features, and the reproducibility record."""
+    calibration (classifiers) or residuals (regressors), the features, and the reproducibility record.
+    An imported model's card says "imported from PATH (sha256 ...)", that its metrics are in-sample when
+    it may have seen the rows, and that it has no training record; a clone refit from one names both."""
     model = get_model(store, version)
     m = model.manifest
     aliases = next((mv.aliases for mv in list_models(store) if mv.version == version), [])
     lift = improvement(model.metric, model.value, m["baseline"][model.metric])
     verdict = ("beats" if lift > 0 else "does not beat") + f" the trivial baseline by {lift:+.4f} {model.metric}"
+    imported = m.get("pipeline_source") == "imported"
+    origin = origin_text(m)
+    evaluated_on = "Metrics on held-out rows"
+    if imported:
+        evaluated_on = (f"Metrics on dataset v{m['dataset_version']}'s rows"
+                        + (" (in-sample: the imported model may have seen them)" if m.get("in_sample") else
+                           " (never seen by the model, as the import said)"))
     sections = [
         _table("Summary", [
             ("task", m["task"]), ("estimator", m["estimator"]), ("params", json.dumps(m.get("params", {}))),
-            ("trained", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(model.created_at))),
+            ("imported" if imported else "trained", time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                  time.localtime(model.created_at))),
+            *([("pipeline", origin)] if origin else []),
+            *([("import warnings", "; ".join(m["import_warnings"]))] if m.get("import_warnings") else []),
             ("why", m.get("reason") or "-"), ("aliases now", ", ".join(aliases) or "-"),
             ("is a model the right tool?", verdict),
         ]),
-        _table("Metrics on held-out rows", [(k, f"{v:.4f}" if v is not None else "-") for k, v in m["metrics"].items()]
+        _table(evaluated_on, [(k, f"{v:.4f}" if v is not None else "-") for k, v in m["metrics"].items()]
                + [(f"trivial baseline ({model.metric})", f"{m['baseline'][model.metric]:.4f}")]),
         _slices(m),
         _table("Data", [("dataset version", m["dataset_version"]), ("dataset content hash", m["dataset_hash"]),
-                        ("schema version", m["schema_version"]), ("training rows", m["train_rows"]),
+                        ("schema version", m["schema_version"]),
+                        ("training rows", "unknown: not trained by everloop" if m["train_rows"] is None
+                         else m["train_rows"]),
                         ("evaluation rows", m["eval_rows"]), ("target", m["target"]),
                         ("classes", ", ".join(map(str, m.get("classes") or [])) or "-"),
                         ("features", ", ".join(m["features"]))]),
@@ -46,7 +61,8 @@ def write_card(store: Store, version: int, path: str | Path) -> Path:
             ("git", json.dumps(m.get("git")) if m.get("git") else "-"), ("threads", m.get("threads")),
             ("python", m.get("python")), ("platform", m.get("platform")),
             ("packages", ", ".join(f"{k} {v}" for k, v in m.get("packages", {}).items())),
-            ("reproduce with", f"everloop reproduce {version}")]),
+            ("reproduce with", "nothing: an imported model has no training record" if imported
+             else f"everloop reproduce {version}")]),
         _table("Alias history", [(f"{h['alias']}: {'v' + str(h['from_version']) if h['from_version'] else 'none'}"
                                   f" -> v{h['to_version']}",
                                   f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(h['created_at']))} by "

@@ -8,13 +8,16 @@ import sqlalchemy as sa
 
 from everloop.data import get_dataset
 from everloop.errors import NotFoundError
+from everloop.registry._import import origin_text
 from everloop.registry._registry import get_model
 from everloop.store import Store, prediction_log
 
 
 def model_lineage(store: Store, version: int) -> dict[str, Any]:
     """A model version, the dataset chain it was trained on (each with its source and parent), and
-    every move of an alias to or from it."""
+    every move of an alias to or from it. `model.origin` says where a pipeline that everloop did not
+    build came from ("imported from PATH (sha256 ...)", or the clone it was refit from; None for the
+    project file's pipeline), `model.imported_from` the import's record (path, sha256, format, ...)."""
     model = get_model(store, version)
     m = model.manifest
     chain = []
@@ -30,7 +33,9 @@ def model_lineage(store: Store, version: int) -> dict[str, Any]:
                              .order_by(t.c.id)).all()
     return {"model": {"version": version, "created_at": model.created_at, "metric": model.metric,
                       "value": model.value, "reason": m.get("reason", ""), "spec_hash": m.get("spec_hash"),
-                      "git": m.get("git"), "artifact": model.artifact},
+                      "git": m.get("git"), "artifact": model.artifact,
+                      "pipeline_source": m.get("pipeline_source", "spec"), "origin": origin_text(m),
+                      "imported_from": m.get("imported_from"), "template_of": m.get("template_of")},
             "datasets": chain,
             "alias_moves": [dict(r._mapping) for r in moves]}
 

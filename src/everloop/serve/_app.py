@@ -156,6 +156,9 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                            "warnings": outcome.warnings})
         return _dumps({"model_version": model.version, "predictions": outcome.outputs})
 
+    if spec.serving.flask_compatible:  # decided here, once: with the flag off the path above is all there is
+        predict = _flask_compatible(predict)
+
     async def invocations(scope: dict, headers: Headers, raw: bytes) -> tuple[bytes, RawHeaders]:
         started = time.perf_counter()
         model = _require_model(holder)
@@ -331,6 +334,20 @@ def _dumps(content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError:
         return json.dumps(content, default=str).encode()
+
+
+def _flask_compatible(predict: Handler) -> Handler:
+    """`/predict` answering also as the usual Flask tutorial service does, for its existing clients: that
+    service takes `{"features": [v1, v2, ...]}` (which `/predict` takes too) and answers
+    `jsonify({"prediction": model.predict([features]).tolist()})`, the most common shape in public
+    examples (some add a `"status"`). The answer gets a top-level `"status": "ok"` and `"prediction"`
+    (the labels, in row order) in front of everloop's own fields; refusals keep their status code and
+    `{"detail": ...}`. Costs one JSON decode of the answer per request, only when the flag is on."""
+    async def flask_predict(scope: dict, headers: Headers, raw: bytes) -> bytes:
+        answer = orjson.loads(await predict(scope, headers, raw))  # type: ignore[arg-type]
+        return _dumps({"status": "ok", "prediction": [p["prediction"] for p in answer["predictions"]]} | answer)
+
+    return flask_predict
 
 
 def _answer_parts(answer: bytes | tuple[bytes, RawHeaders]) -> tuple[bytes, RawHeaders]:

@@ -297,6 +297,9 @@ class ServingSpec(_Strict):
                          "training, a value outside the schema's range or a null where training had "
                          "none; off: answer them, with warnings in /predict's answer (a request opts "
                          "in with ?strict=true)")
+    flask_compatible: bool = Field(False, description="/predict answers also carry the fields a client of the "
+                                   "usual Flask tutorial service reads: \"status\": \"ok\" and \"prediction\": "
+                                   "[the labels, in row order], beside everloop's own (see docs/from-flask.md)")
 
 
 class ProjectSpec(_Strict):

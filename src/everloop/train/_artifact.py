@@ -68,7 +68,10 @@ class TrainedModel:
         if features is None:
             return False
         self.fast = None
-        slow = self._outputs(features)
+        try:
+            slow = self._outputs(features)
+        except Exception:  # an imported pipeline that cannot take missing values or unseen categories:
+            return False  # requests then run through the pipeline itself, which answers them or says why
         try:
             self.fast = FastFeatures(self.pipeline.named_steps["features"])
             if not np.array_equal(slow, self._outputs(features)):

@@ -25,6 +25,7 @@ class ReproduceReport:
     max_abs_diff: float | None = None  # largest difference between the two models' outputs
     problems: list[str] = field(default_factory=list)  # why it could not be reproduced, or what differs
     environment: list[str] = field(default_factory=list)  # what changed around it since (may explain a difference)
+    record: bool = True  # False: the model has no training record (imported); `problems` says so
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -33,7 +34,12 @@ class ReproduceReport:
 def reproduce(store: Store, version: int) -> ReproduceReport:
     """Retrain model `version` from its record (the recorded spec on the recorded dataset version, with
     the same split, seed and weights) and compare the new model's outputs with the stored model's on
-    the stored evaluation rows. Nothing is registered."""
+    the stored evaluation rows. Nothing is registered.
+
+    A model refit from a template (`pipeline_source: clone`: the loop's retraining of an imported model,
+    or an import with features) is refit as a fresh clone of its own stored pipeline, whose parameters
+    are the template's. An imported model (`pipeline_source: imported`) was not trained by everloop: the
+    report has `record` False and says so in `problems` (the CLI exits 2)."""
     t = store.tables.models
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(t).where(t.c.version == version)).first()
@@ -41,6 +47,16 @@ def reproduce(store: Store, version: int) -> ReproduceReport:
         raise NotFoundError(f"model version {version} does not exist")
     m = row.manifest
     report = ReproduceReport(version, identical=False)
+    source = m.get("pipeline_source", "spec")
+    if source == "imported":
+        origin = m.get("imported_from") or {}
+        report.record = False
+        report.problems.append(
+            f"model v{version} was imported from {origin.get('path', 'a file')} "
+            f"(sha256 {origin.get('sha256', '?')}): "
+            "everloop did not train it, so it has no training record to reproduce it from. A model the loop "
+            "retrains from it (a fresh clone of its pipeline, refit) has one, and reproduces")
+        return report
     report.environment = _environment_changes(m)
     try:
         stored = load_artifact(store, row.artifact, m, version)
@@ -60,7 +76,8 @@ def reproduce(store: Store, version: int) -> ReproduceReport:
     try:
         spec = parse_spec(m["spec"], origin=f"model v{version}'s recorded spec")
         fitted = fit(frame, get_schema(store, dataset.schema_version), spec,
-                     recent_from_row=m.get("recent_from_row", 0), recent_weight=m.get("recent_weight", 1.0))
+                     recent_from_row=m.get("recent_from_row", 0), recent_weight=m.get("recent_weight", 1.0),
+                     template=stored.pipeline if source == "clone" else None)
     except EverloopError as exc:
         report.problems.append(f"retraining failed: {exc}")
         return report

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import is_classifier
+from sklearn.base import clone, is_classifier
 from sklearn.utils.validation import has_fit_parameter
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.isotonic import IsotonicRegression
@@ -24,7 +24,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import LabelEncoder
 from threadpoolctl import threadpool_limits
 
-from everloop.data import Profile, Schema, get_dataset, get_schema, load_frame
+from everloop.data import DatasetVersion, Profile, Schema, get_dataset, get_schema, load_frame
 from everloop.errors import TrainError
 from everloop.features import build_features, custom_source_hash
 from everloop.spec import ProjectSpec
@@ -155,9 +155,13 @@ class Fitted:
 
 
 def fit(frame: pd.DataFrame, schema: Schema, spec: ProjectSpec, *, recent_from_row: int = 0,
-        recent_weight: float | str = 1.0) -> Fitted:
+        recent_weight: float | str = 1.0, template: Pipeline | None = None) -> Fitted:
     """Split, fit the spec's pipeline (features + estimator), and evaluate it and a trivial baseline on
-    the held-out rows. Deterministic: the same frame, schema and spec give the same model."""
+    the held-out rows. Deterministic: the same frame, schema and spec give the same model.
+
+    With `template` (a ("features", ...), ("model", ...) Pipeline, fitted or not: an imported model's),
+    a fresh `sklearn.base.clone` of it is fitted instead of the spec's pipeline (`refit_template`), so
+    its own preprocessing and hyper-parameters carry over; the split, labels and weights are the same."""
     frame = frame.reset_index(drop=True)  # positions == index, for recent_from_row
     task = task_of(schema)
     metric = spec.evaluation.metric or ("roc_auc" if task == "classification" else "rmse")
@@ -182,14 +186,23 @@ def fit(frame: pd.DataFrame, schema: Schema, spec: ProjectSpec, *, recent_from_r
     else:
         classes, y_train, y_eval = None, train_rows[target].to_numpy(), eval_rows[target].to_numpy()
 
-    pipeline = Pipeline([("features", build_features(schema, spec)), ("model", make_estimator(spec, task))])
+    if template is None:
+        pipeline = Pipeline([("features", build_features(schema, spec)), ("model", make_estimator(spec, task))])
+    else:
+        pipeline = refit_template(template, spec.model.seed)
+        if is_classifier(pipeline) != (task == "classification"):
+            raise TrainError(f"the pipeline to refit ({estimator_name(pipeline)}) is "
+                             f"{'a classifier' if is_classifier(pipeline) else 'a regressor'}, but the target "
+                             f"{target!r} needs {'a classifier' if task == 'classification' else 'a regressor'}")
     weights = _recent_weights(train_rows, recent_from_row, recent_weight)
-    if weights is not None and not has_fit_parameter(pipeline.named_steps["model"], "sample_weight"):
-        raise TrainError(f"model.estimator {spec.model.estimator} does not accept sample_weight; "
+    weight_param = sample_weight_param(pipeline)
+    if weights is not None and weight_param is None:
+        name = spec.model.estimator if template is None else estimator_name(pipeline)
+        raise TrainError(f"model.estimator {name} does not accept sample_weight; "
                          "set retraining.data.recent_weight: 1 or include_reference: false")
     with threadpool_limits(limits=TRAIN_THREADS):
         pipeline.fit(train_rows[features], y_train,
-                     **({"model__sample_weight": weights} if weights is not None else {}))
+                     **({weight_param: weights} if weights is not None and weight_param else {}))
     metrics = _evaluate(pipeline, task, eval_rows[features], y_eval)
     dummy = DummyClassifier(strategy="prior") if task == "classification" else DummyRegressor()
     baseline = _evaluate(dummy.fit(train_rows[features], y_train), task, eval_rows[features], y_eval)
@@ -199,17 +212,37 @@ def fit(frame: pd.DataFrame, schema: Schema, spec: ProjectSpec, *, recent_from_r
 
 
 def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *, reason: str = "",
-          recent_from_row: int = 0, recent_weight: float | str = 1.0) -> TrainResult:
+          recent_from_row: int = 0, recent_weight: float | str = 1.0, template: Pipeline | None = None,
+          record: dict[str, Any] | None = None) -> TrainResult:
     """Fit the spec's pipeline on a dataset version (the latest by default) and register a model version.
 
     `recent_from_row` marks where the rows of the current world start (the loop appends recent rows
     after the old reference data): evaluation and the monitor's drift reference use only those rows,
-    and in training each of them weighs `recent_weight` ('balanced': as much in total as the older rows)."""
+    and in training each of them weighs `recent_weight` ('balanced': as much in total as the older rows).
+    With `template`, a fresh clone of that pipeline is fitted instead of the spec's (see `fit`); the
+    manifest then says `pipeline_source: clone`, names its estimator, and carries `record` (what the
+    template came from, e.g. `template_of` and `imported_from`)."""
     started = time.perf_counter()
     dataset = get_dataset(store, dataset_version)
     schema = get_schema(store, dataset.schema_version)
     frame = load_frame(store, dataset)
-    fitted = fit(frame, schema, spec, recent_from_row=recent_from_row, recent_weight=recent_weight)
+    fitted = fit(frame, schema, spec, recent_from_row=recent_from_row, recent_weight=recent_weight,
+                 template=template)
+    extra = dict(record or {})
+    if template is not None:
+        extra |= {"pipeline_source": "clone", "estimator": estimator_name(fitted.pipeline),
+                  "params": estimator_params(fitted.pipeline)}
+    return register_fitted(store, spec, dataset, schema, frame, fitted, reason=reason, started=started,
+                           recent_from_row=recent_from_row, recent_weight=recent_weight, extra=extra)
+
+
+def register_fitted(store: Store, spec: ProjectSpec, dataset: DatasetVersion, schema: Schema,
+                    frame: pd.DataFrame, fitted: Fitted, *, reason: str, started: float, recent_from_row: int = 0,
+                    recent_weight: float | str = 1.0, extra: dict[str, Any] | None = None) -> TrainResult:
+    """Store a fitted pipeline as a model version of `dataset` (`frame` its rows): the artifact, its
+    evaluation rows, the hashes of the rows it trained on (`fitted.train_rows`), the monitor's
+    references and the manifest (`extra` keys added last, overriding). `started` is the
+    `time.perf_counter()` the work began at. Returns the TrainResult of the new version."""
     features, target = schema.feature_names, schema.target.name
     slice_columns = [c for c in spec.evaluation.slices if c not in features and c != target]
     eval_artifact = store.put_frame(fitted.eval_rows[features + [target] + slice_columns])
@@ -242,7 +275,7 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
         "eval_rows": len(fitted.eval_rows),
         "reason": reason,
         "monitoring": monitoring_references(store, fitted, frame.iloc[recent_from_row:], schema),
-    } | reproducibility_record(spec, store.root.parent)
+    } | reproducibility_record(spec, store.root.parent) | (extra or {})
     t = store.tables.models
     with store.engine.begin() as conn:
         version = conn.execute(t.insert().values(
@@ -250,6 +283,54 @@ def train(store: Store, spec: ProjectSpec, dataset_version: int | None = None, *
             value=fitted.metrics[fitted.metric], reason=reason)).inserted_primary_key[0]
     return TrainResult(version, fitted.metric, fitted.metrics[fitted.metric], fitted.baseline[fitted.metric],
                        fitted.metrics, dataset.version, time.perf_counter() - started)
+
+
+def refit_template(template: Pipeline, seed: int) -> Pipeline:
+    """A fresh `sklearn.base.clone` of `template` (its parameters, none of its fitted state), with every
+    `random_state` left at None set to `seed`, so that the refit can be reproduced."""
+    pipeline = clone(template)
+    unseeded = {k: seed for k, v in pipeline.get_params(deep=True).items()
+                if (k == "random_state" or k.endswith("__random_state")) and v is None}
+    return pipeline.set_params(**unseeded) if unseeded else pipeline
+
+
+def sample_weight_param(pipeline: Pipeline) -> str | None:
+    """The `fit` keyword that passes sample weights to the pipeline's estimator: `model__sample_weight`,
+    or through a nested Pipeline to its last step; None when the estimator takes none."""
+    model = pipeline.named_steps["model"]
+    if has_fit_parameter(model, "sample_weight"):
+        return "model__sample_weight"
+    if isinstance(model, Pipeline) and has_fit_parameter(model.steps[-1][1], "sample_weight"):
+        return f"model__{model.steps[-1][0]}__sample_weight"
+    return None
+
+
+def final_estimator(pipeline: Any) -> Any:
+    """The last step of a (possibly nested) Pipeline: the estimator that makes the predictions."""
+    while isinstance(pipeline, Pipeline):
+        pipeline = pipeline.steps[-1][1]
+    return pipeline
+
+
+def estimator_name(pipeline: Any) -> str:
+    """The dotted class path of a pipeline's final estimator, public module where it has one."""
+    cls = type(final_estimator(pipeline))
+    module = cls.__module__
+    if module.startswith("sklearn."):  # sklearn.ensemble._hist_gradient_boosting.x -> sklearn.ensemble
+        public = ".".join(part for part in module.split(".") if not part.startswith("_"))
+        try:
+            if getattr(importlib.import_module(public), cls.__name__, None) is cls:
+                module = public
+        except ImportError:
+            pass
+    return f"{module}.{cls.__qualname__}"
+
+
+def estimator_params(pipeline: Any) -> dict[str, Any]:
+    """The final estimator's own parameters that are plain JSON values (the rest are objects)."""
+    params = final_estimator(pipeline).get_params(deep=False)
+    return {k: v for k, v in params.items()
+            if v is None or isinstance(v, (bool, int, float, str)) and not isinstance(v, np.generic)}
 
 
 def monitoring_references(store: Store, fitted: Fitted, reference_rows: pd.DataFrame, schema: Schema) -> dict[str, Any]:
