@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -132,3 +135,34 @@ def pg_url() -> str:
     with engine.begin() as conn:
         conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
     engine.dispose()
+
+
+@dataclass
+class Run:
+    """What one `everloop ...` command gave: exit code and output."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def everloop(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Run]:
+    """Run the real entry point `main()` in-process, as `everloop ARGS` typed in `cwd`: its exit code and
+    output. An exception main() lets through (a traceback for the user) fails the test."""
+    from everloop.cli import main
+
+    def run(*args: str, cwd: Path | None = None) -> Run:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["everloop", *args])
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = 0 if exc.code is None else int(exc.code)
+        captured = capsys.readouterr()
+        return Run(code, captured.out, captured.err)
+
+    return run

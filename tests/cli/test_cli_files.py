@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,20 +19,12 @@ import pytest
 import yaml
 
 from everloop import data
-from everloop.cli import main
 from everloop.demo import make_churn
 from everloop.spec import load_spec
 from everloop.store import Store
-from tests.conftest import served_project, write_project
+from tests.conftest import Run, served_project, write_project
 
 ID_TIME = ["customer_id", "event_time"]
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture(scope="module")
@@ -42,27 +33,6 @@ def proj(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder, _, store = served_project(tmp_path_factory.mktemp("cli-files") / "proj")
     yield folder
     store.close()
-
-
-@pytest.fixture
-def everloop(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Run]:
-    """Run the real entry point `main()` in-process, as `everloop ARGS` typed in `cwd`: its exit code and
-    output. An exception main() lets through (a traceback for the user) fails the test."""
-
-    def run(*args: str, cwd: Path | None = None) -> Run:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["everloop", *args])
-        if cwd is not None:
-            monkeypatch.chdir(cwd)
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = 0 if exc.code is None else int(exc.code)
-        captured = capsys.readouterr()
-        return Run(code, captured.out, captured.err)
-
-    return run
 
 
 def churn_rows(n: int = 60, seed: int = 11) -> pd.DataFrame:

@@ -37,10 +37,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from everloop.cli import main
 from everloop.demo import make_churn
 from everloop.serve._process import free_port
-from tests.conftest import feature_rows, write_project
+from tests.conftest import Run, feature_rows, write_project
 
 README = Path(__file__).parents[2] / "README.md"
 VENV = Path(sys.executable).parent.parent  # the venv running the tests: the "clone"'s .venv
@@ -255,33 +254,6 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
 
 
 # -- each promise on its own ------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-@pytest.fixture
-def everloop(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Run]:
-    """The real entry point `main()` in-process, as `everloop ARGS` typed in `cwd`: exit code, output."""
-
-    def run(*args: str, cwd: Path | None = None) -> Run:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["everloop", *args])
-        if cwd is not None:
-            monkeypatch.chdir(cwd)
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = 0 if exc.code is None else int(exc.code)
-        captured = capsys.readouterr()
-        return Run(code, captured.out, captured.err)
-
-    return run
 
 
 def test_version_prints_the_installed_version(everloop: Callable[..., Run]) -> None:
