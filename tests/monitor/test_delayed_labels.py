@@ -198,3 +198,22 @@ def test_labelled_decay_needs_the_uncertainty_of_both_numbers_to_exclude_the_thr
     verdict = labelled_decay(spec, "roc_auc", expected, worse_value, worse, reference)
     assert verdict["decayed"] and verdict["loss_low"] > 0.05 * expected
     assert "more than the allowed 5% of" in verdict["why"]
+
+
+def test_worse_than_the_trivial_baseline_is_decay_even_without_a_training_reference(client):
+    """Labels that contradict the model (as after a flip of the relationship): an imported model with
+    in-sample metrics has no training value to compare with, but below the baseline is decay."""
+    frame = make_churn(600, seed=52)
+    ids, _ = predict(client, frame)
+    label(client, ids, (1 - frame["churned"]).tolist())  # the opposite of the truth the model learned
+    model = client.store.tables.models
+    import sqlalchemy as sa
+
+    with client.store.engine.begin() as conn:
+        manifest = conn.execute(sa.select(model.c.manifest).where(model.c.version == 1)).scalar()
+        conn.execute(model.update().where(model.c.version == 1).values(manifest=manifest | {"in_sample": True}))
+    result = monitor(client.store, client.spec, record=False)
+    perf = result.performance
+    assert perf["value"] < 0.5 and perf["decayed"]
+    assert perf["why"].startswith("worse than the trivial baseline's 0.5000")
+    assert any(n.startswith("model v1 was imported") for n in result.notes)

@@ -347,6 +347,14 @@ def _labelled_performance(store: Store, spec: ProjectSpec, trained: TrainedModel
     window_draws = bootstrap_labels(metric, labels, predicted, proba if names else None, names)
     reference = np.empty(0) if in_sample else _reference_draws(store, trained)
     out |= labelled_decay(spec, metric, expected, value, window_draws, reference)
+    baseline = trained.manifest.get("baseline", {}).get(metric)
+    if not out["decayed"] and baseline is not None and "value_low" in out:
+        # worse than predicting the majority class (or the mean) is decay whatever else is known
+        favourable = out["value_high"] if higher_is_better(metric) else out["value_low"]
+        if improvement(metric, favourable, baseline) < 0:
+            out["decayed"] = True
+            out["why"] = (f"worse than the trivial baseline's {baseline:.4f} even at the favourable end of its "
+                          f"90% interval ({favourable:.4f})")
     if "value_low" not in out:
         result.not_judged["performance"] = out["why"]
     return out
