@@ -17,7 +17,7 @@ from everloop.monitor import MonitorResult, monitor, send_alert
 from everloop.registry import PRODUCTION, ModelVersion, check_gate, get_model, load_model, set_alias
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
-from everloop.train import label_parser, row_hashes, train
+from everloop.train import row_hashes, train, valid_labels
 
 CANDIDATE = "candidate"
 ALERTING = {"promoted", "kept_candidate", "failed"}  # decisions a person should hear about
@@ -73,14 +73,7 @@ def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame
     it (written by an older build) is left out, never trained on."""
     logged, labels = prediction_log.latest_labelled(store.engine, limit)
     manifest = get_model(store, PRODUCTION).manifest
-    parse = label_parser(manifest["task"], manifest.get("classes"))
-    keep, parsed = [], []
-    for n, value in enumerate(labels):
-        try:
-            parsed.append(parse(value))
-            keep.append(n)
-        except ValueError:
-            pass
+    keep, parsed = valid_labels(manifest["task"], manifest.get("classes"), labels)
     frame = logged.features.iloc[keep].reset_index(drop=True)
     frame[spec.data.target] = parsed
     if spec.data.id:

@@ -41,7 +41,7 @@ from everloop.registry import PRODUCTION, load_model
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
 from everloop.train import (TrainedModel, allowed_loss, bootstrap_labels, describe_tolerance, higher_is_better,
-                            improvement, label_parser, score_labels)
+                            improvement, score_labels, valid_labels)
 
 log = logging.getLogger("everloop.monitor")
 READ_BATCH = 20_000
@@ -111,9 +111,10 @@ def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, r
                                {"labelled_rows": 0}, {}, not_judged={"all": "no predictions logged yet"})
         return result
     references = reference_profiles(store, trained)
+    cache: dict[str, Any] = {}  # what every judged window of this model shares, computed once
     out = None
     for window in plan:
-        result = judge(store, spec, trained, window, references, latest=window is current)
+        result = judge(store, spec, trained, window, references, latest=window is current, cache=cache)
         if window is current:
             out = result
             # a window pages once per kind of alert (drift, decay, ...): a loop turning every few seconds
@@ -136,9 +137,11 @@ def _kind(alert: str) -> str:
 
 
 def judge(store: Store, spec: ProjectSpec, trained: TrainedModel, window: _windows.Window,
-          references: tuple[Profile, Profile] | None = None, *, latest: bool = True) -> MonitorResult:
+          references: tuple[Profile, Profile] | None = None, *, latest: bool = True,
+          cache: dict[str, Any] | None = None) -> MonitorResult:
     """Every signal of one window; nothing stored. With `latest`, performance is judged on the latest
-    labels of all; otherwise (a past window) on those of predictions up to the window's end."""
+    labels of all; otherwise (a past window) on those of predictions up to the window's end. `cache`
+    keeps what several windows of one model share (the training value's bootstrap) between calls."""
     m = spec.monitoring
     profile, prediction_profile = references or reference_profiles(store, trained)
     counted = profile.window([])
@@ -153,7 +156,8 @@ def judge(store: Store, spec: ProjectSpec, trained: TrainedModel, window: _windo
     info = window.to_dict() | acc.window_info()
     result = MonitorResult(trained.version, info, None, None, {}, {})
     before_seq = None if latest or acc.last_seq is None else acc.last_seq + 1
-    result.performance = _labelled_performance(store, spec, trained, before_seq, result)
+    result.performance = _labelled_performance(store, spec, trained, before_seq, result,
+                                               {} if cache is None else cache)
     if not acc.rows:
         result.not_judged["drift"] = "no predictions in this window"
         return result
@@ -292,21 +296,15 @@ def _in_sample(trained: TrainedModel, result: MonitorResult) -> bool:
 
 
 def _labelled_performance(store: Store, spec: ProjectSpec, trained: TrainedModel, before_seq: int | None,
-                          result: MonitorResult) -> dict[str, Any]:
+                          result: MonitorResult, cache: dict[str, Any]) -> dict[str, Any]:
     """The metric on the latest labelled predictions of the model (before `before_seq`, for a past
     window): only rows with a real label that is valid for the model count."""
     metric = trained.manifest["metric"]
     expected = trained.manifest["metrics"][metric]
     limit = labelled_rows_limit(spec)
     logged, raw = prediction_log.latest_labelled(store.engine, limit, trained.version, before_seq=before_seq)
-    parse = label_parser(trained.task, trained.classes)
-    keep, labels, invalid = [], [], 0
-    for n, value in enumerate(raw):
-        try:
-            labels.append(parse(value))
-            keep.append(n)
-        except ValueError:
-            invalid += 1  # stored by an older build or another tool: never scored, never a crash
+    keep, labels = valid_labels(trained.task, trained.classes, raw)
+    invalid = len(raw) - len(labels)
     out: dict[str, Any] = {"metric": metric, "expected": expected, "labelled_rows": len(labels),
                            "window_rows": limit, "value": None, "decayed": False}
     if invalid:
@@ -323,8 +321,7 @@ def _labelled_performance(store: Store, spec: ProjectSpec, trained: TrainedModel
     outputs = [logged.outputs[n] for n in keep]
     predicted = [o["prediction"] for o in outputs]
     if trained.task == "classification":
-        names = [str(c) for c in trained.classes]
-        proba = np.array([[o["probabilities"][c] for c in names] for o in outputs], dtype=float)
+        proba = _answered_proba(trained, outputs)
         proba /= proba.sum(axis=1, keepdims=True)  # logged rounded to 6 decimals; log loss wants sums of 1
         value = score_labels(metric, labels, predicted, proba, trained.classes)
     else:
@@ -345,7 +342,12 @@ def _labelled_performance(store: Store, spec: ProjectSpec, trained: TrainedModel
     out["allowed_drop"] = allowed_loss(spec.monitoring.performance.max_drop, expected)
     names = trained.classes if trained.task == "classification" else None
     window_draws = bootstrap_labels(metric, labels, predicted, proba if names else None, names)
-    reference = np.empty(0) if in_sample else _reference_draws(store, trained)
+    if in_sample:
+        reference = np.empty(0)
+    else:
+        if "reference_draws" not in cache:
+            cache["reference_draws"] = _reference_draws(store, trained)
+        reference = cache["reference_draws"]
     out |= labelled_decay(spec, metric, expected, value, window_draws, reference)
     baseline = trained.manifest.get("baseline", {}).get(metric)
     if not out["decayed"] and baseline is not None and "value_low" in out:
@@ -464,8 +466,7 @@ class _Accumulator:
         self.latency += np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, rows.latency_ms),
                                     minlength=len(self.latency))
         if self.trained.task == "classification":
-            names = [str(c) for c in self.trained.classes]
-            self.proba.append(np.array([[o["probabilities"][c] for c in names] for o in rows.outputs], dtype=float))
+            self.proba.append(_answered_proba(self.trained, rows.outputs))
         self._sample(rows)
 
     def _sample(self, rows: prediction_log.LoggedRows) -> None:
@@ -492,6 +493,12 @@ class _Accumulator:
         for q in (50, 95, 99):
             out[f"latency_ms_p{q}"] = _quantile_from_counts(self.latency, LATENCY_BUCKETS_MS, q / 100)
         return out
+
+
+def _answered_proba(trained: TrainedModel, outputs: list[dict[str, Any]]) -> np.ndarray:
+    """The class probabilities the service answered (rows x classes, in the model's class order)."""
+    names = [str(c) for c in trained.classes]
+    return np.array([[o["probabilities"][c] for c in names] for o in outputs], dtype=float)
 
 
 def _most_drifted(drift: DriftReport, top: int = 6) -> list[str]:

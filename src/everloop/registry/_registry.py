@@ -15,7 +15,7 @@ from everloop.errors import GateError, NotFoundError
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
 from everloop.train import (TrainedModel, allowed_loss, as_labels, describe_tolerance, improvement,
-                            label_parser, load_artifact, row_hashes, score, training_hashes)
+                            load_artifact, row_hashes, score, training_hashes, valid_labels)
 
 PRODUCTION = "production"
 
@@ -268,15 +268,8 @@ def _labelled_traffic(store: Store, manifest: dict[str, Any]) -> tuple[pd.DataFr
     parsed for the model's task and classes; rows whose label does not parse dropped), and how many
     labelled predictions with a valid label were read."""
     logged, labels = prediction_log.latest_labelled(store.engine, TRAFFIC_ROWS)
-    parse = label_parser(manifest["task"], manifest.get("classes"))
-    parsed, valid = [], np.zeros(len(labels), dtype=bool)
-    for n, label in enumerate(labels):
-        try:
-            parsed.append(parse(label))
-            valid[n] = True
-        except ValueError:  # a label no model of this kind can use: not evidence either way
-            continue
-    frame = logged.features.reset_index(drop=True).loc[valid].reset_index(drop=True)
+    keep, parsed = valid_labels(manifest["task"], manifest.get("classes"), labels)
+    frame = logged.features.reset_index(drop=True).iloc[keep].reset_index(drop=True)
     target = pd.Series(parsed, dtype=float if manifest["task"] == "regression" else object)
     return frame.assign(**{manifest["target"]: target}), len(parsed)  # invalid stored labels never count
 

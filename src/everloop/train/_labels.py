@@ -9,7 +9,7 @@ label that made it into the store can always be used. The classes are a model ma
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -148,3 +148,18 @@ def parse_label(task: str, classes: list[Any] | None, value: Any) -> Any:
     value and what is expected when it means none. For many labels of one model, build the lookup once
     with `label_parser(task, classes)`; this function is that, for one value."""
     return label_parser(task, classes)(value)
+
+
+def valid_labels(task: str, classes: list[Any] | None, values: Sequence[Any]) -> tuple[list[int], list[Any]]:
+    """The stored labels that are valid for a model: (their positions in `values`, the parsed labels),
+    both of the same length. A label that does not parse (stored by an older build or another tool) is
+    left out: never scored, never trained on, never a crash."""
+    parse = label_parser(task, classes)
+    keep, parsed = [], []
+    for n, value in enumerate(values):
+        try:
+            parsed.append(parse(value))
+        except ValueError:
+            continue
+        keep.append(n)
+    return keep, parsed
