@@ -1,22 +1,29 @@
-"""Shared fixtures: small generated projects (fixed seeds), and a fresh PostgreSQL schema per test."""
+"""Shared fixtures: small generated projects (fixed seeds), a fresh PostgreSQL schema per test, and a
+real S3-compatible server (moto's standalone server in a subprocess on a loopback port, never an
+in-process mock) with a fresh bucket per test and dummy credentials."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
 
 from everloop import data, registry, train
 from everloop.demo import demo_spec, make_churn
+from everloop.serve import free_port
 from everloop.spec import load_spec
 from everloop.store import Store
 
@@ -166,3 +173,91 @@ def everloop(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
         return Run(code, captured.out, captured.err)
 
     return run
+
+
+# -- object storage -------------------------------------------------------------------------------
+
+REGION = "us-east-1"
+
+
+@contextlib.contextmanager
+def moto_server(log: Path, **env: str) -> Iterator[str]:
+    """Run `python -m moto.server` on 127.0.0.1 until the block ends; yields its endpoint URL.
+    `env` joins the server's environment (INITIAL_NO_AUTH_ACTION_COUNT=0: it checks credentials)."""
+    for module in ("moto.server", "s3fs", "boto3"):
+        try:
+            __import__(module)
+        except ImportError as exc:
+            if os.environ.get("CI") == "true":  # scripts/setup installs them: a skip would hide it
+                pytest.fail(f"{module} is required under CI=true: {exc}")
+            pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    server_env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"} | env
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=server_env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The endpoint URL of one moto server shared by the whole session."""
+    with moto_server(tmp_path_factory.mktemp("moto") / "server.log") as endpoint:
+        yield endpoint
+
+
+def use_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Point the standard AWS environment at `endpoint` with dummy credentials, and nowhere else: no
+    profile or credentials file of this machine, no instance metadata lookup."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@dataclass
+class Bucket:
+    """A fresh bucket on the moto server: `url` is `s3://<name>/artifacts`; `client`, boto3's."""
+
+    name: str
+    url: str
+    endpoint: str
+    client: Any
+
+    def key(self, digest: str) -> str:
+        """The object key under which everloop stores `digest`."""
+        return f"artifacts/{digest[:2]}/{digest}"
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    """A fresh bucket, with the standard AWS environment pointed at the moto server."""
+    import boto3
+
+    use_endpoint(monkeypatch, s3_endpoint)
+    name = f"everloop-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION)
+    client.create_bucket(Bucket=name)
+    return Bucket(name, f"s3://{name}/artifacts", s3_endpoint, client)

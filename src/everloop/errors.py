@@ -7,7 +7,8 @@
     ├── NotFoundError        a dataset, model version, alias or prediction does not exist
     ├── DataError            a source cannot be read, or fails validation (.report)
     ├── TrainError           training or evaluation cannot run (.column where known)
-    └── GateError            a candidate was refused by the promotion gate (.reasons)
+    ├── GateError            a candidate was refused by the promotion gate (.reasons)
+    └── ConflictError        someone else changed what the command read (a concurrent alias move)
 
 Only `serve` maps these to HTTP status codes and only `cli` maps them to exit codes.
 """
@@ -59,3 +60,7 @@ class GateError(EverloopError):
     def __init__(self, message: str, *, reasons: list[str]):
         self.reasons = reasons
         super().__init__(message)
+
+
+class ConflictError(EverloopError):
+    """The store changed between reading and writing (another process won a race); retrying may work."""

@@ -225,12 +225,12 @@ def test_a_missing_column_exits_1_in_validate_ingest_and_predict_and_names_no_ro
     assert not (tmp_path / "o.csv").exists()
 
 
-def test_a_file_with_a_header_and_no_rows_exits_1_in_validate_ingest_and_predict(proj, tmp_path, everloop):
+def test_a_file_with_a_header_and_no_rows_exits_2_in_validate_ingest_and_predict(proj, tmp_path, everloop):
     source = tmp_path / "header.csv"
     source.write_text(",".join(churn_rows(1).columns) + "\n")
     codes = [everloop(*args, "-p", str(proj)).code for args in (
         ["validate", str(source)], ["ingest", str(source)], ["predict", str(source), str(tmp_path / "o.csv")])]
-    assert codes == [1, 1, 1] and not (tmp_path / "o.csv").exists()
+    assert codes == [2, 2, 2] and not (tmp_path / "o.csv").exists()  # no data rows: unreadable input
 
 
 def test_validation_errors_exit_1_in_ingest_as_in_validate(proj, tmp_path, everloop):

@@ -10,6 +10,8 @@ any table that ingests gives the same predictions from CSV, Parquet and HTTP.
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import math
 import tempfile
@@ -252,11 +254,11 @@ def test_the_fast_path_is_checked_on_probe_rows_of_every_kind(client):
 def test_a_refused_model_is_named_with_why_by_every_endpoint(served, monkeypatch):
     folder, spec, store = served
 
-    def broken(store: Store, version: Any) -> Any:
+    def broken(store: Store, *args: Any) -> Any:  # the files arrived; unpickling them fails
         raise StoreError("model artifact 5f3a9c0e12ab cannot be loaded: ModuleNotFoundError: "
                          "No module named 'x'")
 
-    monkeypatch.setattr("everloop.serve._holder.load_model", broken)
+    monkeypatch.setattr("everloop.serve._holder.load_artifact", broken)
     with TestClient(create_app(folder, watch=False)) as running:
         answers = {"/ready": running.get("/ready"), "/v2/health/ready": running.get("/v2/health/ready"),
                    "/model": running.get("/model"), "/v2/models/t": running.get("/v2/models/t"),
@@ -273,14 +275,18 @@ def test_a_refused_new_version_is_named_while_the_old_one_serves(served, monkeyp
     folder, spec, store = served
     from everloop.serve import _holder
 
-    real_load, target = _holder.load_model, [1]
+    real_load, real_get, target = _holder.load_artifact, _holder.get_model, [1]
 
-    def load(store: Store, version: int) -> Any:
+    def load(store: Store, artifact: str, manifest: Any, version: int) -> Any:
         if version == 2:
             raise DataError("column 'seen_at': 1 values are not dates or times")
-        return real_load(store, version)
+        return real_load(store, artifact, manifest, version)
 
-    monkeypatch.setattr(_holder, "load_model", load)
+    def get(store: Store, version: int) -> Any:  # a v2 whose files are v1's: only its load fails
+        return dataclasses.replace(real_get(store, 1), version=2) if version == 2 else real_get(store, version)
+
+    monkeypatch.setattr(_holder, "load_artifact", load)
+    monkeypatch.setattr(_holder, "get_model", get)
     monkeypatch.setattr(_holder, "alias_version", lambda store, alias: target[0])
     with TestClient(create_app(folder, watch=False)) as running:
         holder = running.app.state.holder
@@ -545,13 +551,22 @@ def columns(draw: Any, kind: str, rows: int) -> list[Any]:
     if kind == "thousands":
         values = draw(st.lists(st.floats(-1e7, 1e7, allow_nan=False), min_size=rows, max_size=rows))
         return _with_nulls(draw, [f"{v:,.2f}" for v in values], nulls)
+    if kind == "tokens":  # categories among null tokens: missing from a CSV file first, values from Parquet
+        domain = draw(st.lists(TEXT, min_size=1, max_size=3, unique=True)) + \
+            draw(st.lists(st.sampled_from(["NA", "null", "N/A", "NaN"]), min_size=1, max_size=2, unique=True))
+        return _with_nulls(draw, draw(st.lists(st.sampled_from(domain), min_size=rows, max_size=rows)), nulls)
+    if kind == "dayfirst":  # 31.12.2026 or 31/12/2026 08:15: one order per column, even when none decides
+        days = draw(st.lists(st.dates(dt.date(2001, 1, 1), dt.date(2039, 1, 1)), min_size=rows, max_size=rows))
+        separator = draw(st.sampled_from([".", "/", "-"]))
+        clock = draw(st.sampled_from(["", " 08:15"]))
+        return _with_nulls(draw, [d.strftime(f"%d{separator}%m{separator}%Y") + clock for d in days], nulls)
     instants = draw(st.lists(st.datetimes(dt.datetime(2001, 1, 1), dt.datetime(2039, 1, 1)), min_size=rows,
                              max_size=rows))
     forms = draw(st.lists(st.sampled_from(OFFSETS), min_size=rows, max_size=rows))
     return _with_nulls(draw, [t.replace(microsecond=0).isoformat() + f for t, f in zip(instants, forms)], nulls)
 
 
-KINDS = ["number", "int", "bool", "category", "code", "thousands", "datetime"]
+KINDS = ["number", "int", "bool", "category", "code", "thousands", "datetime", "tokens", "dayfirst"]
 
 
 @st.composite
@@ -645,6 +660,8 @@ def test_the_property_holds_on_a_table_of_every_kind(tmp_path):
         "thousands": [f"{v:,.2f}" for v in rng.uniform(-5e6, 5e6, rows)],
         "seen": [f"2026-0{1 + n % 9}-1{n % 10}T0{n % 10}:30:00{OFFSETS[n % len(OFFSETS)]}"
                  for n in range(rows)],
+        "tokens": rng.choice(["a", "NA", "null", "b"], rows),
+        "dayfirst": [f"{1 + n % 28:02d}.{1 + n % 12:02d}.2026" for n in range(rows)],
         "y": [n % 2 for n in range(rows)],
     })
     for first in ("csv", "parquet"):
@@ -655,4 +672,9 @@ def test_the_property_holds_on_a_table_of_every_kind(tmp_path):
                          "bool": ("categorical", "bool"), "spelled": ("categorical", "bool"),
                          "category": ("categorical", "string"), "code": ("categorical", "string"),
                          "thousands": ("numeric", "float"),
-                         "seen": ("datetime", "datetime")}, first
+                         "seen": ("datetime", "datetime"), "tokens": ("categorical", "string"),
+                         "dayfirst": ("datetime", "datetime")}, first
+        assert schema.column("dayfirst").date_order == "DMY"
+        tokens = schema.column("tokens")  # NA and null: values in Parquet, missing values in a CSV file
+        assert (tokens.categories, tokens.not_missing) == ((["NA", "a", "b", "null"], ["NA", "null"])
+                                                           if first == "parquet" else (["a", "b"], None))

@@ -194,6 +194,7 @@ def expectations(project: Path) -> dict[str, tuple[int, Callable[[Ran], Any]]]:
         "everloop monitor --report report.html": (0, has(": healthy", made="report.html")),
         "everloop loop --once": (0, has("loop: idle: no trigger fired")),
         "everloop backtest history.csv --report bt.html": (0, has("backtest: 1 windows", made="bt.html")),
+        "everloop deploy k8s --output k8s/ --target-rps 200": (0, has("replicas", made="k8s/deployment.yaml")),
     }
 
 

@@ -97,7 +97,7 @@ def test_logged_rows_that_the_batch_path_reads_differently_are_named(client):
     features["age"] = features["age"].astype(object)
     for k in (3, 4, 5):  # logged as text: the service did not coerce the number
         features.loc[k, "age"] = f"{features.loc[k, 'age']:g}"
-    features.loc[10, "age"] = "n/a"  # the batch path refuses the row
+    features.loc[10, "age"] = "unknown"  # the batch path refuses the row ("n/a" would be a null)
     for k in (30, 31, 32, 33):  # answers of the other class
         (a, p), (b, q) = outputs[k]["probabilities"].items()
         outputs[k]["probabilities"] = {a: q, b: p}

@@ -323,7 +323,8 @@ def test_the_command_line_imports_and_reproduce_says_there_is_no_record(project,
     assert everloop("ingest").returncode == 0
     done = everloop("models", "import", "model.joblib", "--dataset", "1")
     assert done.returncode == 0, done.stderr
-    assert "found: Pipeline(ColumnTransformer(1 branches) -> HistGradientBoostingClassifier)" in done.stdout
+    assert ("found: Pipeline(ColumnTransformer(1 branch, the other columns passed through) -> "
+            "HistGradientBoostingClassifier)") in done.stdout
     assert "model v1 imported from model.joblib" in done.stdout and "in-sample" in done.stdout
     assert "next: everloop promote 1" in done.stdout and "is a pickle" in done.stderr
     refused = everloop("models", "import", "bare.joblib", "--dataset", "1")

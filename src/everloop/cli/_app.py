@@ -19,17 +19,19 @@ from typing import Any, Optional, overload
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from everloop._jsonable import jsonable
 from everloop.errors import DataError, EverloopError, GateError
 
 app = typer.Typer(help="everloop: keep a production ML model healthy for its whole life, in one tool.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-# Piped output gets wide tables instead of a guessed 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# Piped output gets wide tables instead of a guessed 80 columns. No markup: what is printed holds user
+# text (column names, categories, paths, hints such as `features.numeric: [age]`) that rich would
+# otherwise read as tags and drop; styled words are `Text` spans (see `_styled`).
+console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
 
 
 SPEC_FILE = "everloop.yaml"  # as everloop.spec names it (not imported here: the CLI starts without pydantic)
@@ -84,13 +86,18 @@ def _project_folder(project: Path) -> Path:
     return project
 
 
-def _emit(data: Any, as_json: bool, table: Table | None = None, text: str | None = None) -> None:
+def _styled(style: str, word: str, rest: str = "") -> Text:
+    """`word` in `style`, then `rest` as it is (never read as markup)."""
+    return Text.assemble((word, style), rest)
+
+
+def _emit(data: Any, as_json: bool, table: Table | None = None, text: str | Text | None = None) -> None:
     if as_json:
         print(json.dumps(jsonable(data), indent=2, default=str, allow_nan=False))
     elif table is not None:
         console.print(table)
     if text and not as_json:
-        console.print(text)
+        console.print(text, soft_wrap=True)  # a long line stays one line when piped, for grep and logs
 
 
 @contextmanager
@@ -209,7 +216,7 @@ def demo(folder: Path = typer.Option(Path("everloop-demo"), "--dir", help="folde
     from everloop.demo import DemoConfig, run_demo
 
     config = DemoConfig(history_rows=4000, window_rows=1500) if quick else DemoConfig()
-    say = (lambda _msg: None) if as_json else (lambda msg: console.print(f"[dim]•[/dim] {msg}"))
+    say = (lambda _msg: None) if as_json else (lambda msg: console.print(_styled("dim", "•", f" {msg}")))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=as_json, transient=True) as bar:
         def progress(label: str, total: int):
@@ -233,10 +240,11 @@ def demo(folder: Path = typer.Option(Path("everloop-demo"), "--dir", help="folde
             compare.add_column(column)
         compare.add_row(_num(c["old"]), _num(c["retrained"]), _num(c["direct"]))
         console.print(compare)
-        verdict = "[green]passed[/green]" if result.passed else "[red]did not pass[/red]"
-        console.print(f"demo {verdict}: drift before the shift: {result.drift_before_shift}; drift in the first "
-                      f"shifted window: {result.drift_first_shifted_window}; recovered within 2% of direct: "
-                      f"{result.recovered}. Report: {result.report}")
+        verdict = ("green", "passed") if result.passed else ("red", "did not pass")
+        console.print(Text.assemble("demo ", verdict, (
+            f": drift before the shift: {result.drift_before_shift}; drift in the first shifted window: "
+            f"{result.drift_first_shifted_window}; recovered within 2% of direct: {result.recovered}. "
+            f"Report: {result.report}")))
     if not result.passed:
         raise CheckFailed()
 
@@ -260,26 +268,66 @@ def ingest(path: Optional[Path] = typer.Argument(None, help="a file to ingest in
         try:
             version = data.ingest(store, spec, _user_path(path), base=project, mode=mode.value, progress=progress)
         except DataError as exc:
-            raise _quarantine_hint(exc, path, mode) from None
+            raise _quarantine_hint(exc, path, mode, project) from None
     written = data.write_schema_file(store, project)  # the first ingest: the inferred schema, to read and edit
     schema = data.get_schema(store, version.schema_version)
     roles, conflicts = schema.column_roles(spec), schema.spec_conflicts(spec)
-    note = " (identical content already stored; no new version)" if version.deduplicated else ""
-    text = f"dataset v{version.version}: {version.rows} rows x {version.columns} columns from {version.source}{note}"
+    text = f"dataset v{version.version}: {version.rows} rows x {version.columns} columns from {version.source}"
+    if version.deduplicated:
+        text = (f"no new version: {path or _source_arg(spec, project)} read with schema v{version.schema_version} "
+                f"gives the rows of {text}")
+    text += "".join(f"\nnote: {line}" for line in version.notes)
+    quarantined = _quarantined_rows(store, version)
     if version.quarantined:
-        text += f"\n{version.quarantined} rows quarantined (see 'everloop datasets show {version.version}')"
-    text += "\n" + escape(_roles_text(roles, version.schema_version, version.source if inferring else None))
+        shown = ", ".join(map(str, quarantined)) + (", ..." if version.quarantined > len(quarantined) else "")
+        text += (f"\n{version.quarantined} rows quarantined: rows {shown} (data rows counted from 1; with their "
+                 f"reasons: 'everloop datasets show {version.version}')")
+    text += "\n" + _roles_text(roles, version.schema_version, version.source if inferring else None)
     if written:
         text += f"\nschema inferred and written to {written}; edit it and run 'everloop schema accept' to change it"
-    if version.warnings and not version.deduplicated:
-        text += "\n" + escape("\n".join(f"  {a['severity']}: column {a['column']!r}: {a['message']}"
-                                         for a in version.warnings))
-    text += "".join(f"\nwarning: {escape(line)}; {_CONFLICT_FIX}" for line in conflicts)
-    _emit(version.to_dict() | {"schema_inferred": inferring, "column_roles": [asdict(r) for r in roles],
-                               "schema_conflicts": conflicts}, as_json, text=text)
+    text += _anomaly_lines(version.warnings)
+    if any(a["kind"] == "unexpected_column" for a in version.warnings):
+        source = str(path) if path else _source_arg(spec, project)
+        command = _command(project, "schema", "accept", "--from-data", source)
+        text += f"\nto add these columns to the schema (inferred as the first ingest would): {command}"
+    text += "".join(f"\nwarning: {line}; {_conflict_fix(spec, project)}" for line in conflicts)
+    _emit(version.to_dict() | {"quarantined_rows": quarantined, "schema_inferred": inferring,
+                               "column_roles": [asdict(r) for r in roles], "schema_conflicts": conflicts},
+          as_json, text=text)
 
 
-def _quarantine_hint(exc: DataError, path: Path | None, mode: IngestMode) -> DataError:
+QUARANTINE_ROWS_SHOWN = 10
+
+
+def _quarantined_rows(store: Any, version: Any) -> list[int]:
+    """The first QUARANTINE_ROWS_SHOWN rows a dataset version set aside, as data rows counted from 1."""
+    from everloop import data
+
+    if not version.quarantined:
+        return []
+    rows = data.load_quarantine(store, version).get("_everloop_row")
+    return [] if rows is None else [int(r) for r in rows.head(QUARANTINE_ROWS_SHOWN)]
+
+
+def _command(project: Path, *args: str) -> str:
+    """`everloop ARGS` as the user can paste it here: quoted where needed, with `-p PROJECT` when the
+    current directory is not inside the project (where everloop would not find it by itself)."""
+    import shlex
+
+    here, folder = Path.cwd().resolve(), project.resolve()
+    where = [] if here == folder or folder in here.parents else ["-p", str(project)]
+    return " ".join(shlex.quote(a) for a in ("everloop", *args, *where))
+
+
+def _source_arg(spec: Any, project: Path) -> str:
+    """The project file's data.source as a path the user can type here (it is relative to the project
+    folder, command-line paths to the current directory); a placeholder for an SQL source."""
+    if not isinstance(spec.data.source, str):
+        return "FILE"
+    return os.path.relpath(os.path.join(project, os.path.expanduser(spec.data.source)))
+
+
+def _quarantine_hint(exc: DataError, path: Path | None, mode: IngestMode, project: Path) -> DataError:
     """A source refused in reject mode for errors of its rows (missing labels, bad values) says how to
     store the good rows and set the bad ones aside: the same command with `--mode quarantine`. Errors of
     whole columns (a column missing, no rows) refuse in either mode: those stay as they were."""
@@ -287,13 +335,20 @@ def _quarantine_hint(exc: DataError, path: Path | None, mode: IngestMode) -> Dat
     if mode is not IngestMode.reject or not anomalies or any(a.kind in ("missing_column", "empty")
                                                             for a in anomalies):
         return exc
-    command = " ".join(["everloop ingest", *([str(path)] if path is not None else []), "--mode quarantine"])
+    command = _command(project, "ingest", *([str(path)] if path is not None else []), "--mode", "quarantine")
     return DataError(f"{exc}\nto store the good rows and set these aside with their reasons: {command}",
                      report=exc.report, path=exc.path)
 
 
-_CONFLICT_FIX = ("the schema decides until it is changed: 'everloop schema accept --from-data FILE' adds the "
-                 "columns features names, or edit schema.yaml and run 'everloop schema accept'")
+def _conflict_fix(spec: Any, project: Path) -> str:
+    """How to make the schema follow the project file's `features` section (see `Schema.spec_conflicts`):
+    `schema accept --from-data` with the project's data, which applies it (named kinds, exclude,
+    infer_others) as the first ingest did."""
+    if not isinstance(spec.data.source, str):  # an SQL source cannot be given as --from-data
+        return ("the schema decides until it is changed: edit schema.yaml (move the column between 'columns' "
+                f"and 'ignored', or change its kind) and run {_command(project, 'schema', 'accept')}")
+    return ("the schema decides until it is changed; to apply the project file's features section: "
+            + _command(project, "schema", "accept", "--from-data", _source_arg(spec, project)))
 
 
 def _roles_text(roles: list[Any], schema_version: int, inferred_from: str | None) -> str:
@@ -321,8 +376,7 @@ def validate(path: Optional[Path] = typer.Argument(None, help="a file to check i
     for column in ("severity", "column", "kind", "count", "message"):
         table.add_column(column)
     for a in report.anomalies:
-        # the cells hold data (category names), not markup
-        table.add_row(a.severity, escape(a.column), a.kind, str(a.count), escape(a.describe()))
+        table.add_row(a.severity, a.column, a.kind, str(a.count), a.describe())
     _emit(report.to_dict(), as_json, table if report.anomalies else None,
           text="no anomalies" if not report.anomalies else None)
     if not report.ok:
@@ -358,6 +412,8 @@ def datasets_show(version: int = typer.Argument(..., help="dataset version"),
                   rows: int = typer.Option(10, help="quarantined rows to show"),
                   project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """One dataset version: lineage, warnings, column statistics and quarantined rows with their reasons."""
+    import pandas as pd
+
     from everloop import data
 
     _, store = _project(project)
@@ -369,8 +425,8 @@ def datasets_show(version: int = typer.Argument(..., help="dataset version"),
         return
     console.print(f"dataset v{d.version}: {d.rows} rows from {d.source} (parent: {d.parent or '-'}, schema "
                   f"v{d.schema_version}, content {d.content_hash[:12]}, {d.quarantined} rows quarantined)")
-    for w in d.warnings:
-        console.print(f"  {w['severity']}: column {w['column']!r}: {w['message']}")
+    if d.warnings:
+        console.print(_anomaly_lines(d.warnings).removeprefix("\n"))
     table = Table(title="columns")
     for column in ("column", "kind", "null rate", "mean", "std", "min", "max", "distinct"):
         table.add_column(column)
@@ -380,10 +436,11 @@ def datasets_show(version: int = typer.Argument(..., help="dataset version"),
     console.print(table)
     if len(quarantine):
         sample = Table(title=f"quarantined rows (first {min(rows, len(quarantine))} of {d.quarantined})")
-        sample.add_column("row")
+        sample.add_column("data row")  # counted from 1, the header not counted
         sample.add_column("reason")
-        for r in quarantine.head(rows).itertuples(index=False):
-            sample.add_row(str(r[0]), str(r[-1]))
+        numbers = quarantine.get("_everloop_row", pd.Series(["-"] * len(quarantine)))
+        for number, reason in zip(numbers.head(rows), quarantine.iloc[:, -1].head(rows)):  # reason: last
+            sample.add_row(str(number), str(reason))
         console.print(sample)
 
 
@@ -447,11 +504,11 @@ def schema_show(version: Optional[int] = typer.Option(None, help="schema version
         span = f"{_num(c.min)} .. {_num(c.max)}" if c.kind == "numeric" else ""
         cats = "" if c.categories is None else (", ".join(c.categories[:6]) + (
             f", ... ({len(c.categories)})" if len(c.categories) > 6 else ""))
-        table.add_row(escape(c.name), c.role, c.kind, c.dtype, "yes" if c.nullable else "no",
-                      f"{c.max_null_rate:.1%}", span, escape(cats), escape(why[c.name]))
+        table.add_row(c.name, c.role, c.kind, c.dtype, "yes" if c.nullable else "no",
+                      f"{c.max_null_rate:.1%}", span, cats, why[c.name])
     for name, reason in schema.ignored.items():
-        table.add_row(escape(name), "ignored", "", "", "", "", "", "", escape(reason))
-    text = "\n".join(f"warning: {escape(line)}; {_CONFLICT_FIX}" for line in conflicts) or None
+        table.add_row(name, "ignored", "", "", "", "", "", "", reason)
+    text = "\n".join(f"warning: {line}; {_conflict_fix(spec, project)}" for line in conflicts) or None
     _emit({"version": number} | schema.to_dict() | {"ignored": schema.ignored,
                                                     "column_roles": [asdict(r) for r in roles],
                                                     "schema_conflicts": conflicts}, as_json, table, text=text)
@@ -459,11 +516,15 @@ def schema_show(version: Optional[int] = typer.Option(None, help="schema version
 
 @schema_app.command("accept")
 def schema_accept(from_data: Optional[Path] = typer.Option(None, "--from-data",
-                                                           help="evolve the current schema to admit this file"),
+                                                           help="evolve the current schema to admit this file "
+                                                                "and follow the project file's features section"),
                   file: Optional[Path] = typer.Option(None, help="schema file (default: schema.yaml in the project)"),
                   reason: str = typer.Option("", help="why, recorded with the version"),
                   project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
-    """Make an edited schema.yaml (or a schema evolved from new data) the current schema version."""
+    """Make an edited schema.yaml (or a schema evolved from new data) the current schema version.
+    With --from-data, the schema admits the file's values (ranges widen, categories join) and follows the
+    project file's features section as the first ingest did: new columns inferred (identifiers and
+    excluded columns left out, with why), excluded features dropped, named kinds applied."""
     from everloop import data
 
     spec, store = _project(project)
@@ -471,7 +532,7 @@ def schema_accept(from_data: Optional[Path] = typer.Option(None, "--from-data",
     if from_data is not None:
         if current is None:
             raise EverloopError("no schema yet; ingest data first")
-        observed = data.Schema.infer(data.read_source(_user_path(from_data), project), spec)
+        observed = data.infer_source(_user_path(from_data), spec, current[1], base=project)
         schema = data.evolve(current[1], observed, spec)
         why = reason or f"evolved to admit {from_data}"
     else:
@@ -584,16 +645,15 @@ def models_import(path: Path = typer.Argument(..., help="a joblib or pickle file
     rows = (f"held-out rows of dataset v{result.dataset_version}" if result.refit else
             f"dataset v{result.dataset_version}'s rows" + ("" if not result.in_sample else
                                                           ", in-sample: the model may have seen them"))
-    how = ("a fresh clone of it was fitted behind everloop's features" if result.refit
-           else "imported as it is")
-    text = (f"found: {result.description}; {how}\n"
-            f"model v{result.version} imported from {path} (sha256 {result.sha256[:12]}): {result.metric} "
+    done = "fitted by everloop from" if result.refit else "imported from"
+    text = (f"found: {result.description}\n{result.serves}\n"
+            f"model v{result.version} {done} {path} (sha256 {result.sha256[:12]}): {result.metric} "
             f"{result.value:.4f} on {rows}; trivial baseline {result.baseline:.4f} (lift {result.lift:+.4f})\n"
             f"next: everloop promote {result.version}")
     if result.in_sample and not result.refit:
         text += ("\nnote: the monitor compares live performance with these in-sample metrics; if the model never "
                  "saw these rows, import with --held-out")
-    _emit(result.to_dict(), as_json, text=escape(text))
+    _emit(result.to_dict(), as_json, text=text)
 
 
 @app.command()
@@ -676,7 +736,7 @@ def promote(version: int = typer.Argument(..., help="the model version to put in
         if as_json:
             _emit({"candidate": version, "passed": False, "reasons": exc.reasons}, True)
         else:
-            errors.print(f"[red]{exc}[/red]")
+            errors.print(str(exc), style="red", highlight=False)
         raise CheckFailed() from None
     forced = " (forced past the gate)" if force and not decision.passed else ""
     _emit((decision.to_dict()), as_json, text=f"model v{version} is in production{forced}")
@@ -774,7 +834,7 @@ def predict(source: Path = typer.Argument(..., help="CSV or Parquet file (or fol
                             keep=keep or [], progress=progress)
     text = (f"{result.rows} rows scored by model v{result.model_version} -> {result.output} ({result.format}; "
             f"columns: {', '.join(result.columns)})")
-    _emit(result.to_dict(), as_json, text=escape(text + _anomaly_lines(result.warnings)))
+    _emit(result.to_dict(), as_json, text=text + _anomaly_lines(result.warnings))
 
 
 def _anomaly_lines(anomalies: list[dict[str, Any]]) -> str:
@@ -793,7 +853,6 @@ def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with c
     """Record ground-truth labels for earlier prediction ids. Each label is checked against the model that
     made its prediction; good rows are stored, bad ones listed. Exit 1 when any row was refused or unknown."""
     import pandas as pd
-    from rich.markup import escape
 
     from everloop.data import iter_batches
     from everloop.serve import record_feedback
@@ -822,12 +881,12 @@ def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with c
              + (f" ({result.superseded} replaced by a later row for the same id)" if result.superseded else "")]
     if result.problems:
         lines.append(f"{len(result.problems)} rows refused (row numbers count data rows from 1):")
-        lines += [escape(f"  {p.where}: id {p.id!r}: {p.why}") for p in result.problems[:shown]]
+        lines += [f"  {p.where}: id {p.id!r}: {p.why}" for p in result.problems[:shown]]
         if len(result.problems) > shown:
             lines.append(f"  ... and {len(result.problems) - shown} more (--json lists them all)")
     if result.unknown_ids:
-        lines.append(escape(f"{len(result.unknown_ids)} ids match no logged prediction, e.g. "
-                            + ", ".join(repr(i) for i in result.unknown_ids[:3])))
+        lines.append(f"{len(result.unknown_ids)} ids match no logged prediction, e.g. "
+                     + ", ".join(repr(i) for i in result.unknown_ids[:3]))
     _emit(result.to_dict(), as_json, text="\n".join(lines))
     if not result.complete:
         raise CheckFailed()
@@ -875,11 +934,11 @@ def monitor_cmd(report: Optional[Path] = typer.Option(None, help="also write an 
         if h.get("latency_ms_p99") is not None:
             lines.append(f"health: {_num(h.get('rows_per_second'))} rows/s, latency p50 {_num(h['latency_ms_p50'])} "
                          f"ms, p99 {_num(h['latency_ms_p99'])} ms, error rate {_num(h.get('error_rate'))}")
-    lines = [escape(line) for line in lines]
-    lines += [f"[yellow]not judged[/yellow]: {escape(k)}: {escape(v)}" for k, v in result.not_judged.items()]
-    lines += [f"note: {escape(n)}" for n in result.notes]
-    lines += [f"[red]alert[/red]: {escape(a)}" for a in result.alerts]
-    _emit(data, as_json, table if result.drift else None, "\n".join(lines))
+    texts = [Text(line) for line in lines]
+    texts += [_styled("yellow", "not judged", f": {k}: {v}") for k, v in result.not_judged.items()]
+    texts += [Text(f"note: {n}") for n in result.notes]
+    texts += [_styled("red", "alert", f": {a}") for a in result.alerts]
+    _emit(data, as_json, table if result.drift else None, Text("\n").join(texts))
     if report:
         runs = list_runs(store, model_version=result.model_version)
         if result.status == "no data":  # nothing was stored: the page must not show an older verdict
@@ -927,7 +986,7 @@ def backtest_cmd(path: Optional[Path] = typer.Argument(None, help="labelled data
 
     spec = load_spec(_project_folder(project))
     frame = read_source(_user_path(path) or spec.data.source, project)
-    say = (lambda _m: None) if as_json else (lambda m: console.print(f"[dim]•[/dim] {m}"))
+    say = (lambda _m: None) if as_json else (lambda m: console.print(_styled("dim", "•", f" {m}")))
     result = backtest(frame, spec, initial_rows=initial_rows, window_rows=window_rows, progress=say)
     s = result.summary()
     table = Table(title=f"backtest: {s['windows']} windows, {result.metric} per strategy")
@@ -942,10 +1001,109 @@ def backtest_cmd(path: Optional[Path] = typer.Argument(None, help="labelled data
             console.print(f"report: {report}")
 
 
+deploy_app = typer.Typer(help="Deployment files: a Docker build context (the service, or a training image that "
+                              "reproduces a run) and Kubernetes manifests.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+ForceOpt = typer.Option(False, "--force", help="write into a folder that is not empty (its files of the same "
+                                                "names are replaced)")
+
+
+@deploy_app.command("docker")
+def deploy_docker(output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder for the build context "
+                                                        "(default: deploy/docker in the project; deploy/train "
+                                                        "with --train)"),
+                  train: Optional[str] = typer.Option(None, "--train", metavar="VERSION", help="instead of the "
+                                                      "service: a training image that reproduces this model "
+                                                      "version (or alias) from its record"),
+                  image: Optional[str] = typer.Option(None, help="image reference used in the instructions "
+                                                      "(default: everloop-NAME:EVERLOOP_VERSION)"),
+                  port: int = typer.Option(8000, min=1, max=65535, help="port the service listens on in the "
+                                                                        "container"),
+                  workers: int = typer.Option(1, min=1, help="uvicorn worker processes in the container"),
+                  force: bool = ForceOpt, project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Write a Docker build context for the service (or, with --train, a training image).
+
+    Dockerfile, pinned requirements and the project file; the image takes its configuration from the
+    environment only (EVERLOOP_DB_URL, EVERLOOP_ARTIFACTS_URL; tokens as secrets)."""
+    import shlex
+
+    from everloop import deploy
+    from everloop.spec import load_spec
+
+    if train is not None:
+        spec, store = _project(project)
+        target = _user_path(output) or project / "deploy" / "train"
+        result = deploy.write_training(project, spec, store, train, target, image=image, force=force)
+        what = f"a training image for model v{result.command[-1]}"
+    else:
+        spec = load_spec(_project_folder(project))
+        target = _user_path(output) or project / "deploy" / "docker"
+        result = deploy.write_docker(project, spec, target, image=image, port=port, workers=workers, force=force)
+        what = "the service's image"
+    shown = os.path.relpath(result.output)
+    lines = [f"wrote the build context of {what} to {shown}: {', '.join(result.files)}",
+             f"command: {shlex.join(result.command)}",
+             f"build: docker build -t {result.image} {shlex.quote(shown)} (how to push and run: the Dockerfile's "
+             "header)"]
+    _emit(result.to_dict(), as_json, text="\n".join(lines + [f"note: {n}" for n in result.notes]))
+
+
+@deploy_app.command("k8s")
+def deploy_k8s(output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder for the manifests "
+                                                     "(default: deploy/k8s in the project)"),
+               target_rps: Optional[float] = typer.Option(None, "--target-rps", help="one-row requests a second "
+                                                          "to size for: measures the production model's cost "
+                                                          "here and writes the replicas and CPU it needs"),
+               replicas: Optional[int] = typer.Option(None, min=1, help="replicas, when not sized by "
+                                                      "--target-rps (default 2)"),
+               image: Optional[str] = typer.Option(None, help="the service's image (default: "
+                                                   "everloop-NAME:EVERLOOP_VERSION, as deploy docker names it)"),
+               artifacts_url: Optional[str] = typer.Option(None, "--artifacts-url", help="the shared artifact "
+                                                           "store (default: $EVERLOOP_ARTIFACTS_URL)"),
+               schedule: str = typer.Option("*/15 * * * *", help="cron schedule of the loop's CronJob"),
+               force: bool = ForceOpt, project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Write Kubernetes manifests for the service and the loop, sized with --target-rps.
+
+    Deployment, Service, autoscaler, disruption budget, ConfigMap, Secret references, a CronJob
+    running 'everloop loop --once', and a kustomization that applies them."""
+    from everloop import deploy
+
+    if target_rps is not None and replicas is not None:
+        raise EverloopError("give --target-rps (the replicas are sized from it) or --replicas, not both")
+    if target_rps is not None and not 0 < target_rps < float("inf"):
+        raise EverloopError(f"--target-rps {target_rps:g}: expected a rate above 0 (one-row requests a second)")
+    fields = schedule.split()
+    if len(fields) != 5 and not (len(fields) == 1 and schedule.startswith("@")):
+        raise EverloopError(f"--schedule {schedule!r}: expected a cron schedule of 5 fields (minute hour day "
+                            "month weekday), e.g. '*/15 * * * *', or a macro such as '@hourly'")
+    if target_rps is not None:  # the production model is measured: the store is needed
+        spec, store = _project(project)
+        with console.status("measuring the production model...") if not as_json else nullcontext():
+            sizing = deploy.size(target_rps, deploy.measure(project, spec, store))
+    else:
+        from everloop.spec import load_spec
+
+        spec, sizing = load_spec(_project_folder(project)), None
+    target = _user_path(output) or project / "deploy" / "k8s"
+    result = deploy.write_k8s(project, spec, target, image=image, replicas=replicas, sizing=sizing,
+                              artifacts_url=artifacts_url, schedule=schedule, force=force)
+    shown = os.path.relpath(result.output)
+    lines = [f"wrote {len(result.files)} files to {shown}: {', '.join(result.files)}"]
+    if sizing is not None:
+        m = sizing.measurement
+        lines.append(f"sized for {target_rps:g} requests/s: {sizing.replicas} replicas, CPU {sizing.cpu_request_m}m "
+                     f"requested, {sizing.cpu_limit_m}m limit each (model v{m.model_version}: {m.request_ms:.3f} ms "
+                     "per one-row request here; the arithmetic is in deployment.yaml)")
+    lines.append(f"apply: kubectl apply -k {shown} (first the Secret {deploy.k8s_name(spec.name)}-secrets: see "
+                 "kustomization.yaml)")
+    _emit(result.to_dict(), as_json, text="\n".join(lines + [f"note: {n}" for n in result.notes]))
+
+
 def main() -> None:
     """Entry point: errors become one clean message (no traceback) and the README's exit codes:
     0 success; 1 a check failed (CheckFailed, or rows refused by validation: a DataError carrying a
-    report with errors, so `ingest`, `predict` and `validate` exit alike on the same report); 2 bad
+    report with errors, so `ingest`, `predict` and `validate` exit alike on the same report; or a
+    ConflictError: another process changed what the command read, e.g. a concurrent promote); 2 bad
     input (any other EverloopError, and an OSError on a path the user gave: missing, a folder, no
     permission). Click's own usage errors exit 2."""
     try:
@@ -970,7 +1128,9 @@ def _print_error(message: str) -> None:
 def _refused_by_validation(exc: EverloopError) -> bool:
     """Data read fine but failed the schema's checks (exit 1, like `validate`), as opposed to data that
     could not be read or arguments that make no sense (exit 2)."""
-    from everloop.errors import DataError
+    from everloop.errors import ConflictError, DataError
 
+    if isinstance(exc, ConflictError):  # lost a race: a refusal, retrying may work
+        return True
     report = exc.report if isinstance(exc, DataError) else None
     return report is not None and not report.ok

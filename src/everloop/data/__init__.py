@@ -14,11 +14,12 @@ from everloop.data._datasets import (
 )
 from everloop.data._diff import diff_datasets
 from everloop.data._profile import ColumnProfile, Profile, numbers
-from everloop.data._schema import Anomaly, ColumnRole, ColumnSchema, Schema, ValidationReport
+from everloop.data._schema import NULL_TOKENS, Anomaly, ColumnRole, ColumnSchema, Schema, ValidationReport
 from everloop.data._schema_file import (
     SCHEMA_FILE,
     accept_schema,
     evolve,
+    infer_source,
     load_schema_file,
     schema_changes,
     schema_yaml,
@@ -28,7 +29,7 @@ from everloop.data._sources import TypedReadFailed, iter_batches, read_file, rea
 from everloop.data._stats import ColumnStats, DatasetStats
 
 __all__ = [
-    "SCHEMA_FILE", "accept_schema", "diff_datasets", "evolve", "load_schema_file", "schema_changes", "schema_yaml",
+    "NULL_TOKENS", "SCHEMA_FILE", "accept_schema", "diff_datasets", "evolve", "infer_source", "load_schema_file", "schema_changes", "schema_yaml",
     "write_schema_file", "ColumnProfile", "Profile", "numbers",
     "Anomaly", "ColumnRole", "ColumnSchema", "DatasetVersion", "Schema", "ValidationReport", "current_schema",
     "ColumnStats", "DatasetStats", "TypedReadFailed", "get_dataset", "get_schema", "ingest", "ingest_frame",

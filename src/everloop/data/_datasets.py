@@ -1,4 +1,5 @@
-"""Dataset versions: validated against the schema, content-addressed, immutable, deduplicated.
+"""Dataset versions: validated against the schema, content-addressed, immutable, deduplicated (by
+their rows and the schema version that read them: see `dataset_identity`).
 
 Ingest streams the source batch by batch: each batch is checked, its good rows are appended to a
 Parquet file inside the store, and per-column statistics are merged, so memory stays flat however
@@ -211,18 +212,20 @@ def _ingest(store: Store, spec: ProjectSpec, batches: Iterable[pd.DataFrame], so
             writer.close()
         writers.clear()
         schema = schema_row[1] if schema_row else scan.layout.from_stats(scan.stats)
-        content_hash = scan.content.hexdigest()
-        t = store.tables
-        with store.engine.connect() as conn:
-            found = conn.execute(sa.select(t.datasets).where(t.datasets.c.content_hash == content_hash)).first()
-        if found:
-            return _row_to_version(found, deduplicated=True)
-        # Artifacts first: a kill after them leaves only unreferenced blobs, never a row without data.
-        artifact = store.artifacts.put_file(good_path)
-        quarantine = store.artifacts.put_file(bad_path) if scan.bad_rows else None
+        content = scan.content.hexdigest()
         warnings = [a for a in report.to_dict()["anomalies"] if a["severity"] == "warning"]
         if scan.bad_rows:
             warnings += [a | {"severity": "quarantined"} for a in report.to_dict()["anomalies"] if a["severity"] == "error"]
+        t = store.tables
+        if schema_row is not None:  # a first ingest (no schema yet) can match no stored version
+            with store.engine.connect() as conn:
+                found = conn.execute(sa.select(t.datasets).where(
+                    t.datasets.c.content_hash == dataset_identity(content, schema_row[0]))).first()
+            if found:  # what this read found (a column not in the schema, ...), not what the first one did
+                return replace(_row_to_version(found, deduplicated=True), warnings=warnings)
+        # Artifacts first: a kill after them leaves only unreferenced blobs, never a row without data.
+        artifact = store.artifacts.put_file(good_path)
+        quarantine = store.artifacts.put_file(bad_path) if scan.bad_rows else None
         with store.engine.begin() as conn:
             if schema_row is None:
                 schema_version = conn.execute(
@@ -230,6 +233,7 @@ def _ingest(store: Store, spec: ProjectSpec, batches: Iterable[pd.DataFrame], so
                 ).inserted_primary_key[0]
             else:
                 schema_version = schema_row[0]
+            content_hash = dataset_identity(content, schema_version)
             values = dict(content_hash=content_hash, artifact=artifact, source=source, rows=scan.good_rows,
                           columns=len(schema.columns), schema_version=schema_version, parent=parent,
                           warnings=warnings, stats=scan.stats.to_dict(), quarantine=quarantine,
@@ -237,6 +241,13 @@ def _ingest(store: Store, spec: ProjectSpec, batches: Iterable[pd.DataFrame], so
             version = conn.execute(t.datasets.insert().values(**values)).inserted_primary_key[0]
             row = conn.execute(sa.select(t.datasets).where(t.datasets.c.version == version)).first()
         return _row_to_version(row)
+
+
+def dataset_identity(content: str, schema_version: int) -> str:
+    """A dataset version's `content_hash`: sha256 of its rows as read (`content`, the hex digest of the
+    stored values) and of the schema version that read them. The same file read under another schema
+    (a column added, a kind changed) is another dataset, never "already ingested"."""
+    return hashlib.sha256(f"{content} schema v{schema_version}".encode()).hexdigest()
 
 
 def _append(writers: dict[str, pq.ParquetWriter], key: str, path: Path, frame: pd.DataFrame) -> None:

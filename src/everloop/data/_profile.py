@@ -97,8 +97,9 @@ class ColumnProfile:
         values = numbers(series)
         finite = values[np.isfinite(values)]
         self.missing += len(values) - len(finite)
-        self.total += float(finite.sum())
-        self.total_sq += float(np.square(finite).sum())
+        with np.errstate(over="ignore"):  # 1e308 squared is inf: the variance is then inf, as it is
+            self.total += float(finite.sum())
+            self.total_sq += float(np.square(finite).sum())
         if len(finite):
             counts = _bin_counts(finite, self.edges)
             self.counts += counts
@@ -186,10 +187,10 @@ class Profile:
 def numbers(series: pd.Series) -> np.ndarray:
     """A column as float64: numbers as they are, date/times as seconds since the epoch, the rest NaN."""
     if pd.api.types.is_datetime64_any_dtype(series):
-        stamps = series.dt.tz_convert("UTC") if series.dt.tz is not None else series
-        values = stamps.astype("int64").to_numpy(dtype=float) / 1e9
-        values[series.isna().to_numpy()] = np.nan
-        return values
+        # whatever the resolution (ns, us, s): seconds, the unit of stored profiles and schema ranges
+        stamps = series.dt.tz_convert("UTC").dt.tz_localize(None) if series.dt.tz is not None else series
+        since = stamps.dt.as_unit("us") - pd.Timestamp(0).as_unit("us")
+        return since.dt.total_seconds().to_numpy(dtype=float, na_value=np.nan)
     if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
         return series.to_numpy(dtype=float, na_value=np.nan)
     parsed = pd.to_numeric(series, errors="coerce")

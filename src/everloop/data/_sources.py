@@ -6,9 +6,12 @@ number of fields is an error, not a silent shift), Parquet by record batches, SQ
 A CSV cell is read as text, never converted by the reader: what a column's text means is the schema's
 to say (`Schema.check` parses it), so that `01234` stays a code, `1,234.5` is a number only where the
 schema says numbers are written so, and a value reads the same from every file, body and protocol.
-Before a schema exists, columns whose every cell is a plain number become numbers (as pyarrow's own
-inference would, minus its traps: a code with a leading zero stays text). The field delimiter (`,`,
-`;`, tab or `|`) is sniffed from the file's first lines.
+Missing values too: with a schema, the cells of its columns arrive exactly as written (`""`, `NA`) and
+the schema reads its null tokens (NULL_TOKENS) as missing, as it does in a JSON value or a CSV body;
+other columns get pyarrow's nulls. Before a schema exists, empty cells and null tokens are nulls, and
+columns whose every cell is a plain number become numbers (as pyarrow's own inference would, minus its
+traps: a code with a leading zero stays text). The field delimiter (`,`, `;`, tab or `|`) is sniffed
+from the file's first lines.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from everloop.data._schema import NULL_TOKENS
 from everloop.errors import DataError
 from everloop.spec import SqlSource
 
@@ -34,9 +38,13 @@ BATCH_ROWS = 100_000
 CSV_BLOCK_BYTES = 16 << 20
 DELIMITERS = (",", ";", "\t", "|")  # the field delimiters sniffed, the first preferred on a tie
 SNIFF_ROWS = 50  # rows of a CSV file the delimiter is sniffed from
+# Of those rows, the share as wide as the header a delimiter needs: a few rows of the wrong width are the
+# file's own error (reported with their line), not a sign of another delimiter; in a file of 3 rows, one.
+SNIFF_SHARE = 0.5
 # A plain number, as pyarrow's CSV inference reads it, but never with a leading zero (`007` is a code).
 PLAIN_NUMBER = r"^[+-]?(?:(?:0|[1-9]\d*)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$"
 PLAIN_INTEGER = r"^[+-]?(?:0|[1-9]\d*)$"
+DOT_GROUPED_OR_WHOLE = r"^[+-]?(?:[1-9]\d{0,2}\.\d{3}|\d+)$"  # 88.699 or 12: a dot may group thousands
 
 log = logging.getLogger("everloop.data")
 
@@ -51,12 +59,15 @@ def iter_batches(source: str | Path | SqlSource, base: str | Path = ".", *,
     """The rows of a source, batch by batch (pandas frames of at most `batch_rows` rows for Parquet and
     SQL; CSV batches follow pyarrow's blocks).
 
-    CSV cells are text. With `types` (a schema's column -> kind: a schema exists) or `as_text=True` every
-    CSV column stays text, for the schema to parse; with neither (no schema yet) columns whose every cell
-    is a plain number become int64/float64 (see PLAIN_NUMBER). `TypedReadFailed` is no longer raised (kept
-    for callers that still catch it). `notes`, when given, receives one line per file read in a way the
-    user should know about (a sniffed delimiter other than a comma). Raises DataError for a missing,
-    empty, unreadable or malformed file, naming it."""
+    CSV cells are text. With `types` (a schema's column -> kind: a schema exists) the cells of those
+    columns arrive as written, empty and `NA` cells included, for the schema to read (its null tokens are
+    missing values there, as in any JSON value); other columns, and every column with `as_text=True`, are
+    text with pyarrow's nulls; with neither (no schema yet) columns whose every cell is a plain number
+    become int64/float64 (see PLAIN_NUMBER). `TypedReadFailed` is no longer raised (kept for callers that
+    still catch it). `notes`, when given, receives one line per file read in a way the user should know
+    about (a sniffed delimiter other than a comma). Raises DataError for a missing, empty, unreadable or
+    malformed file, naming it, and for files with a header but no data row (Parquet files with no rows
+    alike): zero-row files among others are skipped, as a folder of parts may hold some."""
     if isinstance(source, SqlSource):
         for n, batch in enumerate(_sql_batches(source, batch_rows)):
             if n == 0:
@@ -67,6 +78,8 @@ def iter_batches(source: str | Path | SqlSource, base: str | Path = ".", *,
     first_columns: list[str] | None = None
     for path in files:
         for batch in _file_batches(path, types, as_text, batch_rows, notes):
+            if batch.empty:
+                continue
             columns = [str(c) for c in batch.columns]
             if first_columns is None:
                 unique_columns(columns, str(path))
@@ -74,6 +87,10 @@ def iter_batches(source: str | Path | SqlSource, base: str | Path = ".", *,
             elif columns != first_columns:
                 raise DataError(f"{path}: its columns differ from {files[0]}'s", path=str(path))
             yield batch
+    if first_columns is None:  # bad input, as an empty file is (exit 2), not data that failed its checks
+        where = str(files[0]) if len(files) == 1 else f"{source} ({len(files)} files)"
+        have = "the file has" if len(files) == 1 else "the files have"
+        raise DataError(f"{where}: no rows: {have} a header but no data rows", path=where)
 
 
 def unique_columns(columns: list[str], where: str) -> None:
@@ -137,14 +154,19 @@ def _csv_batches(path: Path, types: dict[str, str] | None, as_text: bool,
         log.info(note)
         if notes is not None:
             notes.append(note)
-    # Every cell as text (null: empty and pyarrow's null tokens, NA, NULL, ...): the schema parses it.
-    convert = pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=True)
+    # Every cell as text: the schema parses it. With a schema, its columns' cells as written (its null
+    # tokens are missing values wherever a value arrives); else empty cells and pyarrow's tokens are null.
+    raw = types is not None and not as_text
+    convert = pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()),
+                                   strings_can_be_null=not raw, quoted_strings_can_be_null=not raw)
     natural = types is None and not as_text  # no schema yet: plain numbers become numbers
     try:
         reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                 parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
                                 convert_options=convert)
         for batch in reader:
+            if raw:
+                batch = _nulls_outside(batch, types)
             yield (_natural_numbers(batch) if natural else batch).to_pandas()
     except pa.ArrowInvalid as exc:
         message = str(exc)
@@ -163,15 +185,32 @@ def _csv_batches(path: Path, types: dict[str, str] | None, as_text: bool,
 _DELIMITER_NAMES = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "'|'"}
 
 
+_NULL_TOKENS = pa.array(NULL_TOKENS, type=pa.string())
+
+
+def _nulls_outside(batch: pa.RecordBatch, types: dict[str, str]) -> pa.RecordBatch:
+    """The columns a schema does not read (kept for the output, or unknown) with pyarrow's nulls, as
+    without a schema; the schema's own columns as written."""
+    arrays = [array if name in types else pc.if_else(pc.is_in(array, value_set=_NULL_TOKENS),
+                                                    pa.scalar(None, array.type), array)
+              for name, array in zip(batch.schema.names, batch.columns)]
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
 def _natural_numbers(batch: pa.RecordBatch) -> pa.RecordBatch:
     """Text columns whose every present cell is a plain number (PLAIN_NUMBER) as int64, or float64 when
     some have decimals (or are past int64); every other column as it is. What pyarrow's CSV inference
-    does, except that a leading zero keeps a column text, and bools and dates stay text for the schema."""
+    does, except that a leading zero keeps a column text, and bools and dates stay text for the schema;
+    so does a column whose every decimal is a dot and three digits (`88.699`: maybe 88699 with the dot
+    grouping thousands), for the schema to say it could not tell."""
     arrays = []
     for array in batch.columns:
         if pa.types.is_string(array.type) and array.null_count < len(array) \
                 and pc.all(pc.match_substring_regex(array, PLAIN_NUMBER)).as_py():
             whole = pc.all(pc.match_substring_regex(array, PLAIN_INTEGER)).as_py()
+            if not whole and pc.all(pc.match_substring_regex(array, DOT_GROUPED_OR_WHOLE)).as_py():
+                arrays.append(array)
+                continue
             try:
                 array = pc.cast(array, pa.int64() if whole else pa.float64())
             except pa.ArrowInvalid:  # an integer past int64
@@ -182,7 +221,7 @@ def _natural_numbers(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 def sniff_delimiter(text: str, default: str = ",") -> str:
     """The field delimiter of CSV text (its first lines): of DELIMITERS, the one that splits the header
-    into the most fields (at least 2) with at least 80% of the next SNIFF_ROWS rows as wide as the header
+    into the most fields (at least 2) with at least SNIFF_SHARE of the next SNIFF_ROWS rows as wide as the header
     (a few short rows are the file's own error, reported later with their line). `default` when none
     does (a file of one column). Python's csv.Sniffer guesses from character frequencies and picks
     letters or spaces on real files; this only ever answers one of DELIMITERS."""
@@ -200,7 +239,7 @@ def sniff_delimiter(text: str, default: str = ",") -> str:
             continue
         width = len(rows[0])
         share = sum(len(r) == width for r in rows[1:]) / (len(rows) - 1) if len(rows) > 1 else 1.0
-        if share >= 0.8 and (share, width) > best_key:
+        if share >= SNIFF_SHARE and (share, width) > best_key:
             best, best_key = delimiter, (share, width)
     return best
 

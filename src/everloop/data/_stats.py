@@ -50,8 +50,8 @@ class ColumnStats:
                 else:
                     self.other += int(n)
         elif self.kind == "datetime" and nulls < len(series):
-            lo, hi = series.min(), series.max()
-            lo_s, hi_s = pd.Timestamp(lo).value / 1e9, pd.Timestamp(hi).value / 1e9
+            # seconds since the epoch (UTC; naive times as UTC), exact for years 1 .. 9999 (no nanoseconds)
+            lo_s, hi_s = (_seconds(pd.Timestamp(t)) for t in (series.min(), series.max()))
             self.min = lo_s if self.min is None else min(self.min, lo_s)
             self.max = hi_s if self.max is None else max(self.max, hi_s)
 
@@ -102,6 +102,12 @@ class ColumnStats:
         stats.categories = dict(body.get("categories", {}))
         stats.other = body.get("other", 0)
         return stats
+
+
+def _seconds(stamp: pd.Timestamp) -> float:
+    if stamp.tzinfo is None:
+        stamp = stamp.tz_localize("UTC")
+    return (stamp.as_unit("us") - pd.Timestamp(0, tz="UTC").as_unit("us")).total_seconds()
 
 
 class DatasetStats:

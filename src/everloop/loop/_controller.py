@@ -17,15 +17,17 @@ from everloop.monitor import MonitorResult, monitor, send_alert
 from everloop.registry import PRODUCTION, ModelVersion, check_gate, get_model, load_model, set_alias
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
+from everloop.store._lease import LEASE_TTL, Lease, LeaseBusy, when
 from everloop.train import row_hashes, train, valid_labels
 
 CANDIDATE = "candidate"
+LOOP_LEASE = "loop"  # the lease a turn of the loop holds (see everloop.store._lease)
 ALERTING = {"promoted", "kept_candidate", "failed"}  # decisions a person should hear about
 
 
 @dataclass
 class LoopDecision:
-    action: str  # idle, cooldown, promoted, kept_candidate, failed
+    action: str  # idle, cooldown, promoted, kept_candidate, failed, busy (another loop holds the lease)
     reason: str
     triggers: list[str] = field(default_factory=list)
     monitor: dict[str, Any] | None = None
@@ -36,8 +38,24 @@ class LoopDecision:
         return dict(self.__dict__)
 
 
-def run_once(store: Store, spec: ProjectSpec) -> LoopDecision:
-    """One turn of the loop. Every outcome, including doing nothing, is recorded with its evidence."""
+def run_once(store: Store, spec: ProjectSpec, *, lease_ttl: float = LEASE_TTL) -> LoopDecision:
+    """One turn of the loop. Every outcome, including doing nothing, is recorded with its evidence.
+
+    One turn at a time per store, however many loops share it (an overlapping CronJob, two machines on
+    one PostgreSQL): the turn holds the store's loop lease (renewed every `lease_ttl / 3` seconds while
+    it runs; a crashed turn's lease expires `lease_ttl` seconds after its last renewal). A turn that
+    finds the lease held does nothing but record a "busy" decision naming the holder. Alias moves are
+    fenced by the lease: a turn that lost it (stalled past `lease_ttl`) records "failed" and moves none."""
+    try:
+        lease = Lease.acquire(store.engine, LOOP_LEASE, ttl=lease_ttl)
+    except LeaseBusy as busy:
+        return _record(store, LoopDecision("busy", f"another loop is running (holder {busy.holder} since "
+                                           f"{when(busy.since)}); this turn did nothing"), spec)
+    with lease:
+        return _turn(store, spec, lease)
+
+
+def _turn(store: Store, spec: ProjectSpec, lease: Lease) -> LoopDecision:
     result = monitor(store, spec)
     summary = _monitor_summary(result)
     fired = _triggers(store, spec, result)
@@ -56,13 +74,17 @@ def run_once(store: Store, spec: ProjectSpec) -> LoopDecision:
         return _record(store, LoopDecision("failed", f"retraining failed: {exc}", fired, summary), spec)
     gate = check_gate(store, spec, version)
     trained_on = f"dataset v{dataset_version} ({rows} rows)"
-    if gate.passed:
-        set_alias(store, PRODUCTION, version, actor="everloop loop",
-                  reason=f"retrained on {trained_on} after {', '.join(fired)}; passed the gate")
-        return _record(store, LoopDecision("promoted", f"{', '.join(fired)} fired; model v{version} trained on "
-                                           f"{trained_on} passed the gate and is in production", fired, summary,
-                                           version, gate.to_dict()), spec)
-    set_alias(store, CANDIDATE, version, actor="everloop loop", reason="; ".join(gate.reasons))
+    try:  # production must still be the model the gate compared with, and this turn still the leader
+        if gate.passed:
+            set_alias(store, PRODUCTION, version, actor="everloop loop", from_version=gate.production, lease=lease,
+                      reason=f"retrained on {trained_on} after {', '.join(fired)}; passed the gate")
+            return _record(store, LoopDecision("promoted", f"{', '.join(fired)} fired; model v{version} trained on "
+                                               f"{trained_on} passed the gate and is in production", fired, summary,
+                                               version, gate.to_dict()), spec)
+        set_alias(store, CANDIDATE, version, actor="everloop loop", reason="; ".join(gate.reasons), lease=lease)
+    except EverloopError as exc:  # AliasMoved, LeaseLost
+        return _record(store, LoopDecision("failed", f"model v{version} trained on {trained_on} was not put live: "
+                                           f"{exc}", fired, summary, version, gate.to_dict()), spec)
     return _record(store, LoopDecision("kept_candidate", f"{', '.join(fired)} fired; model v{version} was refused by "
                                        f"the gate: {'; '.join(gate.reasons)}", fired, summary, version, gate.to_dict()), spec)
 

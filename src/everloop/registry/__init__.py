@@ -5,6 +5,7 @@ from everloop.registry._import import ImportResult, import_model, origin_text
 from everloop.registry._lineage import dataset_lineage, model_lineage, prediction_lineage
 from everloop.registry._registry import (
     PRODUCTION,
+    AliasMoved,
     alias_at,
     GateDecision,
     ModelVersion,
@@ -21,7 +22,7 @@ from everloop.registry._registry import (
     set_alias,
 )
 
-__all__ = ["PRODUCTION", "GateDecision", "ImportResult", "ModelVersion", "import_model", "origin_text",
+__all__ = ["PRODUCTION", "AliasMoved", "GateDecision", "ImportResult", "ModelVersion", "import_model", "origin_text",
            "alias_at", "alias_history", "dataset_lineage",
            "model_lineage", "prediction_lineage", "write_card", "alias_version", "check_gate",
            "eval_frame", "get_model", "list_models", "load_model", "promote", "resolve", "rollback", "set_alias"]

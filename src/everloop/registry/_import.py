@@ -2,13 +2,21 @@
 
 A joblib/pickle file, a skops file or an MLflow model directory (sklearn flavor) is read once into
 memory, hashed (sha256) and loaded from those same bytes, so what is recorded is what was loaded.
-The model is probed with rows of a dataset version: a full pipeline takes the raw columns; a bare
-estimator wants the encoded features it was fitted on, which everloop cannot rebuild, so it is
-refused, or with `features=True` a fresh clone of it (same class, same hyper-parameters) is fitted
-behind everloop's own feature pipeline. Either way the result is the usual artifact, a
-("features", ...), ("model", ...) Pipeline with the dataset's schema, so serving, batch scoring,
-monitoring and the gate treat it like any model everloop trained, and the loop retrains it as a
-fresh `sklearn.base.clone` of that pipeline (see `everloop.train.fit`'s `template`).
+The model is probed with rows of a dataset version: a full pipeline takes the raw columns (so does an
+estimator fitted on some of them by name, which is handed those); a bare estimator wants the encoded
+features it was fitted on, which everloop cannot rebuild, so it is refused, or with `features=True` a
+fresh clone of it (same class, same hyper-parameters) is fitted behind everloop's own feature pipeline.
+Either way the result is the usual artifact, a ("features", ...), ("model", ...) Pipeline with the
+dataset's schema, so serving, batch scoring, monitoring and the gate treat it like any model everloop
+trained, and the loop retrains it as a fresh `sklearn.base.clone` of that pipeline (see
+`everloop.train.fit`'s `template`).
+
+The model was fitted on the user's file as pandas read it, and everloop's schema reads some columns
+otherwise (a True/False column is the text 'True'/'False' to it, an integer code made categorical is
+'1'): `AsRead`, the imported pipeline's first step, hands each such column over as pandas read it.
+Then the import compares everloop's answers with the model's own `predict_proba`/`predict` on the
+first rows of the user's file read with pandas (`check_answers`) and refuses the model, naming the
+columns, when they differ: the safety net for every mismatch not converted.
 """
 
 from __future__ import annotations
@@ -26,26 +34,31 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-from sklearn.base import is_classifier
+from sklearn.base import BaseEstimator, TransformerMixin, clone, is_classifier
 from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer
 
-from everloop.data import Schema, get_dataset, get_schema, load_frame
-from everloop.errors import IntegrityError, TrainError
+from everloop.data import Schema, get_dataset, get_schema, iter_batches, load_frame
+from everloop.data._sources import _expand, sniff_delimiter
+from everloop.errors import EverloopError, IntegrityError, TrainError
 from everloop.features import build_features
-from everloop.spec import ProjectSpec
-from everloop.store import Store
+from everloop.spec import ProjectSpec, SqlSource
+from everloop.store import STORE_DIR, Store
 from everloop.store._artifacts import sha256_bytes
 from everloop.train import TrainResult, label_parser, task_of
 from everloop.train._artifact import _unusual_rows
 from everloop.train._metrics import REGRESSION
-from everloop.train._train import (Fitted, _evaluate, _slice_metrics, estimator_name, estimator_params, fit,
-                                   register_fitted)
+from everloop.train._train import (Fitted, _evaluate, _slice_metrics, estimator_name, estimator_params,
+                                   final_estimator, fit, register_fitted)
 
 SKOPS_HINT = "pip install 'everloop[import]' (or: pip install skops)"
 PROBE_ROWS = 200  # rows of the dataset the model is first tried on
+CHECK_ROWS = 1000  # rows of the user's file on which everloop's answers must equal the model's own
+TOLERANCE = 1e-9  # the largest difference allowed between them (floating-point noise only)
+# The spellings pandas.read_csv reads as bools (its default true/false values), and bools themselves.
+TRUTH = {"True": True, "true": True, "TRUE": True, "False": False, "false": False, "FALSE": False,
+         True: True, False: False}
 # Where the MLflow signature's column types fit a schema column's kind.
 MLFLOW_KINDS = {"double": "numeric", "float": "numeric", "long": "numeric", "integer": "numeric",
                 "boolean": "categorical", "string": "categorical", "datetime": "datetime"}
@@ -56,8 +69,9 @@ class ImportResult(TrainResult):
     """A `TrainResult` (the new model version, its metric, baseline and lift) plus what was imported:
     the file, its sha256 and format, what the probe found ("pipeline": takes the raw columns;
     "estimator": wants encoded features), whether everloop refit a clone of it behind its own features
-    (`refit`), whether the metrics are in-sample (the model may have seen the dataset's rows), and the
-    warnings to show (pickles run code, version mismatches, rows it cannot answer)."""
+    (`refit`), whether the metrics are in-sample (the model may have seen the dataset's rows), the
+    warnings to show (pickles run code, version mismatches, rows it cannot answer), and `serves`: what
+    answers requests once the version is promoted (the file's own model, or a clone everloop fitted)."""
 
     source: str = ""
     sha256: str = ""
@@ -67,6 +81,7 @@ class ImportResult(TrainResult):
     refit: bool = False
     in_sample: bool = True
     warnings: tuple[str, ...] = ()
+    serves: str = ""  # one sentence: what answers requests once this version is promoted
 
 
 @dataclass
@@ -98,13 +113,17 @@ def import_model(store: Store, spec: ProjectSpec, path: str | Path, dataset_vers
     (the gate never compares on them) and the metrics are marked in-sample. `name`: what to call the
     model in its reason, card and lineage ("imported NAME from PATH (sha256 ...)").
 
-    A model that takes the raw columns (a full pipeline) is wrapped as it is. A bare estimator that
-    wants already-encoded features raises TrainError saying so, unless `features=True`: then a fresh
-    clone of it is fitted behind everloop's feature pipeline on the dataset (a held-out split, as
-    `everloop train` does), since the estimator's fitted state belongs to an encoding the file lacks.
+    A model that takes the raw columns (a full pipeline, or an estimator fitted on some raw columns by
+    name) is wrapped as it is, behind `AsRead` where pandas read a column of the dataset's source file
+    otherwise than everloop does, and its answers on the file's first `CHECK_ROWS` rows must equal its
+    own (`check_answers`). A bare estimator that wants already-encoded features raises TrainError saying
+    so, unless `features=True`: then a fresh clone of it is fitted behind everloop's feature pipeline on
+    the dataset (a held-out split, as `everloop train` does), since the estimator's fitted state belongs
+    to an encoding the file lacks (`ImportResult.serves` says which of the two serves).
 
     Returns an ImportResult. Raises IntegrityError (hash mismatch), TrainError (a model that cannot be
-    read, loaded, probed or used: the message says why and what to do), NotFoundError (no such dataset).
+    read, loaded, probed or used, is not fitted, or would be served with other answers than its own: the
+    message says why and what to do), NotFoundError (no such dataset).
     Reference: skops' trusted-types loading (skops.io.get_untrusted_types / loads); MLflow's MLmodel
     format for the sklearn flavor (flavors.sklearn: pickled_model, serialization_format, sklearn_version)."""
     started = time.perf_counter()
@@ -124,25 +143,49 @@ def import_model(store: Store, spec: ProjectSpec, path: str | Path, dataset_vers
     conformed, report = schema.conform(frame, mode="request")
     if not report.ok:  # an ingested dataset always conforms; this guards against a changed schema
         raise TrainError(f"dataset v{dataset.version} does not conform to its schema:\n{report.summary()}")
-    takes_raw, found = probe(model, conformed[schema.feature_names], task, schema, frame, dataset.version)
     notes = list(loaded.warnings)
+    fitted_model = _is_fitted(model)
+    if not fitted_model and not features:
+        what = "pipeline" if isinstance(model, Pipeline) else "model"
+        raise TrainError(f"{shown}: the {what} is not fitted (call fit before saving): {describe(model)} holds "
+                         "no learned state to serve. Fit it on your training rows, save it again and import "
+                         "that" + ("" if isinstance(model, Pipeline) else ", or pass --features to have "
+                                   "everloop fit a fresh clone of it behind its own feature pipeline"))
+    reading: list[str] = []  # how the user's rows were read: shown only when they are used
+    raw, read_from = user_rows(store, spec, dataset, schema, frame, reading)
+    reader = reader_for(model, schema, raw)
+    if fitted_model:
+        takes_raw, found = probe(model, reader, conformed[schema.feature_names], task, schema, frame,
+                                 dataset.version)
+    else:
+        takes_raw, found = False, f"{describe(model)}, not fitted"
     origin = {"path": str(path.resolve()), "sha256": loaded.sha256, "format": loaded.format,
               "found": "pipeline" if takes_raw else "estimator", "description": found,
               "made_with": loaded.made_with, "name": name}
     if loaded.mlmodel_sha256:
         origin["mlmodel_sha256"] = loaded.mlmodel_sha256
-    why = f"imported {name + ' ' if name else ''}from {path} (sha256 {loaded.sha256[:12]})"
+    named = name + " " if name else ""
     if takes_raw:
+        why = f"imported {named}from {path} (sha256 {loaded.sha256[:12]})"
         if features:
             notes.append("--features not used: the model already takes the raw columns")
-        if getattr(model, "feature_names_in_", None) is None and getattr(model, "n_features_in_", None):
+        if reader.array:
             notes.append(f"the model was fitted without column names: it gets the columns in the schema's order "
                          f"({', '.join(schema.feature_names)}); check that this is the order it was fitted on")
-        wrapped = wrap(model, conformed[schema.feature_names].head(PROBE_ROWS))
+        wrapped = wrap(model, conformed[schema.feature_names].head(PROBE_ROWS), reader)
+        notes += reading
+        origin["checked"] = check_answers(model, wrapped, raw, reader, schema, task, shown, read_from)
         notes += _unusual_row_check(wrapped, conformed[schema.feature_names], task)
         fitted = _evaluate_as_is(wrapped, task, metric, schema, spec, frame, conformed, held_out, notes)
         in_sample, refit = not held_out, False
         extra = {"pipeline_source": "imported", "in_sample": in_sample, "train_rows": None}
+        serves = (f"{describe(model)} from {path.name} as it is, with its own fitted state; its answers equal "
+                  f"its own {'predict_proba' if task == 'classification' else 'predict'} on "
+                  f"{origin['checked']['rows']} rows of {read_from}")
+    elif not features and _raw_named(model, schema):
+        raise TrainError(f"{shown}: {found}. Check that it predicts rows of {read_from} read with "
+                         "pandas.read_csv: preparation done outside the model (fillna, casts) must be steps of a "
+                         "Pipeline saved with it")
     elif not features:
         raise TrainError(f"{shown}: {found}. A bare estimator's fitted state belongs to the encoding it was "
                          "fitted on, which the file does not hold, so everloop cannot serve it as it is. Save "
@@ -150,11 +193,16 @@ def import_model(store: Store, spec: ProjectSpec, path: str | Path, dataset_vers
                          "--features to fit a fresh clone of this estimator (same class and hyper-parameters) "
                          f"behind everloop's feature pipeline on dataset v{dataset.version}")
     else:
+        why = (f"a fresh clone of the estimator {named}in {path} (sha256 {loaded.sha256[:12]}), fitted by "
+               f"everloop behind its own features on dataset v{dataset.version}")
         template = Pipeline([("features", build_features(schema, spec)), ("model", model)])
         fitted = fit(frame, schema, spec, template=template)
         in_sample, refit = False, True
         origin["features"] = "everloop"
         extra = {"pipeline_source": "clone", "in_sample": False}
+        serves = (f"a fresh clone of {describe(model)} (same class and hyper-parameters; nothing fitted in "
+                  f"{path.name} is used), fitted by everloop behind its own feature pipeline on the training rows "
+                  f"of dataset v{dataset.version}")
     origin["artifact"] = store.artifacts.put(loaded.data)  # the file itself, kept and verified on every read
     extra |= {"imported_from": origin, "estimator": estimator_name(fitted.pipeline),
               "params": estimator_params(fitted.pipeline), "import_warnings": notes}
@@ -162,7 +210,7 @@ def import_model(store: Store, spec: ProjectSpec, path: str | Path, dataset_vers
                              extra=extra)
     return ImportResult(**result.__dict__, source=str(path), sha256=loaded.sha256, format=loaded.format,
                         found=origin["found"], description=found, refit=refit, in_sample=in_sample,
-                        warnings=tuple(notes))
+                        warnings=tuple(notes), serves=f"model v{result.version} serves {serves}")
 
 
 def origin_text(manifest: dict[str, Any]) -> str | None:
@@ -208,10 +256,14 @@ def read_model_file(path: Path, *, trust: Iterable[str] = (), sha256: str | None
 
 
 def _checked_digest(data: bytes, expected: str | None, path: Path) -> str:
+    """The sha256 of a model file's bytes, checked against `expected`; an empty file refused here too."""
     digest = sha256_bytes(data)
     if expected is not None and digest != expected.strip().lower():
         raise IntegrityError(f"{path}: its sha256 is {digest}, not the expected {expected.strip()}; the file is "
                              "not the one you meant (changed or replaced): it was not loaded", digest=digest)
+    if not data:
+        raise TrainError(f"{path.name} is empty, not a pickled model: save the model again (joblib.dump(model, PATH) "
+                         "or skops.io.dump(model, PATH)) and import that")
     return digest
 
 
@@ -240,9 +292,11 @@ def _load_pickle(data: bytes, path: Path) -> tuple[Any, dict[str, str], list[str
         except ModuleNotFoundError as exc:
             raise TrainError(f"{path.name} cannot be loaded: it needs the module {exc.name!r}, which is not "
                              "installed here; install the package that provides it and import again") from None
-        except Exception as exc:  # any unpickling failure: not a pickle, truncated, a missing class
-            raise TrainError(f"{path.name} cannot be loaded as a joblib or pickle file: {type(exc).__name__}: "
-                             f"{_first_line(exc)}") from None
+        except EOFError:
+            raise TrainError(f"{path.name} ends before the pickled model does: the file is truncated (an "
+                             "interrupted copy or save?); save the model again") from None
+        except Exception as exc:  # any unpickling failure: not a pickle, a missing class
+            raise TrainError(f"{path.name} cannot be loaded as a joblib or pickle file: {_why(exc)}") from None
     made_with, mismatch = _versions(model, caught)
     return model, made_with, notes + mismatch
 
@@ -256,8 +310,7 @@ def _load_skops(data: bytes, path: Path, trust: list[str], declared: list[str] |
     try:
         untrusted = sio.get_untrusted_types(data=data)
     except Exception as exc:  # not a readable skops file
-        raise TrainError(f"{path.name} cannot be read as a skops file: {type(exc).__name__}: "
-                         f"{_first_line(exc)}") from None
+        raise TrainError(f"{path.name} cannot be read as a skops file: {_why(exc)}") from None
     refused = [t for t in untrusted if t not in trust]
     if refused:
         flags = " ".join(f"--trust {t}" for t in refused)
@@ -273,8 +326,7 @@ def _load_skops(data: bytes, path: Path, trust: list[str], declared: list[str] |
         try:
             model = sio.loads(data, trusted=list(untrusted))
         except Exception as exc:
-            raise TrainError(f"{path.name} cannot be loaded with skops: {type(exc).__name__}: "
-                             f"{_first_line(exc)}") from None
+            raise TrainError(f"{path.name} cannot be loaded with skops: {_why(exc)}") from None
     made_with, mismatch = _versions(model, caught)
     return model, made_with, mismatch
 
@@ -421,27 +473,38 @@ def _check_signature(columns: list[dict[str, Any]], schema: Schema, name: str, d
                          f"{'; '.join(clash)}: fix the column's type in schema.yaml, or re-save the model")
 
 
-def probe(model: Any, rows: pd.DataFrame, task: str, schema: Schema, frame: pd.DataFrame,
+def probe(model: Any, reader: "AsRead", rows: pd.DataFrame, task: str, schema: Schema, frame: pd.DataFrame,
           dataset_version: int) -> tuple[bool, str]:
     """Try the model on the first `PROBE_ROWS` of the dataset's raw feature columns (`rows`, conformed as
-    a request is). Returns (True, what was found) when it answers them in the right shape: a full
-    pipeline, or an estimator fitted on exactly these columns. Returns (False, why) when it cannot: it
-    wants encoded features. Raises TrainError when it was fitted on columns the dataset has but the
-    schema does not use as features, or (a Pipeline) on columns the dataset lacks."""
-    head = rows.head(PROBE_ROWS)
+    a request is), handed over by `reader` as the model will get them. Returns (True, what was found) when
+    it answers them in the right shape: a full pipeline, or an estimator fitted on these columns or some
+    of them. Returns (False, why) when it cannot: it wants encoded features, or it fails on raw columns
+    it was fitted on (`_raw_named`). Raises TrainError when it was fitted on columns the dataset has but
+    the schema does not use as features, or (a Pipeline) on columns the dataset lacks."""
+    names = [str(n) for n in getattr(model, "feature_names_in_", [])]
+    shown = f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
     error = None
     try:
+        head = reader.transform(rows.head(PROBE_ROWS))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "X has feature names, but ... was fitted without": not our call
-            out = np.asarray(model.predict_proba(head) if task == "classification" else model.predict(head))
-        if task == "classification" and out.ndim == 2 and out.shape[0] == len(head):
-            return True, f"{describe(model)}, which takes the raw columns"
-        if task == "regression" and out.shape == (len(head),):
+            try:
+                out = np.asarray(model.predict_proba(head) if task == "classification" else model.predict(head))
+            except Exception:  # noqa: BLE001 - a model without an imputer: try the rows without missing values
+                complete = rows[rows[list(reader.columns or rows.columns)].notna().all(axis=1)].head(PROBE_ROWS)
+                if complete.empty:
+                    raise
+                head = reader.transform(complete)
+                out = np.asarray(model.predict_proba(head) if task == "classification" else model.predict(head))
+        if (task == "classification" and out.ndim == 2 and out.shape[0] == len(head)) or \
+                (task == "regression" and out.shape == (len(head),)):
+            if reader.columns is not None and len(reader.columns) < len(schema.feature_names):
+                return True, (f"{describe(model)}, fitted on {len(names)} of the raw columns{shown}, which it "
+                              "is given")
             return True, f"{describe(model)}, which takes the raw columns"
         error = f"it answered an array of shape {out.shape} for {len(head)} rows"
     except Exception as exc:  # noqa: BLE001 - whatever the model raises is the finding
-        error = f"{type(exc).__name__}: {_first_line(exc)}"
-    names = [str(n) for n in getattr(model, "feature_names_in_", [])]
+        error = _why(exc)
     absent = [n for n in names if n not in schema.feature_names]
     unused = [n for n in absent if n in frame.columns]
     if unused:
@@ -453,12 +516,37 @@ def probe(model: Any, rows: pd.DataFrame, task: str, schema: Schema, frame: pd.D
     if absent and isinstance(model, Pipeline):
         raise TrainError(f"the pipeline {describe(model)} needs the columns {absent[:10]}, which dataset "
                          f"v{dataset_version} does not have")
+    if _raw_named(model, schema):
+        return False, (f"{describe(model)}, fitted on the raw columns{shown}, which fails on dataset "
+                       f"v{dataset_version}'s rows as everloop hands them over ({error})")
     fitted_on = getattr(model, "n_features_in_", None)
-    shown = f" ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})" if names else ""
     wants = f"fitted on {fitted_on} columns{shown}" if fitted_on is not None else "fitted on other inputs"
     return False, (f"a bare estimator, {describe(model)}, that wants already-encoded features: it was {wants}, "
                    f"and answering dataset v{dataset_version}'s {len(schema.feature_names)} raw feature columns "
                    f"failed ({error})")
+
+
+def _raw_named(model: Any, schema: Schema) -> bool:
+    """Whether the model was fitted with column names that are all raw feature columns of the schema."""
+    names = [str(n) for n in getattr(model, "feature_names_in_", [])]
+    return bool(names) and set(names) <= set(schema.feature_names)
+
+
+def _is_fitted(model: Any) -> bool:
+    """False for a scikit-learn model (or Pipeline ending in one) that was saved before `fit`. Other
+    classes keep their state in attributes scikit-learn cannot judge: the probe finds out."""
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    if not type(final_estimator(model)).__module__.startswith("sklearn."):
+        return True
+    try:
+        check_is_fitted(model)
+    except NotFittedError:
+        return False
+    except Exception:  # noqa: BLE001 - not judged here
+        return True
+    return True
 
 
 def describe(model: Any) -> str:
@@ -466,23 +554,312 @@ def describe(model: Any) -> str:
     if isinstance(model, Pipeline):
         return "Pipeline(" + " -> ".join(describe(step) for _, step in model.steps) + ")"
     if isinstance(model, ColumnTransformer):
-        return f"ColumnTransformer({len(model.transformers)} branches)"
+        count = len(model.transformers)
+        rest = ", the other columns passed through" if model.remainder == "passthrough" else ""
+        return f"ColumnTransformer({count} branch{'es' if count != 1 else ''}{rest})"
     return type(model).__name__
 
 
-def wrap(model: Any, rows: pd.DataFrame) -> Pipeline:
+def wrap(model: Any, rows: pd.DataFrame, reader: "AsRead | None" = None) -> Pipeline:
     """The model as everloop's ("features", ...), ("model", ...) Pipeline, predicting exactly as it does.
-    A two-step Pipeline whose first step is a ColumnTransformer fitted with column names is split there,
-    so the service may replay the transformer with numpy and compile the estimator's trees (both only
-    after checking they give the same outputs); anything else sits behind an identity step, fitted on
-    `rows`: one that hands over a plain array when the model was fitted on one (no column names), as its
-    user did."""
-    unnamed = getattr(model, "feature_names_in_", None) is None and getattr(model, "n_features_in_", None)
-    if not unnamed and isinstance(model, Pipeline) and len(model.steps) == 2 \
+    A two-step Pipeline whose first step is a ColumnTransformer fitted with column names, given the
+    columns in the types everloop reads them (`reader` converts none), is split there, so the service
+    may replay the transformer with numpy and compile the estimator's trees (both only after checking
+    they give the same outputs). Anything else sits behind `reader` (default: the schema's columns as
+    everloop reads them; a plain array when the model was fitted without column names), fitted on `rows`."""
+    if reader is None:
+        unnamed = getattr(model, "feature_names_in_", None) is None and getattr(model, "n_features_in_", None)
+        reader = AsRead(array=bool(unnamed))
+    if not reader.kinds and not reader.array and isinstance(model, Pipeline) and len(model.steps) == 2 \
             and isinstance(model.steps[0][1], ColumnTransformer):
         return Pipeline([("features", model.steps[0][1]), ("model", model.steps[1][1])])
-    step = FunctionTransformer(np.asarray) if unnamed else FunctionTransformer()
-    return Pipeline([("features", step.fit(rows)), ("model", model)])
+    return Pipeline([("features", clone(reader).fit(rows)), ("model", model)])
+
+
+class AsRead(TransformerMixin, BaseEstimator):
+    """Request rows, as everloop's schema reads them, handed to an imported model as pandas read the file
+    it was fitted on: the serving path's first step for a model fitted outside everloop.
+
+    `kinds`: column -> "bool" or "number", for the columns pandas read as true/false values or numbers
+    where the schema keeps text (a True/False column's values are 'True'/'False' to everloop; a code
+    column such as 1/2/3 or 02139 may be categories). Such a column is converted row by row as pandas
+    would have read those values: "bool" gives True/False (missing: NaN, and the column object, as in
+    pandas), "number" gives integers or floats (a value that is no number: NaN). `columns`: the columns
+    handed on, in this order (the model's `feature_names_in_`); None: all of them. `array`: hand on a
+    numpy array, for a model fitted without column names. Stateless: `fit` learns nothing."""
+
+    def __init__(self, kinds: dict[str, str] | None = None, columns: list[str] | None = None, array: bool = False):
+        self.kinds = kinds
+        self.columns = columns
+        self.array = array
+
+    def fit(self, X: pd.DataFrame, y: Any = None) -> "AsRead":
+        return self
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame | np.ndarray:
+        frame = X if self.columns is None else X[list(self.columns)]
+        if self.kinds:
+            frame = frame.copy()
+            for name, kind in self.kinds.items():
+                if name in frame.columns:
+                    frame[name] = _as_bool(frame[name]) if kind == "bool" else _as_number(frame[name])
+        return frame.to_numpy() if self.array else frame
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return True
+
+
+def _as_bool(values: pd.Series) -> pd.Series:
+    """True/False as pandas.read_csv reads them: bool, or object with NaN where values are missing."""
+    column = values.astype(object).map(TRUTH)  # one hash lookup per value; anything else: NaN
+    return column.astype(bool) if column.notna().all() else column.astype(object)
+
+
+def _as_number(values: pd.Series) -> pd.Series:
+    """Numbers as pandas.read_csv reads them: int64 when every value is a whole number, else float64."""
+    numbers = pd.to_numeric(pd.Series(values.to_numpy(dtype=object), index=values.index), errors="coerce")
+    numbers = numbers.astype(float)
+    whole = numbers.notna().all() and bool(np.all(np.mod(numbers.to_numpy(), 1) == 0)) \
+        and bool(np.all(np.abs(numbers.to_numpy()) < 2**53))
+    return numbers.astype(np.int64) if whole else numbers
+
+
+def reader_for(model: Any, schema: Schema, raw: pd.DataFrame) -> AsRead:
+    """How requests reach `model`: the columns it was fitted on (its `feature_names_in_`, when they are
+    schema features in another set or order), as a plain array when it was fitted without names, and
+    converted where pandas read the user's file (`raw`, see `user_rows`) as true/false values or numbers
+    while the schema reads text."""
+    names = [str(n) for n in getattr(model, "feature_names_in_", [])]
+    columns = names if _raw_named(model, schema) and names != schema.feature_names else None
+    array = not names and getattr(model, "n_features_in_", None) is not None
+    used = set(columns or _columns_used(model) or schema.feature_names)  # converting no other keeps the fast path
+    kinds = {}
+    for col in schema.features:
+        if col.name not in raw.columns or col.name not in used or col.kind != "categorical":
+            continue  # numbers and dates stay as the schema reads them (an int/float difference is harmless)
+        read = _family(raw[col.name])
+        if read in ("bool", "number"):
+            kinds[col.name] = read
+    return AsRead(kinds or None, columns, array)
+
+
+def _columns_used(model: Any) -> set[str] | None:
+    """The columns a Pipeline's first ColumnTransformer reads (its branches and a remainder that is not
+    dropped), by name; None when that cannot be told."""
+    first = model.steps[0][1] if isinstance(model, Pipeline) else model
+    names = getattr(first, "feature_names_in_", None)
+    if not isinstance(first, ColumnTransformer) or names is None or not hasattr(first, "transformers_"):
+        return None
+    used: set[str] = set()
+    try:
+        for _, step, columns in first.transformers_:
+            if isinstance(step, str) and step == "drop":
+                continue
+            picked = [columns] if isinstance(columns, str) else columns
+            if callable(picked):
+                return None
+            picked = np.asarray(names, dtype=object)[picked] if not all(isinstance(c, str) for c in
+                                                                        np.atleast_1d(picked)) else picked
+            used.update(str(c) for c in np.atleast_1d(picked))
+    except (IndexError, TypeError, ValueError):
+        return None
+    return used
+
+
+def _family(values: pd.Series) -> str:
+    """What pandas made of a column: "bool", "number", "datetime" or "text"."""
+    if pd.api.types.is_bool_dtype(values):
+        return "bool"
+    if pd.api.types.is_numeric_dtype(values):
+        return "number"
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return "datetime"
+    present = values.dropna()
+    if len(present) and all(isinstance(v, (bool, np.bool_)) for v in present.tolist()):
+        return "bool"  # True/False with missing values: pandas keeps them as objects
+    return "text"
+
+
+# -- the user's own rows, and the check that everloop answers them as the model does -----------------
+
+
+def user_rows(store: Store, spec: ProjectSpec, dataset: Any, schema: Schema, frame: pd.DataFrame,
+              notes: list[str]) -> tuple[pd.DataFrame, str]:
+    """The dataset's first `CHECK_ROWS` rows as the user's own code read them to fit the model: its source
+    file through pandas (`pandas.read_csv` with the file's delimiter, Parquet through pyarrow, a SQL query
+    through `pandas.read_sql`), with every column pandas found there. Where the source cannot be read
+    here (moved, or rows that came from feedback), the dataset's stored rows written as CSV and read
+    back with `pandas.read_csv`, with a note saying so. Returns (rows, where they were read from)."""
+    source = dataset.source
+    try:
+        if isinstance(spec.data.source, SqlSource) and source == f"sql: {spec.data.source.query}":
+            raw = next(iter_batches(spec.data.source, batch_rows=CHECK_ROWS))
+            where = "the sql source"
+        else:
+            path = _source_file(store, source)
+            where = path.name
+            if path.suffix.lower() in (".parquet", ".pq"):
+                raw = next(iter_batches(path, batch_rows=CHECK_ROWS))
+            else:
+                with open(path, encoding="utf-8-sig", errors="replace") as handle:
+                    head = handle.read(1 << 16)
+                delimiter = sniff_delimiter(head, "\t" if path.suffix.lower() == ".tsv" else ",")
+                raw = pd.read_csv(path, sep=delimiter, nrows=CHECK_ROWS)
+        raw = raw.head(CHECK_ROWS).reset_index(drop=True)
+        if set(schema.feature_names) <= {str(c) for c in raw.columns} and len(raw):
+            return raw, where
+        why = "it no longer has the schema's feature columns"
+    except (OSError, StopIteration, EverloopError, ValueError, pd.errors.ParserError) as exc:
+        why = _why(exc)
+    stored = frame.head(CHECK_ROWS)[schema.feature_names].copy()
+    for col in schema.features:
+        if col.kind == "numeric" and col.dtype == "int":
+            try:
+                stored[col.name] = stored[col.name].astype("Int64")  # written 3, not 3.0, as in the file
+            except (TypeError, ValueError):
+                pass
+    notes.append(f"dataset v{dataset.version}'s source {source} cannot be read here ({why}): the model's answers "
+                 "were checked on the dataset's stored rows, written as CSV and read back with pandas.read_csv")
+    return pd.read_csv(io.StringIO(stored.to_csv(index=False))), f"dataset v{dataset.version}"
+
+
+def _source_file(store: Store, source: str) -> Path:
+    """The first file of a dataset's source (a file, folder or glob), relative to the project folder."""
+    base = store.root.parent if store.root.name == STORE_DIR else Path.cwd()
+    for folder in dict.fromkeys([base, Path.cwd()]):
+        try:
+            files = _expand(folder, source)
+        except EverloopError:
+            continue
+        if files and files[0].is_file():
+            return files[0]
+    raise FileNotFoundError(f"no such file: {source}")
+
+
+def check_answers(model: Any, wrapped: Pipeline, raw: pd.DataFrame, reader: AsRead, schema: Schema,
+                  task: str, shown: str, read_from: str) -> dict[str, Any]:
+    """Compare everloop's answers with the model's own on the user's rows (`raw`, as pandas read them):
+    the model called as its user calls it (on `raw`'s columns), against `wrapped` called as the service
+    calls it (on the same rows conformed by the schema). Rows the schema refuses are left out. Returns
+    {"rows": rows compared, "max_difference": largest absolute difference}. Raises TrainError when the
+    answers differ by more than `TOLERANCE`, naming the columns whose values reach the model otherwise
+    than pandas gave them to it, with examples; or when the model cannot answer the rows at all."""
+    checked = schema.check(raw, mode="request", coerce=True, whole=False)
+    valid = np.ones(len(raw), dtype=bool) if checked.bad_rows is None else ~checked.bad_rows
+    if not valid.any():
+        raise TrainError(f"{shown}: none of the first {len(raw)} rows of {read_from} passes the dataset's schema: "
+                         "nothing to check the model's answers on")
+    names = list(reader.columns or schema.feature_names)
+    call = "predict_proba" if task == "classification" else "predict"
+
+    def answer(fn: Any, data: Any) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = np.asarray(getattr(fn, call)(data), dtype=float)
+        return out.reshape(len(data), -1)
+
+    # Every valid row; if the model fails on some, the rows without missing values (a model without an
+    # imputer, fitted after a dropna): the unusual-row check warns about the others.
+    complete = valid & raw[names].notna().all(axis=1).to_numpy()
+    for keep in (valid, complete) if complete.any() and not np.array_equal(valid, complete) else (valid,):
+        theirs_in = raw.loc[keep, names].reset_index(drop=True)
+        try:
+            theirs = answer(model, theirs_in.to_numpy() if reader.array else theirs_in)
+            break
+        except Exception as exc:  # noqa: BLE001 - the user's model on the user's own rows
+            failure = exc
+    else:
+        raise TrainError(f"{shown}: the model fails on the first {int(valid.sum())} rows of {read_from} as "
+                         f"pandas.read_csv reads them ({_why(failure)}), so everloop cannot check that it answers "
+                         "as the model does. A model whose rows need preparing outside the pipeline (fillna, "
+                         "casts, dropped columns) must carry that preparation as pipeline steps") from None
+    rows = raw[keep].reset_index(drop=True)
+    number = np.flatnonzero(keep) + 1  # data rows of the file, 1-based
+    ours_in = checked.frame[keep].reset_index(drop=True)[schema.feature_names]
+    try:
+        ours = answer(wrapped, ours_in)
+    except Exception as exc:  # noqa: BLE001
+        ours, failed = None, _why(exc)
+    if ours is not None and ours.shape == theirs.shape:
+        gap = np.where(np.isnan(ours) & np.isnan(theirs), 0.0, np.abs(ours - theirs))
+        gap = np.where(np.isnan(gap), np.inf, gap).max(axis=1)
+        if gap.max() <= TOLERANCE:
+            return {"rows": len(rows), "max_difference": float(gap.max()), "read_from": read_from}
+        worst = int(gap.argmax())
+        found = (f"by up to {gap.max():.3g} (row {number[worst]}: {_shown_answer(ours[worst])} from everloop, "
+                 f"{_shown_answer(theirs[worst])} from the model)")
+    else:
+        found = f"everloop's call failed: {failed}" if ours is None else f"shapes {ours.shape} and {theirs.shape}"
+    given = wrapped.named_steps["features"]
+    given_in = given.transform(ours_in) if isinstance(given, AsRead) else ours_in
+    culprits = _differing_columns(model, reader, given_in, theirs_in, rows, ours, number, call)
+    cause = (f"The model gets {'; '.join(culprits)}" if culprits else
+             "No column's values differ between the two: the model answers the same rows differently")
+    raise TrainError(f"{shown}: everloop would answer otherwise than the model, so it was not imported: on the "
+                     f"first {len(rows)} rows of {read_from} as pandas.read_csv reads them, everloop's answers "
+                     f"differ from the model's own {call} {found}. {cause}. Make schema.yaml read such a column as "
+                     "the model was fitted on it (its kind; then 'everloop schema accept' and 'everloop ingest'), "
+                     "or give the pipeline a step that converts it, and import again")
+
+
+def _differing_columns(model: Any, reader: AsRead, given: Any, theirs_in: pd.DataFrame, rows: pd.DataFrame,
+                       ours: np.ndarray | None, number: np.ndarray, call: str) -> list[str]:
+    """The columns whose values reach the model otherwise than pandas read them and which change its
+    answers, each as 'NAME as X (type) where pandas.read_csv read Y (type), e.g. row N'."""
+    frame = given if isinstance(given, pd.DataFrame) else pd.DataFrame(given, columns=list(theirs_in.columns))
+    out = []
+    for name in theirs_in.columns:
+        a, b = frame[name].tolist(), theirs_in[name].tolist()
+        differs = [n for n, (x, y) in enumerate(zip(a, b)) if not _same_value(x, y)]
+        if not differs:
+            continue
+        if ours is not None:  # does handing this one column over as pandas read it change the answers?
+            swapped = frame.copy()
+            swapped[name] = theirs_in[name].to_numpy()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    data = swapped.to_numpy() if reader.array else swapped
+                    out_swapped = np.asarray(getattr(model, call)(data), dtype=float).reshape(len(rows), -1)
+                if np.allclose(out_swapped, ours, atol=TOLERANCE, equal_nan=True):
+                    continue  # the model does not look at it, or sees no difference
+            except Exception:  # noqa: BLE001 - a column whose values make the model fail matters
+                pass
+        n = differs[0]
+        out.append(f"{name} as {_shown_value(a[n])} where pandas.read_csv read {_shown_value(b[n])} "
+                   f"(row {number[n]})")
+    return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two values are one: both missing, or equal and of one kind (True is not 1 nor 'True')."""
+    missing = [v is None or v is pd.NA or (isinstance(v, float) and v != v) for v in (a, b)]
+    if any(missing):
+        return all(missing)
+    if isinstance(a, (bool, np.bool_)) != isinstance(b, (bool, np.bool_)):
+        return False
+    if isinstance(a, str) != isinstance(b, str):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared are not the same
+        return False
+
+
+def _shown_value(value: Any) -> str:
+    """A value and its type as a user would name them: 'True' (str), True (bool), 3 (int)."""
+    if isinstance(value, (pd.Timestamp, np.datetime64)):
+        return f"{pd.Timestamp(value)} (datetime)"
+    if isinstance(value, np.generic):
+        value = value.item()
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _shown_answer(row: np.ndarray) -> str:
+    """One row's answer: the value, the positive class's probability, or the first class probabilities."""
+    if len(row) <= 2:
+        return f"{row[-1]:.6g}"
+    return "[" + ", ".join(f"{v:.6g}" for v in row[:4]) + (", ..." if len(row) > 4 else "") + "]"
 
 
 def _unusual_row_check(wrapped: Pipeline, rows: pd.DataFrame, task: str) -> list[str]:
@@ -493,8 +870,8 @@ def _unusual_row_check(wrapped: Pipeline, rows: pd.DataFrame, task: str) -> list
             warnings.simplefilter("ignore")
             wrapped.predict_proba(unusual) if task == "classification" else wrapped.predict(unusual)
     except Exception as exc:  # noqa: BLE001 - reported, not fatal: the rows the dataset has work
-        return [f"the model fails on rows with missing values or unseen categories ({type(exc).__name__}: "
-                f"{_first_line(exc)}); such requests will be answered with an error"]
+        return [f"the model fails on rows with missing values or unseen categories ({_why(exc)}); such "
+                "requests will be answered with an error"]
     return []
 
 
@@ -527,11 +904,21 @@ def _evaluate_as_is(wrapped: Pipeline, task: str, metric: str, schema: Schema, s
                              f"{classes}: nothing to evaluate it on; is this the model for this data?")
     else:
         classes, y = None, rows[target].to_numpy(dtype=float)
-    if len(rows) < 20:
-        raise TrainError(f"{len(rows)} rows to evaluate the model on; at least 20 are needed")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        metrics = _evaluate(wrapped, task, rows[features], y)
+        try:
+            metrics = _evaluate(wrapped, task, rows[features], y) if len(rows) >= 20 else {}
+        except Exception as exc:  # noqa: BLE001 - a model without an imputer: the rows it can answer
+            complete = rows[features].notna().all(axis=1).to_numpy()
+            if complete.all() or not complete.any():
+                raise TrainError(f"the model fails on the dataset's rows: {_why(exc)}") from None
+            notes.append(f"{int((~complete).sum())} rows with missing values, which the model cannot answer "
+                         f"({_why(exc)}), are left out of its evaluation")
+            rows, y = rows[complete].reset_index(drop=True), y[complete]
+            metrics = {}
+        if len(rows) < 20:
+            raise TrainError(f"{len(rows)} rows to evaluate the model on; at least 20 are needed")
+        metrics = metrics or _evaluate(wrapped, task, rows[features], y)
         dummy = DummyClassifier(strategy="prior") if task == "classification" else DummyRegressor()
         baseline = _evaluate(dummy.fit(rows[features], y), task, rows[features], y)
         slices = _slice_metrics(wrapped, task, metric, rows, features, y, spec.evaluation.slices)
@@ -540,6 +927,12 @@ def _evaluate_as_is(wrapped: Pipeline, task: str, metric: str, schema: Schema, s
     trained_on = rows.iloc[:0] if held_out else rows  # every row counts as possibly trained on
     return Fitted(wrapped, task, metric, metrics, {metric: baseline[metric]}, slices, classes, trained_on, rows,
                   y)
+
+
+def _why(exc: BaseException) -> str:
+    """'ErrorType: its first line', or the type alone when it says nothing more."""
+    text = _first_line(exc)
+    return type(exc).__name__ if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def _first_line(exc: BaseException) -> str:

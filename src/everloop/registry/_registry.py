@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,9 +12,10 @@ import pandas as pd
 import sqlalchemy as sa
 from scipy.stats import rankdata
 
-from everloop.errors import GateError, NotFoundError
+from everloop.errors import ConflictError, EverloopError, GateError, NotFoundError
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
+from everloop.store._lease import Lease
 from everloop.train import (TrainedModel, allowed_loss, as_labels, describe_tolerance, improvement,
                             load_artifact, row_hashes, score, training_hashes, valid_labels)
 
@@ -276,7 +278,9 @@ def _labelled_traffic(store: Store, manifest: dict[str, Any]) -> tuple[pd.DataFr
 
 def promote(store: Store, spec: ProjectSpec, candidate: int, *, reason: str = "", force: bool = False,
             actor: str | None = None) -> GateDecision:
-    """Move the production alias to `candidate` through the gate; `force` overrides and is recorded."""
+    """Move the production alias to `candidate` through the gate; `force` overrides and is recorded.
+    The move happens only if production still points where the gate saw it: raises AliasMoved when a
+    promotion or rollback moved it meanwhile (the gate compared against a model no longer live)."""
     decision = check_gate(store, spec, candidate)
     if not decision.passed and not force:
         raise GateError(f"model v{candidate} was not promoted:\n" + "\n".join(f"  - {r}" for r in decision.reasons),
@@ -284,33 +288,70 @@ def promote(store: Store, spec: ProjectSpec, candidate: int, *, reason: str = ""
     why = reason or "passed the gate"
     if force and not decision.passed:
         why = f"{why} (forced past: {'; '.join(decision.reasons)})"
-    set_alias(store, PRODUCTION, candidate, reason=why, forced=force and not decision.passed, actor=actor)
+    set_alias(store, PRODUCTION, candidate, reason=why, forced=force and not decision.passed, actor=actor,
+              from_version=decision.production)
     return decision
 
 
 def rollback(store: Store, *, reason: str = "rollback", actor: str | None = None) -> int:
-    """Point production back at the version it pointed at before its latest move."""
+    """Point production back at the version it pointed at before its latest move. Raises NotFoundError
+    when there is none, AliasMoved when another move landed between reading the history and moving."""
     t = store.tables.alias_history
     with store.engine.connect() as conn:
         last = conn.execute(sa.select(t).where(t.c.alias == PRODUCTION).order_by(t.c.id.desc()).limit(1)).first()
     if last is None or last.from_version is None:
         raise NotFoundError("production has no earlier version to roll back to")
-    set_alias(store, PRODUCTION, last.from_version, reason=reason, actor=actor)
+    set_alias(store, PRODUCTION, last.from_version, reason=reason, actor=actor, from_version=last.to_version)
     return last.from_version
 
 
+class AliasMoved(ConflictError):
+    """An alias was moved by someone else between reading it and moving it: `.alias`, `.expected` (the
+    version the mover saw; None: no version) and `.found` (where it points now)."""
+
+    def __init__(self, alias: str, expected: int | None, found: int | None):
+        self.alias, self.expected, self.found = alias, expected, found
+        seen = f"v{expected}" if expected is not None else "no model"
+        now = f"v{found}" if found is not None else "no model"
+        super().__init__(f"{alias} moved from {seen} to {now} meanwhile (another promote, rollback or loop); "
+                         f"nothing was changed: check 'everloop models' and retry")
+
+
+_READ_NOW: Any = object()  # set_alias's default from_version: whatever the alias points at when called
+
+
 def set_alias(store: Store, alias: str, version: int, *, reason: str, forced: bool = False,
-              actor: str | None = None) -> None:
+              actor: str | None = None, from_version: int | None = _READ_NOW, lease: Lease | None = None) -> None:
+    """Point `alias` at model `version` and append the move to the alias history, in one transaction.
+
+    A compare-and-set: the alias moves only if it still points at `from_version` (None: at nothing),
+    the version the caller decided on; by default, the one read when called. Raises AliasMoved when
+    another move landed first (two promotions, a promotion and a rollback, racing: one wins, the other
+    is told, none is lost), NotFoundError for an unknown `version`, and with `lease` (the loop's),
+    `everloop.store._lease.LeaseLost` when that lease was lost: a stalled loop moves nothing."""
     get_model(store, version)  # refuse unknown versions
     t = store.tables
-    with store.engine.begin() as conn:
-        previous = conn.execute(sa.select(t.aliases.c.version).where(t.aliases.c.name == alias)).scalar()
-        if previous is None:
-            conn.execute(t.aliases.insert().values(name=alias, version=version))
-        else:
-            conn.execute(t.aliases.update().where(t.aliases.c.name == alias).values(version=version))
-        conn.execute(t.alias_history.insert().values(alias=alias, from_version=previous, to_version=version,
-                                                     actor=actor or _user(), reason=reason, forced=forced))
+    if from_version is _READ_NOW:
+        from_version = alias_version(store, alias)
+    try:
+        with store.engine.begin() as conn:
+            if lease is not None:
+                lease.check(conn)
+            if from_version is None:  # a concurrent first move makes this insert fail on the key
+                conn.execute(t.aliases.insert().values(name=alias, version=version))
+            else:  # PostgreSQL re-checks the WHERE on a row a concurrent move committed; SQLite runs one writer
+                moved = conn.execute(t.aliases.update()
+                                     .where(t.aliases.c.name == alias, t.aliases.c.version == from_version)
+                                     .values(version=version, updated_at=time.time()))
+                if moved.rowcount != 1:
+                    found = conn.execute(sa.select(t.aliases.c.version).where(t.aliases.c.name == alias)).scalar()
+                    raise AliasMoved(alias, from_version, found)
+            conn.execute(t.alias_history.insert().values(alias=alias, from_version=from_version, to_version=version,
+                                                         actor=actor or _user(), reason=reason, forced=forced))
+    except sa.exc.IntegrityError:
+        if from_version is not None:
+            raise
+        raise AliasMoved(alias, None, alias_version(store, alias)) from None
 
 
 def alias_history(store: Store, alias: str = PRODUCTION) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -28,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from everloop.data import current_schema
+from everloop.serve._batcher import _ID_PREFIX as PREDICTION_ID_PREFIX
 from everloop.serve._batcher import MicroBatcher, Outcome
 from everloop.serve._holder import ModelHolder
 from everloop.serve._feedback import record_feedback
@@ -48,6 +50,7 @@ from everloop.serve._protocols import (
     parse_v2,
     strict_option,
     v2_answer,
+    v2_strict,
 )
 from everloop.spec import ProjectSpec, load_spec
 from everloop.store import Store
@@ -67,9 +70,17 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     spec = spec or load_spec(project_dir)
     store = store or Store.for_project(project_dir)
     metrics = ServiceMetrics()
+
+    def checked(version: int | None) -> None:
+        metrics.alias_version.set(version or 0)
+        metrics.alias_checked.set_to_current_time()
+
     holder = ModelHolder(store, on_swap=lambda m: metrics.model_version.set(m.version or 0),
                          on_failure=lambda v, e: metrics.reload_failures.inc(),
-                         compile_trees=spec.serving.compile_trees)
+                         compile_trees=spec.serving.compile_trees, on_check=checked)
+    # Which replica (and worker) this is: its host and process, and the prefix of the prediction ids it
+    # issues (the `worker` of its rows in the prediction log), so any prediction is traced to its replica.
+    replica = {"host": os.uname().nodename, "pid": os.getpid(), "prediction_id_prefix": PREDICTION_ID_PREFIX}
     # The writer thread always runs (it also records request counts); predictions only when logged.
     prediction_log = PredictionLog(store, metrics=metrics)
     log_rows = spec.serving.log_predictions
@@ -186,7 +197,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
 
         rows = parsed(scope, raw, parse)
         body = bodies[0]  # a dict: parse_v2 refuses anything else
-        outcome = answered(await batcher.submit(model, rows, started, strictly or _v2_strict(body)))
+        outcome = answered(await batcher.submit(model, rows, started, strictly or v2_strict(body)))
         labels = [o["prediction"] for o in outcome.outputs]
         proba = ([list(o["probabilities"].values()) for o in outcome.outputs]
                  if outcome.outputs and "probabilities" in outcome.outputs[0] else None)
@@ -306,7 +317,11 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                 "metrics": m["metrics"], "baseline": m["baseline"], "classes": model.classes,
                 "features": model.schema.feature_names, "schema": model.schema.to_dict(),
                 "lineage": {"dataset_version": m["dataset_version"], "dataset_hash": m["dataset_hash"],
-                            "reason": m.get("reason", "")}}
+                            "reason": m.get("reason", "")},
+                "replica": replica | {"alias": holder.alias, "alias_version": holder.alias_version,
+                                      "in_step": holder.alias_version == model.version,
+                                      "serving_since": _utc(holder.loaded_at),
+                                      "alias_checked_at": _utc(holder.checked_at)}}
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> dict[str, Any]:
@@ -315,9 +330,9 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             raise ClientError(403, f"admin endpoints are off; set {ADMIN_TOKEN_ENV} to enable them")
         if request.headers.get("authorization") != f"Bearer {expected}":
             raise ClientError(401, "a valid admin bearer token is required")
-        swapped = holder.refresh()
+        swapped = holder.refresh(force=True)  # now: also a version waiting for the store to come back
         if holder.last_error:
-            raise ClientError(409, holder.last_error)
+            raise ClientError(503 if holder.retrying else 409, holder.last_error)
         current = holder.current
         return {"swapped": swapped, "model_version": current.version if current else None}
 
@@ -355,17 +370,6 @@ def _answer_parts(answer: bytes | tuple[bytes, RawHeaders]) -> tuple[bytes, RawH
     return (answer, []) if type(answer) is bytes else answer  # type: ignore[return-value]
 
 
-def _v2_strict(body: dict[str, Any]) -> bool:
-    """An inference request's `parameters.strict` (the protocol's place for per-request options)."""
-    parameters = body.get("parameters")
-    if not isinstance(parameters, dict) or "strict" not in parameters:
-        return False
-    if not isinstance(parameters["strict"], bool):
-        raise ClientError(422, [{"loc": ["parameters", "strict"], "msg": "expected true or false",
-                                 "input": parameters["strict"]}])
-    return parameters["strict"]
-
-
 def _require_model(holder: ModelHolder) -> TrainedModel:
     """The model being served; else 503 saying why: which model was refused and why, or that none is
     in production yet (every endpoint that needs a model answers the same)."""
@@ -376,10 +380,19 @@ def _require_model(holder: ModelHolder) -> TrainedModel:
 
 
 def _not_ready(holder: ModelHolder) -> str:
+    if holder.last_error and holder.retrying:  # the store cannot be reached: no model is at fault
+        return holder.last_error
     if holder.last_error:
         return (f"{holder.last_error}; no other model is loaded: promote a fixed version with "
                 "'everloop promote', or roll back with 'everloop rollback'")
     return "no model is in production yet; promote one with 'everloop promote'"
+
+
+def _utc(seconds: float | None) -> str | None:
+    """Unix time as ISO 8601 in UTC, to the millisecond."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _check_api_token(headers: Headers, expected: str | None) -> None:

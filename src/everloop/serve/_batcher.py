@@ -23,6 +23,7 @@ import pandas as pd
 
 from everloop._jsonable import jsonable
 from everloop.data import ColumnSchema, Schema
+from everloop.data._schema import _epoch_seconds, _iso  # how the schema records date/time ranges
 from everloop.serve._log import LogEntry
 from everloop.serve._protocols import Rows
 from everloop.train import TrainedModel
@@ -79,7 +80,9 @@ class RowWarnings:
         self.categorical = [(c, None if c.categories is None else frozenset(c.categories + [None] * c.nullable))
                             for c in features if c.kind == "categorical"
                             and (c.categories is not None or not c.nullable)]
-        self.others = [c for c in features if c.kind not in ("numeric", "categorical") and not c.nullable]
+        # Date/times with a range (schemas since date ranges were recorded) or no nulls in training.
+        self.times = [c for c in features if c.kind == "datetime"
+                      and (c.min is not None or c.max is not None or not c.nullable)]
 
     def find(self, columns: Any) -> list[Warned]:
         """The warned values of conformed request rows (`Schema.conform_records`' arrays or the frame of
@@ -107,9 +110,23 @@ class RowWarnings:
                 elif usual_values is not None and value not in usual_values:
                     why = f"category {value!r} not seen in training"
                     found.append(Warned(row, position, col.name, why, value))
-        for col in self.others:  # date/times: no range in the schema, only nulls to look for
-            for row in np.flatnonzero(np.asarray(pd.isna(columns[col.name]))):
-                found.append(Warned(int(row), self.position[col.name], col.name, MISSING, None))
+        for col in self.times:  # compared in seconds since the epoch, as the schema records the range
+            times = pd.Series(columns[col.name])
+            if not isinstance(times.dtype, pd.DatetimeTZDtype):  # conformed times are UTC already
+                times = pd.to_datetime(times, utc=True, errors="coerce")
+            seconds = _epoch_seconds(times)
+            lo = -np.inf if col.min is None else col.min
+            hi = np.inf if col.max is None else col.max
+            usual = (seconds >= lo) & (seconds <= hi)
+            for row in np.flatnonzero(~usual).tolist():
+                value = float(seconds[row])
+                if value != value:
+                    if not col.nullable:
+                        found.append(Warned(row, self.position[col.name], col.name, MISSING, None))
+                    continue
+                side, bound = ("before the schema's earliest", lo) if value < lo else ("after the schema's latest", hi)
+                why = f"date/time {_iso(value)} is {side} {_iso(bound)}"
+                found.append(Warned(row, self.position[col.name], col.name, why, _iso(value)))
         if len(found) > 1:
             found.sort(key=lambda w: (w.row, w.position))
         return found
@@ -271,7 +288,7 @@ class MicroBatcher:
     def _process_checked(self, jobs: list[_Job], records: list[dict[str, Any]]) -> None:
         model = jobs[0].model
         frame = pd.DataFrame.from_records(records, columns=model.schema.feature_names)
-        checked = model.schema.check(frame, mode="request", coerce=True)
+        checked = model.schema.check(frame, mode="request", coerce=True, per_value=True)  # clients apart
         bad = checked.bad_rows if checked.bad_rows is not None else np.zeros(len(frame), dtype=bool)
         outputs: list[dict[str, Any] | None] = [None] * len(frame)
         good = np.flatnonzero(~bad)

@@ -58,7 +58,8 @@ def record_feedback(store: Store, items: list[dict[str, Any]], *, partial: bool)
     """Validate and store labels for logged predictions, in one transaction.
 
     `items`: `{"id": str, "label": Any}` dicts, each with an optional "where" (its position for messages;
-    default its index). Each is checked for shape, matched to its logged prediction
+    default its index). An id is read without surrounding whitespace (`" abc "` is `"abc"`; unknown ids
+    are reported so). Each is checked for shape, matched to its logged prediction
     (`prediction_log.find`), and its label parsed against the manifest (task, classes) of the model
     version that made that prediction (`everloop.train.label_parser`). Ids repeated in the call: the last
     valid item wins. Valid labels of known ids are upserted (SQLite/PostgreSQL `ON CONFLICT DO UPDATE`,
@@ -75,8 +76,11 @@ def record_feedback(store: Store, items: list[dict[str, Any]], *, partial: bool)
             continue
         where = item.get("where", n)
         prediction_id = item.get("id")
+        if isinstance(prediction_id, str):  # " abc": spaces from a joined header, a padded cell; no id has any
+            prediction_id = prediction_id.strip()
         if not isinstance(prediction_id, str) or not prediction_id:
-            result.problems.append(FeedbackProblem(where, None, f"{SHAPE}; its id is {prediction_id!r}", "id"))
+            why = f"{SHAPE}; its id is {item.get('id')!r}"
+            result.problems.append(FeedbackProblem(where, None, why, "id"))
         elif "label" not in item:
             result.problems.append(FeedbackProblem(where, prediction_id, f"{SHAPE}; it has no label", "label"))
         else:

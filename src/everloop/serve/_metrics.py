@@ -34,9 +34,18 @@ class ServiceMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("everloop_inflight_requests", "requests being served now", registry=r,
                               multiprocess_mode="livesum")
+        # live*: a worker that died (and was restarted) no longer counts. With several workers, max: during a
+        # swap the highest version any worker serves; the alias's version and its check time say the rest.
         self.model_version = Gauge("everloop_model_version", "version of the model being served", registry=r,
-                                   multiprocess_mode="max")
-        self.reload_failures = Counter("everloop_model_reload_failures", "new models refused at load", registry=r)
+                                   multiprocess_mode="livemax")
+        self.alias_version = Gauge("everloop_alias_version", "version the production alias named at this "
+                                   "replica's last check; differs from everloop_model_version while a new "
+                                   "model loads or when it was refused", registry=r, multiprocess_mode="livemax")
+        self.alias_checked = Gauge("everloop_alias_checked_timestamp_seconds", "unix time of this replica's "
+                                   "last read of the alias; an old value means it cannot reach the store and "
+                                   "may be out of step", registry=r, multiprocess_mode="livemin")
+        self.reload_failures = Counter("everloop_model_reload_failures", "model versions that failed to load "
+                                       "(once per version)", registry=r)
         self.predictions = Counter("everloop_predictions", "predicted rows by predicted class", ["prediction"],
                                    registry=r)
         self.predicted_value = Histogram("everloop_predicted_value", "predicted values (regression)", registry=r)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from everloop.data._sources import sniff_delimiter
+
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
@@ -276,30 +278,61 @@ def parse_invocations(raw: bytes, content_type: str, names: list[str], max_rows:
 
 
 def _csv_rows(raw: bytes, names: list[str], max_rows: int) -> Rows:
-    """A `text/csv` body: a header line, then one row per line; empty fields are nulls. A UTF-8
-    byte-order mark (as Excel and PowerShell write) is not part of the first column's name."""
+    """A `text/csv` body, read as the same file would be (`everloop.data.iter_batches`): the field
+    delimiter (`,`, `;`, tab or `|`) sniffed from its first lines by the file reader's own sniffer, a
+    UTF-8 byte-order mark (as Excel and PowerShell write) no part of the first column's name, blank
+    lines skipped, empty fields null. Cells stay text: the schema reads them. Locations are
+    `["csv", line]`, lines counted from 0 (the header). Errors: ClientError 400 (not UTF-8, malformed),
+    422 (no rows, a repeated or missing column, a row of another width than the header), 413."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ClientError(400, f"the CSV body is not UTF-8 text: {exc}") from None
+    delimiter = sniff_delimiter(text[:_SNIFF_CHARS])
+    header: list[str] | None = None
+    data, lines = [], []
     try:
-        table = list(csv.reader(io.StringIO(text)))
+        reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+        line = 0
+        for fields in reader:
+            if fields:  # a blank line is no row (as pyarrow's reader skips it)
+                if header is None:
+                    header = fields
+                else:
+                    data.append(fields)
+                    lines.append(line)
+            line = reader.line_num  # the next row starts here (a quoted value may span lines)
     except csv.Error as exc:
         raise ClientError(400, f"the CSV body is malformed: {exc}") from None
-    if len(table) < 2:
+    if header is None or not data:
         raise ClientError(422, [{"loc": ["csv"], "msg": "expected a header line and at least one row"}])
-    header, data = table[0], table[1:]
+    read_with = "" if delimiter == "," else f" (fields separated by {delimiter!r}, sniffed from its first lines)"
     repeated = _repeated_names(header)
     if repeated:
         raise ClientError(422, [_ambiguous(["csv", 0, name], f"column {name!r}", p, "fields", " in the header",
                                            ", from 0") for name, p in repeated.items()])
+    present = set(header)
+    missing = [name for name in names if name not in present]
+    if len(missing) == len(names):
+        shown = ", ".join(map(repr, header[:5])) + (", ..." if len(header) > 5 else "")
+        raise ClientError(422, [{"loc": ["csv", 0], "msg": (
+            f"none of the header's columns ({shown}) is a feature of the model (read with delimiter "
+            f"{delimiter!r}); expected {', '.join(names)} (GET /model lists them)")}])
+    if missing:  # once, for the header: not once per row
+        raise ClientError(422, [{"loc": ["csv", 0, name],
+                                 "msg": f"field required: the header has no column {name!r}{read_with}"}
+                                for name in missing])
     _check_size(data, max_rows, "csv")
-    bad = [{"loc": ["csv", n + 1], "msg": f"expected {len(header)} fields, got {len(r)}"}
-           for n, r in enumerate(data) if len(r) != len(header)]
+    width = len(header)
+    bad = [{"loc": ["csv", line], "msg": f"expected {width} fields, as the header has, got {len(r)}{read_with}"}
+           for r, line in zip(data, lines) if len(r) != width]
     if bad:
         raise ClientError(422, bad)
     rows = [{h: (None if v == "" else v) for h, v in zip(header, r)} for r in data]
-    return _by_name(rows, [["csv", n + 1] for n in range(len(rows))], names)
+    return _by_name(rows, [["csv", line] for line in lines], names)
+
+
+_SNIFF_CHARS = 1 << 16  # of a CSV body: the sniffer reads its first rows only
 
 
 def mlflow_answer(labels: list[Any]) -> dict[str, Any]:
@@ -418,6 +451,28 @@ def strict_option(query: bytes, default: bool) -> bool:
         raise ClientError(422, [{"loc": ["query", "strict"], "input": values if len(values) > 1 else values[0],
                                  "msg": "expected true or false (also 1/0, yes/no; a bare ?strict is true)"}])
     return default or chosen.pop()
+
+
+def v2_strict(body: dict[str, Any]) -> bool:
+    """An inference request's `parameters.strict` (the protocol's place for per-request options, whose
+    values may be strings, numbers or booleans): the spellings `?strict=` takes, as a JSON boolean, a
+    string (`"true"`, `"no"`, any case) or 1/0. False when absent. Errors: ClientError 422 naming
+    `parameters.strict` for anything else."""
+    parameters = body.get("parameters")
+    if not isinstance(parameters, dict) or "strict" not in parameters:
+        return False
+    value = parameters["strict"]
+    if type(value) is bool:
+        return value
+    chosen = None
+    if isinstance(value, str) and value.strip():  # "" is no spelling here: a bare ?strict is query syntax
+        chosen = _TRUTHS.get(value.strip().lower())
+    elif type(value) is int:
+        chosen = {0: False, 1: True}.get(value)
+    if chosen is None:
+        raise ClientError(422, [{"loc": ["parameters", "strict"], "input": value,
+                                 "msg": "expected true or false (also 1/0, yes/no)"}])
+    return chosen
 
 
 _TRUTHS = {"true": True, "1": True, "yes": True, "": True, "false": False, "0": False, "no": False}

@@ -317,11 +317,16 @@ class ProjectSpec(_Strict):
     def _consistent(self) -> "ProjectSpec":
         if self.evaluation.split.by_time and not self.data.timestamp:
             raise ValueError("evaluation.split.by_time needs data.timestamp")
-        named = {self.data.target, self.data.id, self.data.timestamp} - {None}
-        for kind in ("numeric", "categorical", "datetime"):
-            overlap = named & set(getattr(self.features, kind) or [])
-            if overlap:
-                raise ValueError(f"features.{kind} lists {sorted(overlap)}, which is the target, id or timestamp")
+        # The target, id and timestamp have roles of their own: never features, so never listed under
+        # features (an excluded target would otherwise be silently used as the label all the same).
+        roles = {self.data.target: "target", self.data.id: "id", self.data.timestamp: "timestamp"}
+        for key in ("numeric", "categorical", "datetime", "exclude"):
+            listed = [name for name in getattr(self.features, key) or [] if name in roles]
+            if listed:
+                which = " and ".join(f"data.{roles[name]}" for name in listed)
+                raise ValueError(f"features.{key} lists {listed}, which is {which}: the target, id and "
+                                 f"timestamp are never features; remove {'it' if len(listed) == 1 else 'them'} "
+                                 f"from features.{key}")
         if self.features.custom and ":" not in self.features.custom:
             raise ValueError(f"features.custom {self.features.custom!r}: expected 'module:callable'")
         return self

@@ -143,6 +143,18 @@ loop_events = sa.Table(
 )
 
 
+# Leases (see _lease.py): one row per name; whoever holds an unexpired row may do that work.
+leases = sa.Table(
+    "leases", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(255), nullable=False),  # host and pid, for people
+    sa.Column("process", sa.String(255), nullable=False),  # boot id, pid namespace, pid: is the holder alive?
+    sa.Column("token", sa.BigInteger, nullable=False),  # +1 at every acquisition: the holder's identity
+    sa.Column("acquired_at", sa.Float, nullable=False),  # the database's clock, epoch seconds
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+
 def dumps_json(value: object) -> str:
     """JSON columns through orjson: the prediction log writes thousands of rows a second, and the
     standard library's encoder would hold the GIL against the request handlers for most of it."""

@@ -1,4 +1,5 @@
-"""The store: one metadata database plus one artifact folder, opened from the project folder."""
+"""The store: one metadata database plus the artifacts (a folder, or object storage with the
+folder as its cache), opened from the project folder."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sqlalchemy as sa
 
 from everloop.errors import StoreError
 from everloop.store import _meta
-from everloop.store._artifacts import ArtifactStore
+from everloop.store._artifacts import ARTIFACTS_URL_ENV, ArtifactStore
 
 STORE_DIR = ".everloop"
 DB_URL_ENV = "EVERLOOP_DB_URL"
@@ -24,10 +25,16 @@ class Store:
 
     tables = _meta
 
-    def __init__(self, root: str | Path, db_url: str | None = None):
+    def __init__(self, root: str | Path, db_url: str | None = None,
+                 artifacts_url: str | None = None):
+        """Open the store in the folder `root`: metadata at `db_url` (else `EVERLOOP_DB_URL`, else
+        SQLite in `root`), artifacts at `artifacts_url` (else `EVERLOOP_ARTIFACTS_URL`, else
+        `root/artifacts`; with a URL, `root/artifacts` is its read-through cache). Raises StoreError
+        for a database that cannot be opened or an artifact URL that cannot be used."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.artifacts = ArtifactStore(self.root / "artifacts")
+        self.artifacts = ArtifactStore(self.root / "artifacts",
+                                       artifacts_url or os.environ.get(ARTIFACTS_URL_ENV) or None)
         self.db_url = db_url or os.environ.get(DB_URL_ENV) or f"sqlite:///{self.root / 'meta.db'}"
         try:
             self.engine = _meta.make_engine(self.db_url)
@@ -38,8 +45,9 @@ class Store:
                              f"{str(exc).splitlines()[0]}") from None
 
     @classmethod
-    def for_project(cls, project_dir: str | Path, db_url: str | None = None) -> "Store":
-        return cls(Path(project_dir) / STORE_DIR, db_url)
+    def for_project(cls, project_dir: str | Path, db_url: str | None = None,
+                    artifacts_url: str | None = None) -> "Store":
+        return cls(Path(project_dir) / STORE_DIR, db_url, artifacts_url)
 
     def _check_format(self) -> None:
         table = _meta.meta

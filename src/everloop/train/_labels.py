@@ -9,6 +9,7 @@ label that made it into the store can always be used. The classes are a model ma
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -54,6 +55,10 @@ def label_parser(task: str, classes: list[Any] | None) -> Callable[[Any], Any]:
     accepted). Everything else (None, NaN, "", lists, dicts, bools for numbers, unknown classes) makes the
     returned function raise `ValueError` naming the value and what was expected.
 
+    String classes that all spell whole numbers (`"0.0"`, `"1.0"`: an int label column with nulls, as
+    pandas writes it, read as text) are integer classes too: 0, 0.0, "0" and "0.0" all mean the class
+    "0.0" (unless two classes spell one number, e.g. "1" and "1.0": then only the exact spelling does).
+
     Raises `ValueError` here when `task` is unknown or a classification model lists no classes.
     Reference: the class matching follows `everloop.train.as_labels` (integer-like strings are ints)."""
     if task == "regression":
@@ -73,6 +78,8 @@ def label_parser(task: str, classes: list[Any] | None) -> Callable[[Any], Any]:
         elif isinstance(c, str):
             lookup[("s", c)] = c
             lookup.setdefault(("s", c.strip()), c)
+    for number, c in _whole_number_classes(classes).items():
+        lookup.setdefault(("n", number), c)  # a numeric class of the same value keeps its own key
     has_bools = any(k[0] == "b" for k in lookup)
     has_numbers = any(k[0] == "n" for k in lookup)
     has_strings = any(k[0] == "s" for k in lookup)
@@ -119,6 +126,25 @@ def label_parser(task: str, classes: list[Any] | None) -> Callable[[Any], Any]:
             raise refuse(value, "unknown class") from None
 
     return parse
+
+
+_WHOLE = re.compile(r"[+-]?\d+(?:\.0*)?")
+
+
+def _whole_number_classes(classes: list[Any]) -> dict[int, str]:
+    """{number: class} for string classes when every string class spells a whole number ("0", "1.0"),
+    so that a label 0 finds the class "0.0"; empty when any does not (a "1" among "a", "b" is a name,
+    not a number) or when two spell the same number ("1" and "1.0": which would 1 mean?)."""
+    texts = [c for c in classes if isinstance(c, str)]
+    if not texts or not all(_WHOLE.fullmatch(t.strip()) for t in texts):
+        return {}
+    try:
+        numbers = [int(t.strip().split(".")[0]) for t in texts]
+    except ValueError:  # more than 4300 digits: no label spells that
+        return {}
+    if len(set(numbers)) != len(numbers):
+        return {}
+    return dict(zip(numbers, texts))
 
 
 def _parse_number(value: Any) -> float:

@@ -66,14 +66,15 @@ def task_of(schema: Schema) -> str:
 
 
 def as_labels(values: Any) -> np.ndarray:
-    """Class labels in their natural type: integer-like strings ("0", "1") become ints."""
+    """Class labels in their natural type: integer-like values ("0", "1", and "0.0"/1.0 as pandas writes
+    an int column with nulls) become ints, unless two distinct spellings would become one class."""
     series = pd.Series(values, dtype=object)
-    try:
-        ints = series.map(int)
-        if (ints.map(str) == series.map(str)).all():
+    spelled = series.map(lambda v: str(v).strip())
+    # `007` stays a code (a leading zero is part of the label)
+    if len(series) and spelled.str.fullmatch(r"[+-]?(?:0|[1-9]\d*)(?:\.0*)?").all():
+        ints = spelled.map(lambda v: int(v.split(".")[0]))
+        if ints.nunique() == spelled.nunique():  # "1" and "1.0" both present: keep them apart
             return ints.to_numpy(dtype=np.int64)
-    except (TypeError, ValueError):
-        pass
     return series.to_numpy()
 
 
