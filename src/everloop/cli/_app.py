@@ -383,7 +383,7 @@ def validate(path: Optional[Path] = typer.Argument(None, help="a file to check i
         raise CheckFailed()
 
 
-datasets_app = typer.Typer(help="Dataset versions: list (the default), show one, diff two.",
+datasets_app = typer.Typer(help="Dataset versions: list (also the default), show one, diff two.",
                            invoke_without_command=True, no_args_is_help=False)
 app.add_typer(datasets_app, name="datasets")
 
@@ -391,8 +391,13 @@ app.add_typer(datasets_app, name="datasets")
 @datasets_app.callback()
 def datasets(ctx: typer.Context, project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """List dataset versions."""
-    if ctx.invoked_subcommand is not None:
-        return
+    if ctx.invoked_subcommand is None:
+        datasets_list(project, as_json)
+
+
+@datasets_app.command("list")
+def datasets_list(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """List dataset versions (what `everloop datasets` alone does)."""
     from everloop import data
 
     _, store = _project(project)
@@ -581,15 +586,20 @@ def _bad_param(exc: Exception, spec: Any) -> EverloopError | None:
     return EverloopError(f"{values} is refused by {estimator}: {text} (fix it in everloop.yaml)")
 
 
-models_app = typer.Typer(help="Model versions: list (the default), card, import.", invoke_without_command=True)
+models_app = typer.Typer(help="Model versions: list (also the default), card, import.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 
 
 @models_app.callback()
 def models(ctx: typer.Context, project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """List model versions with their metrics and aliases."""
-    if ctx.invoked_subcommand is not None:
-        return
+    if ctx.invoked_subcommand is None:
+        models_list(project, as_json)
+
+
+@models_app.command("list")
+def models_list(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """List model versions with their metrics and aliases (what `everloop models` alone does)."""
     from everloop import registry
 
     _, store = _project(project)

@@ -198,7 +198,7 @@ def judge(store: Store, spec: ProjectSpec, trained: TrainedModel, window: _windo
         if p.drifted:
             alerts.append(("prediction_drift", f"prediction drift: the model's "
                            f"{'scores' if p.kind != 'categorical' else 'predicted classes'} moved from those on "
-                           f"its held-out rows (effect {p.effect:.3f}, p={p.p_value:.2g})"))
+                           f"its reference rows (effect {p.effect:.3f}, p={p.p_value:.2g})"))
     perf = result.performance
     if perf.get("decayed"):
         alerts.append(("decay", f"decay: {perf['metric']} {perf['value']:.4f} on the latest "
