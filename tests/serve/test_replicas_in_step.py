@@ -117,3 +117,15 @@ def test_a_model_that_is_fetched_but_cannot_be_loaded_is_refused_for_good(machin
         assert holder.last_error.startswith("model v2 refused: model artifact ") and not holder.retrying
         assert client.get("/ready").json()["refused"] == holder.last_error
         assert client.get("/model").json()["version"] == 1
+
+
+def test_a_forked_worker_issues_ids_of_its_own():
+    # gunicorn --preload and multiprocessing fork after import: a shared prefix would collide ids
+    import multiprocessing
+
+    from everloop.serve import _batcher
+
+    parent = _batcher.ids_for(1)[0]
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply(_batcher.ids_for, (1,))[0]
+    assert child[:16] != parent[:16] and _batcher.id_prefix() == parent[:16]

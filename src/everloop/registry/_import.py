@@ -21,10 +21,15 @@ columns, when they differ: the safety net for every mismatch not converted.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
+import os
+import pickle
+import pickletools
 import re
+import shlex
 import time
 import warnings
 import zipfile
@@ -53,6 +58,9 @@ from everloop.train._train import (Fitted, _evaluate, _slice_metrics, estimator_
                                    final_estimator, fit, register_fitted)
 
 SKOPS_HINT = "pip install 'everloop[import]' (or: pip install skops)"
+ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first bytes: skops files are zip archives
+# The first bytes of joblib's compressed files: zlib, gzip, bz2, xz, lzma (its own header), lz4.
+JOBLIB_COMPRESSED = (b"\x78\x01", b"\x78\x5e", b"\x78\x9c", b"\x78\xda", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"]\x00\x00", b"\x04\x22\x4d\x18")
 PROBE_ROWS = 200  # rows of the dataset the model is first tried on
 CHECK_ROWS = 1000  # rows of the user's file on which everloop's answers must equal the model's own
 TOLERANCE = 1e-9  # the largest difference allowed between them (floating-point noise only)
@@ -127,7 +135,10 @@ def import_model(store: Store, spec: ProjectSpec, path: str | Path, dataset_vers
     Reference: skops' trusted-types loading (skops.io.get_untrusted_types / loads); MLflow's MLmodel
     format for the sklearn flavor (flavors.sklearn: pickled_model, serialization_format, sklearn_version)."""
     started = time.perf_counter()
-    path = Path(path)
+    if not isinstance(path, (str, os.PathLike)):  # a fitted object passed where its file was meant
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}; save it with "
+                        "joblib.dump(model, 'model.joblib') first and pass that path")
+    path = Path(path).resolve()  # the reason, card and lineage name the file wherever they are read
     loaded = read_model_file(path, trust=trust, sha256=sha256)
     dataset = get_dataset(store, dataset_version)
     schema = get_schema(store, dataset.schema_version)
@@ -159,7 +170,7 @@ def import_model(store: Store, spec: ProjectSpec, path: str | Path, dataset_vers
                                  dataset.version)
     else:
         takes_raw, found = False, f"{describe(model)}, not fitted"
-    origin = {"path": str(path.resolve()), "sha256": loaded.sha256, "format": loaded.format,
+    origin = {"path": str(path), "sha256": loaded.sha256, "format": loaded.format,
               "found": "pipeline" if takes_raw else "estimator", "description": found,
               "made_with": loaded.made_with, "name": name}
     if loaded.mlmodel_sha256:
@@ -247,9 +258,11 @@ def read_model_file(path: Path, *, trust: Iterable[str] = (), sha256: str | None
     except OSError as exc:
         raise TrainError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     digest = _checked_digest(data, sha256, path)
-    if _is_skops(data):
+    if data.startswith(ZIP_MAGIC) or path.suffix.lower() == ".skops":
+        _refuse_not_skops(data, path)  # before anything is loaded: a .skops name promises no pickle
         model, made_with, notes = _load_skops(data, path, trust)
         return LoadedFile(model, "skops", digest, data, made_with, notes)
+    _refuse_text(data, path)
     kind = "pickle" if path.suffix.lower() in (".pkl", ".pickle") else "joblib"
     model, made_with, notes = _load_pickle(data, path)
     return LoadedFile(model, kind, digest, data, made_with, notes)
@@ -267,13 +280,63 @@ def _checked_digest(data: bytes, expected: str | None, path: Path) -> str:
     return digest
 
 
-def _is_skops(data: bytes) -> bool:
-    if not data.startswith(b"PK\x03\x04"):
-        return False
+def _refuse_not_skops(data: bytes, path: Path) -> None:
+    """Raise TrainError unless `data` is a whole skops file (a zip archive holding skops' schema.json).
+    Nothing is unpickled: a file named .skops that holds a pickle is refused, never loaded."""
+    name = path.name
+    if not data.startswith(ZIP_MAGIC):
+        held = "it holds a pickle" if _looks_pickled(data) else f"it starts with {data[:8]!r}"
+        fix = ("; rename it .pkl if you trust it (loading a pickle runs the code it holds)"
+               if _looks_pickled(data) else "; save the model with skops.io.dump(model, PATH)")
+        raise TrainError(f"{name} is not a skops file ({held}){fix}")
     try:
-        return "schema.json" in zipfile.ZipFile(io.BytesIO(data)).namelist()
-    except zipfile.BadZipFile:
-        return False
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except (zipfile.BadZipFile, EOFError):
+        raise TrainError(f"{name} is not a complete skops file: the zip archive ends early (an interrupted "
+                         "copy or save?); save the model again with skops.io.dump(model, PATH)") from None
+    if "schema.json" not in names:
+        raise TrainError(f"{name} is a zip archive without skops' schema.json, not a skops file (holds "
+                         f"{', '.join(names[:5]) or 'nothing'}); an MLflow model is imported as its unzipped "
+                         "folder")
+
+
+def _looks_pickled(data: bytes) -> bool:
+    """Whether bytes start as a pickle (protocol 2 and later) or a joblib file compressed by one of its
+    compressors (zlib, gzip, bz2, xz, lzma, lz4) does: judged from the first bytes, nothing is loaded."""
+    return data[:1] == b"\x80" or data.startswith(JOBLIB_COMPRESSED)
+
+
+def _refuse_text(data: bytes, path: Path) -> None:
+    """Raise TrainError for a text file given as the model (a CSV of the data, a README), before the
+    unpickler reads its letters as instructions. A pickle of protocol 0 is text too: one that parses as
+    a pickle to its end is let through."""
+    head = data[:1 << 16]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if len(data) == len(head) or exc.start < len(head) - 3:  # binary, not a character the sample cut
+            return
+        text = head[:exc.start].decode("utf-8")
+    if "\x00" in text or re.search(r"[\x01-\x08\x0e-\x1f]", text):
+        return
+    try:
+        ops = list(pickletools.genops(data))  # reads opcodes only: no object is built, no code runs
+        if ops and ops[-1][0].name == "STOP":
+            return
+    except Exception:  # noqa: BLE001 - not a pickle: whatever genops stumbled on
+        pass
+    lines = [line for line in text.splitlines()[:6] if line.strip()]
+    fix = "pass the file the model was saved to (joblib.dump(model, PATH) or skops.io.dump(model, PATH))"
+    first = _short(lines[0] if lines else "")
+    if path.suffix.lower() in (".csv", ".tsv"):
+        raise TrainError(f"{path.name} is a CSV file, not a pickled model: {fix}; the data go in everloop.yaml's "
+                         "data.source")
+    what = "CSV text" if len(lines) > 1 and sniff_delimiter(text, "") else "text"
+    raise TrainError(f"{path.name} is not a pickle/joblib file: it holds {what} ({first}); {fix}")
+
+
+def _short(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
 
 
 def _pickle_warning(path: Path) -> str:
@@ -292,13 +355,23 @@ def _load_pickle(data: bytes, path: Path) -> tuple[Any, dict[str, str], list[str
         except ModuleNotFoundError as exc:
             raise TrainError(f"{path.name} cannot be loaded: it needs the module {exc.name!r}, which is not "
                              "installed here; install the package that provides it and import again") from None
-        except EOFError:
+        except (EOFError, ValueError, pickle.UnpicklingError) as exc:
+            if not isinstance(exc, EOFError) and not re.search(r"EOF|exhausted|truncated", str(exc)):
+                raise TrainError(_unloadable(data, path, exc)) from None
             raise TrainError(f"{path.name} ends before the pickled model does: the file is truncated (an "
                              "interrupted copy or save?); save the model again") from None
         except Exception as exc:  # any unpickling failure: not a pickle, a missing class
-            raise TrainError(f"{path.name} cannot be loaded as a joblib or pickle file: {_why(exc)}") from None
+            raise TrainError(_unloadable(data, path, exc)) from None
     made_with, mismatch = _versions(model, caught)
     return model, made_with, notes + mismatch
+
+
+def _unloadable(data: bytes, path: Path, exc: BaseException) -> str:
+    """Why a file could not be unpickled: not a pickle at all, or a pickle that failed."""
+    if not _looks_pickled(data):
+        return (f"{path.name} is not a pickle/joblib file (reading it as one failed: {_why(exc)}); pass the file "
+                "the model was saved to (joblib.dump(model, PATH))")
+    return f"{path.name} cannot be loaded as a joblib or pickle file: {_why(exc)}"
 
 
 def _load_skops(data: bytes, path: Path, trust: list[str], declared: list[str] | None = None,
@@ -313,14 +386,14 @@ def _load_skops(data: bytes, path: Path, trust: list[str], declared: list[str] |
         raise TrainError(f"{path.name} cannot be read as a skops file: {_why(exc)}") from None
     refused = [t for t in untrusted if t not in trust]
     if refused:
-        flags = " ".join(f"--trust {t}" for t in refused)
+        flags = " ".join(f"--trust {shlex.quote(t)}" for t in [*trust, *refused])
         saved = (f" (the MLmodel file says whoever saved it trusted {declared}; that is the file speaking "
                  "about itself, so everloop asks you)") if declared else ""
         raise TrainError(f"{path.name} holds types skops does not trust by default: {refused}{saved}. Loading "
                          "such a type can run code or read out-of-bounds memory if the file was tampered "
                          "with. Review each (skops.io.get_untrusted_types explains why), then trust the ones "
-                         f"you accept: everloop models import {shown or path} ... {flags} "
-                         "(Python: trust=[...])")
+                         f"you accept: everloop models import {shlex.quote(str(shown or path))} {flags} "
+                         f"(with your other options; Python: trust={[*trust, *refused]!r})")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -506,6 +579,9 @@ def probe(model: Any, reader: "AsRead", rows: pd.DataFrame, task: str, schema: S
     except Exception as exc:  # noqa: BLE001 - whatever the model raises is the finding
         error = _why(exc)
     absent = [n for n in names if n not in schema.feature_names]
+    ignored = [n for n in absent if n in schema.ignored]
+    if ignored:
+        raise TrainError(_ignored_columns(model, ignored, schema, dataset_version))
     unused = [n for n in absent if n in frame.columns]
     if unused:
         roles = {c.name: c.role for c in schema.columns}
@@ -524,6 +600,19 @@ def probe(model: Any, reader: "AsRead", rows: pd.DataFrame, task: str, schema: S
     return False, (f"a bare estimator, {describe(model)}, that wants already-encoded features: it was {wants}, "
                    f"and answering dataset v{dataset_version}'s {len(schema.feature_names)} raw feature columns "
                    f"failed ({error})")
+
+
+def _ignored_columns(model: Any, names: list[str], schema: Schema, dataset_version: int) -> str:
+    """Why a model fitted with columns the schema left out cannot be imported yet, and how to add them."""
+    what = f"the pipeline {describe(model)}" if isinstance(model, Pipeline) else f"the model {describe(model)}"
+    why = "; ".join(f"{n}: {schema.ignored[n]}" for n in names[:5])
+    add = "" if all("features." in schema.ignored[n] for n in names[:5]) else (
+        f"; to use {'it' if len(names) == 1 else 'them'}, name {'it' if len(names) == 1 else 'them'} in "
+        f"everloop.yaml under features.categorical: [{', '.join(names)}] (features.numeric for numbers)")
+    shown = ", ".join(map(repr, names[:10]))
+    return (f"{what} needs the column{'s' if len(names) > 1 else ''} {shown}, which dataset "
+            f"v{dataset_version}'s schema ignores ({why}){add}. Then run 'everloop schema accept --from-data "
+            "FILE' (your data file) and 'everloop ingest', and import again with the new dataset version")
 
 
 def _raw_named(model: Any, schema: Schema) -> bool:
@@ -572,8 +661,24 @@ def wrap(model: Any, rows: pd.DataFrame, reader: "AsRead | None" = None) -> Pipe
         reader = AsRead(array=bool(unnamed))
     if not reader.kinds and not reader.array and isinstance(model, Pipeline) and len(model.steps) == 2 \
             and isinstance(model.steps[0][1], ColumnTransformer):
-        return Pipeline([("features", model.steps[0][1]), ("model", model.steps[1][1])])
+        return Pipeline([("features", _branches_as_read(model.steps[0][1])), ("model", model.steps[1][1])])
     return Pipeline([("features", clone(reader).fit(rows)), ("model", model)])
+
+
+def _branches_as_read(columns: ColumnTransformer) -> ColumnTransformer:
+    """A copy of a fitted ColumnTransformer whose every branch (and remainder) first gets its columns'
+    missing values as pandas reads them (`AsRead`): one-row requests hold None where a file's column
+    holds NaN, and an encoder fitted on NaN takes None for an unseen category. Unfitted branches are
+    wrapped too, so a `clone` (the loop's retraining) keeps the step. Its transformers stay the user's
+    own objects, fitted; only the list holding them is new."""
+    def read(step: Any) -> Any:
+        return step if isinstance(step, str) else Pipeline([("as_read", AsRead()), ("step", step)])
+
+    copied = copy.copy(columns)
+    copied.transformers = [(name, read(step), cols) for name, step, cols in columns.transformers]
+    copied.remainder = read(columns.remainder)
+    copied.transformers_ = [(name, read(step), cols) for name, step, cols in columns.transformers_]
+    return copied
 
 
 class AsRead(TransformerMixin, BaseEstimator):
@@ -584,9 +689,12 @@ class AsRead(TransformerMixin, BaseEstimator):
     where the schema keeps text (a True/False column's values are 'True'/'False' to everloop; a code
     column such as 1/2/3 or 02139 may be categories). Such a column is converted row by row as pandas
     would have read those values: "bool" gives True/False (missing: NaN, and the column object, as in
-    pandas), "number" gives integers or floats (a value that is no number: NaN). `columns`: the columns
+    pandas), "number" gives integers or floats (a value that is no number: NaN). Every other missing
+    value (None in a text column, as one-row requests hold it) becomes NaN, as pandas reads an empty
+    cell: an encoder fitted on NaN would take None for an unseen category. `columns`: the columns
     handed on, in this order (the model's `feature_names_in_`); None: all of them. `array`: hand on a
-    numpy array, for a model fitted without column names. Stateless: `fit` learns nothing."""
+    numpy array, for a model fitted without column names. Takes a frame, or an array (a branch of a
+    ColumnTransformer may get one). Stateless: `fit` learns nothing."""
 
     def __init__(self, kinds: dict[str, str] | None = None, columns: list[str] | None = None, array: bool = False):
         self.kinds = kinds
@@ -596,17 +704,51 @@ class AsRead(TransformerMixin, BaseEstimator):
     def fit(self, X: pd.DataFrame, y: Any = None) -> "AsRead":
         return self
 
-    def transform(self, X: pd.DataFrame) -> pd.DataFrame | np.ndarray:
+    def transform(self, X: pd.DataFrame | np.ndarray) -> pd.DataFrame | np.ndarray:
+        if not isinstance(X, pd.DataFrame):
+            return _missing_as_nan(np.asarray(X))
         frame = X if self.columns is None else X[list(self.columns)]
-        if self.kinds:
-            frame = frame.copy()
-            for name, kind in self.kinds.items():
-                if name in frame.columns:
-                    frame[name] = _as_bool(frame[name]) if kind == "bool" else _as_number(frame[name])
+        copied = False
+        for name in frame.columns:
+            kind = (self.kinds or {}).get(name)
+            values = frame[name]
+            if kind is None and values.dtype != object and not _na_string(values.dtype):
+                continue  # numbers hold NaN already, and so does pandas' str dtype
+            converted = values if kind is None else _as_bool(values) if kind == "bool" else _as_number(values)
+            if converted.dtype == object or _na_string(converted.dtype):
+                array = converted.to_numpy(dtype=object)
+                nan = _missing_as_nan(array)
+                if nan is not array:
+                    converted = pd.Series(nan, index=values.index, dtype=object)
+            if converted is not values:
+                if not copied:
+                    frame, copied = frame.copy(), True
+                frame[name] = converted
         return frame.to_numpy() if self.array else frame
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        return np.asarray(self.columns if self.columns is not None else input_features, dtype=object)
 
     def __sklearn_is_fitted__(self) -> bool:
         return True
+
+
+def _na_string(dtype: Any) -> bool:
+    """pandas' "string" dtype, whose missing value is pd.NA (its "str" dtype, read_csv's, holds NaN)."""
+    return isinstance(dtype, pd.StringDtype) and dtype.na_value is pd.NA
+
+
+def _missing_as_nan(values: np.ndarray) -> np.ndarray:
+    """An object array with its missing values (None, pd.NA, NaT) as NaN, as pandas.read_csv gives an
+    empty cell; `values` itself when it has none, or holds no objects."""
+    if values.dtype != object:
+        return values
+    missing = pd.isna(values)
+    if not missing.any():
+        return values
+    out = values.copy()
+    out[missing] = np.nan
+    return out
 
 
 def _as_bool(values: pd.Series) -> pd.Series:

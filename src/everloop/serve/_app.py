@@ -29,8 +29,7 @@ from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from everloop.data import current_schema
-from everloop.serve._batcher import _ID_PREFIX as PREDICTION_ID_PREFIX
-from everloop.serve._batcher import MicroBatcher, Outcome
+from everloop.serve._batcher import MicroBatcher, Outcome, id_prefix
 from everloop.serve._holder import ModelHolder
 from everloop.serve._feedback import record_feedback
 from everloop.serve._log import LogEntry, PredictionLog
@@ -80,7 +79,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                          compile_trees=spec.serving.compile_trees, on_check=checked)
     # Which replica (and worker) this is: its host and process, and the prefix of the prediction ids it
     # issues (the `worker` of its rows in the prediction log), so any prediction is traced to its replica.
-    replica = {"host": os.uname().nodename, "pid": os.getpid(), "prediction_id_prefix": PREDICTION_ID_PREFIX}
+    replica = {"host": os.uname().nodename, "pid": os.getpid(), "prediction_id_prefix": id_prefix()}
     # The writer thread always runs (it also records request counts); predictions only when logged.
     prediction_log = PredictionLog(store, metrics=metrics)
     log_rows = spec.serving.log_predictions

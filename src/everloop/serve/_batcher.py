@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 import uuid
 from collections import deque
@@ -152,6 +153,21 @@ STRICT = "(refused: strict checks are on)"
 
 _ID_PREFIX = uuid.uuid4().hex[:16]  # per worker process; a counter makes each id unique within it
 _id_counter = itertools.count()
+
+
+def _new_prefix() -> None:
+    """A forked child (gunicorn --preload, multiprocessing) must not reuse its parent's prefix: its ids
+    would collide with the parent's and its siblings'."""
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX, _id_counter = uuid.uuid4().hex[:16], itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_prefix)
+
+
+def id_prefix() -> str:
+    """This process's prediction-id prefix (the `worker` of its rows in the prediction log)."""
+    return _ID_PREFIX
 
 
 def ids_for(n: int) -> list[str]:
