@@ -277,7 +277,10 @@ def test_a_refused_new_version_is_named_while_the_old_one_serves(served, monkeyp
 
     real_load, real_get, target = _holder.load_artifact, _holder.get_model, [1]
 
+    loads = []
+
     def load(store: Store, artifact: str, manifest: Any, version: int) -> Any:
+        loads.append(version)
         if version == 2:
             raise DataError("column 'seen_at': 1 values are not dates or times")
         return real_load(store, artifact, manifest, version)
@@ -298,8 +301,9 @@ def test_a_refused_new_version_is_named_while_the_old_one_serves(served, monkeyp
         assert running.post("/predict", json={"features": ROW}).json()["model_version"] == 1
         target[0] = 1  # the alias back on the model being served: nothing refused any more
         assert not holder.refresh() and running.get("/ready").json() == {"ready": True, "model_version": 1}
-        target[0] = 2  # and forth again: the same reason, without loading it twice
+        target[0] = 2  # promoted again: tried again (a fix may have followed), refused for the same reason
         assert not holder.refresh() and running.get("/ready").json()["refused"].startswith("model v2 refused")
+        assert loads.count(2) == 2 and not holder.refresh() and loads.count(2) == 2  # once per move, not per check
 
 
 # -- fault 2: bools read by their own spellings ---------------------------------------------------------

@@ -391,6 +391,22 @@ def test_rollback_refuses_when_production_moved_after_it_read_the_history(three_
     assert registry.alias_version(store, registry.PRODUCTION) == 3
 
 
+def test_promoting_production_again_changes_nothing_and_rollback_still_goes_back(three_models):
+    # A self-move (v2 -> v2) in the history made rollback "go back" to v2 and lose v1 for good.
+    _, spec, store, _ = three_models
+    registry.promote(store, spec, 2, force=True)
+    decision = registry.promote(store, spec, 2, force=True)
+    assert decision.evidence == {"unchanged": True} and decision.production == 2
+    assert [(h["from_version"], h["to_version"]) for h in registry.alias_history(store)] == [(None, 1), (1, 2)]
+    assert registry.rollback(store) == 1 and registry.alias_version(store, registry.PRODUCTION) == 1
+    # a store written before: its self-move rows are skipped
+    t = store.tables.alias_history
+    with store.engine.begin() as conn:
+        conn.execute(t.insert().values(alias="production", from_version=1, to_version=1, actor="old", reason="old",
+                                       forced=False))
+    assert registry.rollback(store) == 2
+
+
 def test_no_rollback_without_history(tmp_path):
     store = Store(tmp_path / "s")
     with pytest.raises(NotFoundError):
@@ -419,8 +435,9 @@ def test_racing_promotes_and_rollbacks_lose_no_update(three_models):
                     assert answer["code"] in (1, 2) and "production moved from v" in answer["err"], answer
                     assert "meanwhile" in answer["err"] and "retry" in answer["err"]
                     refused += 1
-            succeeded = sum(a["code"] == 0 for a in answers)
-            assert len(registry.alias_history(store)) == before + succeeded  # one history row per success
+            # one history row per move (promoting the version already in production moves nothing)
+            succeeded = sum(a["code"] == 0 and "already in production" not in a["out"] for a in answers)
+            assert len(registry.alias_history(store)) == before + succeeded
     finally:
         workers.close()
     history = registry.alias_history(store)

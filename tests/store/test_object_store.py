@@ -151,6 +151,9 @@ def test_no_credentials_is_a_one_line_store_error(tmp_path: Path, s3, monkeypatc
 @pytest.mark.parametrize("url, expected", [
     ("nosuch://user:hunter2@host/x", "artifact store nosuch://user:***@host/x: not a usable URL"),
     ("s3://", "artifact store s3://: the URL names no bucket"),
+    ("s3://AKIAKEY:hunter2@bucket/prefix", "artifact store s3://AKIAKEY:***@bucket/prefix: credentials do not "
+                                           "belong in the URL; give the bucket alone (s3://bucket/prefix) and the "
+                                           "keys in AWS_ACCESS_KEY_ID"),
 ])
 def test_a_bad_url_is_refused_when_the_store_opens(tmp_path: Path, monkeypatch, url, expected):
     monkeypatch.setenv(ARTIFACTS_URL_ENV, url)

@@ -749,7 +749,10 @@ def promote(version: int = typer.Argument(..., help="the model version to put in
             errors.print(str(exc), style="red", highlight=False)
         raise CheckFailed() from None
     forced = " (forced past the gate)" if force and not decision.passed else ""
-    _emit((decision.to_dict()), as_json, text=f"model v{version} is in production{forced}")
+    text = f"model v{version} is in production{forced}"
+    if decision.evidence.get("unchanged"):
+        text = f"model v{version} is already in production; nothing changed"
+    _emit((decision.to_dict()), as_json, text=text)
 
 
 @app.command()

@@ -281,6 +281,11 @@ def promote(store: Store, spec: ProjectSpec, candidate: int, *, reason: str = ""
     """Move the production alias to `candidate` through the gate; `force` overrides and is recorded.
     The move happens only if production still points where the gate saw it: raises AliasMoved when a
     promotion or rollback moved it meanwhile (the gate compared against a model no longer live)."""
+    current = alias_version(store, PRODUCTION)
+    if current == candidate:  # nothing to move: no gate, and no history row a rollback would "go back" to
+        get_model(store, candidate)
+        return GateDecision(candidate, current, True, [f"model v{candidate} is already in production"],
+                            {"unchanged": True})
     decision = check_gate(store, spec, candidate)
     if not decision.passed and not force:
         raise GateError(f"model v{candidate} was not promoted:\n" + "\n".join(f"  - {r}" for r in decision.reasons),
@@ -295,13 +300,20 @@ def promote(store: Store, spec: ProjectSpec, candidate: int, *, reason: str = ""
 
 def rollback(store: Store, *, reason: str = "rollback", actor: str | None = None) -> int:
     """Point production back at the version it pointed at before its latest move. Raises NotFoundError
-    when there is none, AliasMoved when another move landed between reading the history and moving."""
+    when there is none, AliasMoved when another move landed between reading the history and moving.
+    Moves from a version to itself (stores from before promote refused them) are skipped: going "back"
+    along one would change nothing."""
     t = store.tables.alias_history
     with store.engine.connect() as conn:
-        last = conn.execute(sa.select(t).where(t.c.alias == PRODUCTION).order_by(t.c.id.desc()).limit(1)).first()
-    if last is None or last.from_version is None:
+        last = conn.execute(sa.select(t).where(t.c.alias == PRODUCTION, t.c.from_version.is_distinct_from(t.c.to_version))
+                            .order_by(t.c.id.desc()).limit(1)).first()
+        current = alias_version(store, PRODUCTION)
+    if last is None or last.from_version is None or current is None:
         raise NotFoundError("production has no earlier version to roll back to")
-    set_alias(store, PRODUCTION, last.from_version, reason=reason, actor=actor, from_version=last.to_version)
+    if last.to_version != current:  # the latest real move was not to the model serving now: say so
+        raise NotFoundError(f"production is on model v{current}, but its latest recorded move went to "
+                            f"v{last.to_version}; promote the version you want instead")
+    set_alias(store, PRODUCTION, last.from_version, reason=reason, actor=actor, from_version=current)
     return last.from_version
 
 

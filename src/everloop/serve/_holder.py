@@ -3,7 +3,8 @@
 Every replica of a service follows the alias in the shared store on its own, so replicas on several
 machines swap within `serving.reload_seconds` of a promotion made anywhere. A model that cannot be
 loaded because the store cannot be reached (object storage or the database down, a share not
-mounted) is tried again, with a growing wait; a model that is itself broken is refused once for good.
+mounted) is tried again, with a growing wait; a model that is itself broken is refused until the
+alias moves to it again.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class ModelHolder:
         self.alias_version: int | None = None  # what the alias named at the last check
         self.checked_at: float | None = None  # unix time of the last successful read of the alias
         self.loaded_at: float | None = None  # unix time `current` was swapped in
-        self._refused: dict[int, str] = {}  # version -> why, so a version is tried once and its reason kept
+        self._refused: dict[int, str] = {}  # version -> why: tried once per move of the alias to it, reason kept
         self._retry: dict[int, tuple[float, float]] = {}  # version -> (monotonic time of the next try, wait)
         self._on_swap = on_swap
         self._on_failure = on_failure
@@ -63,10 +64,12 @@ class ModelHolder:
     def refresh(self, force: bool = False) -> bool:
         """Load the alias's version if it changed; True when a swap happened. A version whose load
         failed because the store could not be reached is tried again once its wait is over, or at
-        once with `force`; a version refused as broken is not tried again. Raises what reading the
-        alias raises (the database cannot be reached)."""
+        once with `force`; a version refused as broken is tried again only when the alias moves to it
+        anew. Raises what reading the alias raises (the database cannot be reached)."""
         with self._lock:  # one loader at a time; requests never take this lock
             target = alias_version(self.store, self.alias)
+            if target != self.alias_version:  # a new move of the alias: a refused version promoted again
+                self._refused.pop(target, None)  # is tried again (the store may have been repaired since)
             self.alias_version, self.checked_at = target, time.time()
             if self._on_check:
                 self._on_check(target)

@@ -137,6 +137,11 @@ class _Remote:
     def __init__(self, url: str):
         self.url = url
         self.shown = _redact(url if url.endswith("://") else url.rstrip("/"))
+        scheme, _, rest = url.partition("://")
+        if scheme in ("s3", "s3a") and "@" in rest.split("/", 1)[0]:  # s3://KEY:SECRET@bucket: boto reads no such form
+            raise StoreError(f"artifact store {self.shown}: credentials do not belong in the URL; give the bucket "
+                             "alone (s3://bucket/prefix) and the keys in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                             "(or an AWS profile or role)")
         self._fs, base = self._connect()  # StoreError without fsspec: the import below is safe
         self._pid = os.getpid()
         self.base = base.rstrip("/")

@@ -117,7 +117,7 @@ class Lease:
             row = current(conn, self.name)
             taken = "" if row.get("token") == self.token else f"; {row['holder']} took it at {when(row['acquired_at'])}"
             raise LeaseLost(f"this process lost the {self.name} lease (not renewed for {self.ttl:g} s{taken}): "
-                            "nothing was changed")
+                            "this write was not made")
 
     def release(self) -> None:
         """Stop the heartbeat and free the lease (only if this holder still has it)."""
