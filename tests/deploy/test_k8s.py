@@ -137,3 +137,66 @@ def test_bad_arguments_are_one_line(everloop, project, tmp_path, args, message):
 def test_target_rps_without_a_production_model(everloop, project, tmp_path):
     run = everloop("deploy", "k8s", "-p", str(project), "-o", str(tmp_path / "k8s"), "--target-rps", "100")
     assert run.code == 2 and "no production model to measure" in run.err and "everloop promote" in run.err
+
+
+@pytest.mark.parametrize("endpoint, host", [("http://127.0.0.1:5731", "127.0.0.1"),
+                                            ("http://localhost:9000", "localhost"), ("http://[::1]:9000", "::1")])
+def test_a_loopback_endpoint_is_written_with_a_note(everloop, project, tmp_path, monkeypatch, endpoint, host):
+    monkeypatch.setenv("EVERLOOP_DB_URL", "postgresql+psycopg://u@db/everloop")
+    monkeypatch.setenv("EVERLOOP_ARTIFACTS_URL", "s3://models/churn")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.store.svc:9000")  # a cluster address: no note
+    out, docs = _manifests(everloop, project, tmp_path / "k8s")
+    data = docs["configmap.yaml"]["data"]
+    assert (data["AWS_ENDPOINT_URL_S3"], data["AWS_ENDPOINT_URL"]) == (endpoint, "http://minio.store.svc:9000")
+    assert out["notes"] == [f"AWS_ENDPOINT_URL_S3 points at {host}: inside a pod that is the pod itself; set it in "
+                            "configmap.yaml to the address the cluster reaches that server at (e.g. "
+                            "http://minio.NAMESPACE.svc:9000)"]
+
+
+def test_a_file_artifacts_url_mounts_a_named_claim_there(everloop, project, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVERLOOP_DB_URL", "postgresql+psycopg://u@db/everloop")
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    out, docs = _manifests(everloop, project, tmp_path / "k8s", "--artifacts-url", "file:///mnt/shared/")
+    assert docs["configmap.yaml"]["data"]["EVERLOOP_ARTIFACTS_URL"] == "file:///mnt/shared/"
+    for kind, (pod, container) in _containers(docs).items():
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert volumes[mounts["/mnt/shared"]]["persistentVolumeClaim"] == {"claimName": "churn-artifacts"}, kind
+    for name in ("deployment.yaml", "cronjob.yaml"):
+        kubernetes_validate.validate(docs[name], kubernetes_validate.latest_version(), strict=True)
+    (note,) = out["notes"]
+    assert note.startswith("EVERLOOP_ARTIFACTS_URL is the folder /mnt/shared: the pods mount the "
+                           "PersistentVolumeClaim churn-artifacts there") and "ReadWriteMany" in note
+
+    _, docs = _manifests(everloop, project, tmp_path / "s3", "--artifacts-url", "s3://b/p")  # nothing to mount
+    for pod, container in _containers(docs).values():
+        assert {v["name"] for v in pod["volumes"]} == {"project", "store-cache", "tmp"}
+
+
+@pytest.mark.parametrize("url", ["file:///tmp", "file:///app", "file:///"])
+def test_a_file_artifacts_url_on_a_folder_the_pods_use_is_refused(everloop, project, tmp_path, url):
+    run = everloop("deploy", "k8s", "-p", str(project), "-o", str(tmp_path / "k8s"), "--artifacts-url", url)
+    assert run.code == 2 and f"artifacts URL {url}:" in run.err and "a folder of its own" in run.err
+    assert not (tmp_path / "k8s").exists()
+
+
+@pytest.mark.parametrize("image, name, tag", [
+    ("registry.example.com/everloop-m1:0.1.0", "registry.example.com/everloop-m1", {"newTag": "0.1.0"}),
+    ("localhost:5000/team/everloop-m1", "localhost:5000/team/everloop-m1", {}),  # a port, not a tag
+    ("registry.example.com/m1:2@sha256:" + "a" * 64, "registry.example.com/m1", {"digest": "sha256:" + "a" * 64}),
+])
+def test_an_image_with_its_registry_is_named_once(everloop, project, tmp_path, image, name, tag):
+    _, docs = _manifests(everloop, project, tmp_path / "k8s", "--image", image)
+    assert docs["kustomization.yaml"]["images"] == [{"name": name, "newName": name} | tag]
+    assert docs["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["image"] == image
+    comment = (tmp_path / "k8s" / "kustomization.yaml").read_text()
+    assert f"push it as\n#      {image}\n" in comment and "example.com/registry.example.com" not in comment
+
+
+def test_an_image_without_a_registry_gets_one_suggested(everloop, project, tmp_path):
+    _, docs = _manifests(everloop, project, tmp_path / "k8s", "--image", "everloop-m1:0.1.0")
+    assert docs["kustomization.yaml"]["images"] == [{"name": "everloop-m1", "newName": "everloop-m1",
+                                                     "newTag": "0.1.0"}]
+    assert "#      newName: registry.example.com/everloop-m1\n" in (tmp_path / "k8s" / "kustomization.yaml").read_text()

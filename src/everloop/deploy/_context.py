@@ -17,6 +17,11 @@ UID = 10001  # numeric, so that Kubernetes' runAsNonRoot can check it without re
 APP_DIR = "/app"  # the project folder inside the image; .everloop/ below it is the store's local cache
 # Extras never put in an image: the development tools.
 SKIPPED_EXTRAS = frozenset({"dev"})
+# Debian packages that a distribution's Linux wheels load from the system and that the slim Python
+# base lacks (it has libc, libstdc++6, libgcc-s1 and zlib1g). lightgbm's lib_lightgbm.so links the
+# system libgomp.so.1 (lightgbm-org/LightGBM#7141); scikit-learn and xgboost bundle theirs.
+# tests/deploy/test_system_libraries.py checks the installed wheels against this table with ldd.
+SYSTEM_PACKAGES = {"lightgbm": ("libgomp1",)}
 
 
 def prepare_output(folder: Path, force: bool, project: Path | None = None) -> Path:
@@ -42,6 +47,25 @@ def image_name(project: str) -> str:
     from everloop import __version__
 
     return f"everloop-{re.sub(r'[^a-z0-9]+', '-', project.lower()).strip('-')}:{__version__}"
+
+
+def system_packages(pins: dict[str, str]) -> dict[str, list[str]]:
+    """The Debian packages the image must install for the pinned distributions (`SYSTEM_PACKAGES`):
+    {package: [the distributions that need it]}, sorted."""
+    from packaging.utils import canonicalize_name
+
+    needed: dict[str, list[str]] = {}
+    for name in pins:
+        for package in SYSTEM_PACKAGES.get(canonicalize_name(name), ()):
+            needed.setdefault(package, []).append(name)
+    return dict(sorted(needed.items()))
+
+
+def has_registry(image: str) -> bool:
+    """Whether an image reference names its registry (`registry.example.com/app:1`, `localhost:5000/app`):
+    its first path component has a '.' or a ':', or is `localhost`, as Docker reads it."""
+    first, slash, _ = image.partition("/")
+    return bool(slash) and ("." in first or ":" in first or first == "localhost")
 
 
 def pinned_requirements(overrides: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:

@@ -4,9 +4,10 @@ reproduces a recorded run.
 The Dockerfile is multi-stage: a builder installs the pinned dependencies (`requirements.txt`,
 written from this environment) and everloop into a virtualenv, and the final stage, on the same
 slim Python base and without a compiler, copies that virtualenv, the project file and nothing
-else. It runs as a non-root user, takes its configuration from the environment only
-(`EVERLOOP_DB_URL`, `EVERLOOP_ARTIFACTS_URL`, the tokens as secrets), and keeps its one writable
-folder, the store's local cache `/app/.everloop`, apart.
+else, after installing the system libraries that pinned wheels load and the base lacks
+(`SYSTEM_PACKAGES`: libgomp1 for LightGBM). It runs as a non-root user, takes its configuration
+from the environment only (`EVERLOOP_DB_URL`, `EVERLOOP_ARTIFACTS_URL`, the tokens as secrets), and
+keeps its one writable folder, the store's local cache `/app/.everloop`, apart.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from everloop.deploy._context import (APP_DIR, PORT, UID, everloop_source, image_name, pinned_requirements,
-                                      prepare_output, python_minor, requirements_text)
+from everloop.deploy._context import (APP_DIR, PORT, UID, everloop_source, has_registry, image_name,
+                                      pinned_requirements, prepare_output, python_minor, requirements_text,
+                                      system_packages)
 from everloop.errors import EverloopError
 
 SOURCE_DIR = "everloop-src"  # where the context holds everloop's source, when it runs from one
@@ -123,6 +125,18 @@ def _write(project: Path, output: Path, image: str, command: list[str], header: 
     if not release:
         install = [f"COPY {SOURCE_DIR} /tmp/build/{SOURCE_DIR}", install[0] + " \\",
                    f"    && pip install --no-cache-dir --no-deps /tmp/build/{SOURCE_DIR}"]
+    push = ([f"#   docker push {image}"] if has_registry(image) else
+            [f"#   docker tag {image} registry.example.com/{image}", f"#   docker push registry.example.com/{image}"])
+    system = system_packages(pins)
+    apt = [] if not system else [
+        "# System libraries that pinned wheels load and the slim base lacks: "
+        + "; ".join(f"{package} for {', '.join(names)}" for package, names in system.items()) + ".",
+        "# Their versions are the base's Debian release's: a pinned Debian version would break the build when",
+        "# the python tag moves to a newer release.",
+        "# hadolint ignore=DL3008",
+        "RUN apt-get update \\",
+        f"    && apt-get install --yes --no-install-recommends {' '.join(system)} \\",
+        "    && rm -rf /var/lib/apt/lists/*"]
     environment = {"PATH": "/opt/venv/bin:$PATH", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
                    "HOME": "/tmp"} | env
     lines = [
@@ -132,8 +146,7 @@ def _write(project: Path, output: Path, image: str, command: list[str], header: 
         f"# Written by `everloop deploy docker` (everloop {__version__}). This folder is the whole build context:",
         f"#   docker build -t {image} {output}",
         "# Push it where your cluster pulls from:",
-        f"#   docker tag {image} registry.example.com/{image}",
-        f"#   docker push registry.example.com/{image}",
+        *push,
         "# Run it with the configuration in the environment, secrets from a file that is never committed:",
         f"#   docker run {run}-e EVERLOOP_DB_URL=postgresql+psycopg://... \\",
         "#     -e EVERLOOP_ARTIFACTS_URL=s3://bucket/prefix --env-file secrets.env " + image,
@@ -147,6 +160,7 @@ def _write(project: Path, output: Path, image: str, command: list[str], header: 
         *install,
         "",
         f"FROM {base}",
+        *apt,
         "ENV " + " \\\n    ".join(f"{k}={v}" for k, v in environment.items()),
         # --no-log-init: a high uid would otherwise grow /var/log/faillog to gigabytes
         f"RUN groupadd --system --gid {UID} everloop \\",

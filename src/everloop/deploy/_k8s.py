@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
-from everloop.deploy._context import APP_DIR, PORT, UID, image_name, prepare_output
+from everloop.deploy._context import APP_DIR, PORT, UID, has_registry, image_name, prepare_output
 from everloop.deploy._docker import DeployResult, serve_command
 from everloop.deploy._sizing import Sizing
+from everloop.errors import EverloopError
 
 FILES = ("configmap.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "cronjob.yaml")
 SCHEDULE = "*/15 * * * *"
@@ -45,10 +46,12 @@ def write_k8s(project: Path, spec: Any, output: Path, *, image: str | None = Non
     """Write the manifests and `kustomization.yaml` into `output`. `sizing` (from `size`) sets the
     replicas and resources, with its arithmetic in deployment.yaml's header; without it, `replicas`
     (default 2) and default resources. `artifacts_url` defaults to `EVERLOOP_ARTIFACTS_URL`, else a
-    placeholder to fill in. Raises EverloopError when `output` is not empty and `force` is False."""
+    placeholder to fill in; a `file://` URL's folder is mounted from the PersistentVolumeClaim
+    `<name>-artifacts`. Notes name what to fill in or create (a loopback endpoint, the claim). Raises
+    EverloopError when `output` is not empty and `force` is False, or when a `file://` URL names a
+    folder the pods already use."""
     from everloop.spec import SPEC_FILE
 
-    prepare_output(output, force)
     name = k8s_name(spec.name)
     image = image or image_name(spec.name)
     notes: list[str] = []
@@ -62,7 +65,18 @@ def write_k8s(project: Path, spec: Any, output: Path, *, image: str | None = Non
         notes.append(f"replicas share one PostgreSQL: put its URL in the Secret {name}-secrets as EVERLOOP_DB_URL "
                      "(see kustomization.yaml)")
     config = {"EVERLOOP_ARTIFACTS_URL": url} | {k: os.environ[k] for k in CONFIG_ENV if os.environ.get(k)}
+    for key, value in config.items():
+        host = _loopback(value)
+        if host:
+            notes.append(f"{key} points at {host}: inside a pod that is the pod itself; set it in configmap.yaml to "
+                         "the address the cluster reaches that server at (e.g. http://minio.NAMESPACE.svc:9000)")
+    shared = _shared_folder(url)
+    if shared:
+        notes.append(f"EVERLOOP_ARTIFACTS_URL is the folder {shared}: the pods mount the PersistentVolumeClaim "
+                     f"{name}-artifacts there (deployment.yaml, cronjob.yaml); create that claim on shared storage "
+                     "(ReadWriteMany, e.g. NFS) before applying, or use an s3:// URL")
     config[SPEC_FILE] = (project / SPEC_FILE).read_text(encoding="utf-8")
+    prepare_output(output, force)  # after the checks above: a refused URL leaves no folder behind
     if sizing is not None:
         replicas = sizing.replicas
         resources = {"requests": {"cpu": f"{sizing.cpu_request_m}m", "memory": f"{sizing.memory_request_mi}Mi"},
@@ -78,7 +92,7 @@ def write_k8s(project: Path, spec: Any, output: Path, *, image: str | None = Non
     manifests = {
         "configmap.yaml": (["The project file and the non-secret settings, read by the service and the loop."],
                            _meta("v1", "ConfigMap", f"{name}-config", labels) | {"data": config}),
-        "deployment.yaml": (sized, _deployment(name, image, replicas, resources, serve_labels, config)),
+        "deployment.yaml": (sized, _deployment(name, image, replicas, resources, serve_labels, config, shared)),
         "service.yaml": ([f"The service's address inside the cluster: http://{name}/predict"],
                          _service(name, serve_labels)),
         "hpa.yaml": (["Adds replicas when the pods' CPU passes the utilisation they were sized for."],
@@ -88,19 +102,64 @@ def write_k8s(project: Path, spec: Any, output: Path, *, image: str | None = Non
                      | {"spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(serve_labels)}}}),
         "cronjob.yaml": ([f"The loop: monitor, and retrain, gate and promote when the triggers fire, on a "
                           f"schedule ({schedule}).",
-                          "One turn per job; the store's lease keeps a second loop from acting."],
+                          "One turn per job; the store's lease keeps a second loop from acting.",
+                          "A failed Job is a candidate refused by the gate or a retraining that failed (exit 1),",
+                          "or a turn that could not run (exit 2): worth an alert (docs/deploy.md, When the loop's",
+                          "Job fails)."],
                          _cronjob(name, image, schedule, labels | {"app.kubernetes.io/component": "loop"},
-                                  config)),
+                                  config, shared)),
     }
     for file, (comment, body) in manifests.items():
         _dump(output / file, comment, body)
+    repository, tag = _split_image(image)
     _dump(output / "kustomization.yaml", _how_to(name, image, output), {
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": list(FILES),
-        "images": [{"name": image.rpartition(":")[0], "newName": image.rpartition(":")[0],
-                    "newTag": image.rpartition(":")[2]}]})
+        "images": [{"name": repository, "newName": repository} | tag]})
     files = sorted(p.name for p in output.iterdir())
     return DeployResult(output, files, image, serve_command(), notes,
                         sizing.to_dict() if sizing is not None else None)
+
+
+def _split_image(image: str) -> tuple[str, dict[str, str]]:
+    """An image reference as (repository, {"newTag": tag} or {"digest": digest} or {}), as kustomize's
+    `images` takes it; a registry's port (`localhost:5000/app`) is not a tag."""
+    named, at, digest = image.partition("@")
+    head, colon, tag = named.rpartition(":")
+    repository, tag = (head, tag) if colon and "/" not in tag else (named, "")
+    return repository, {"digest": digest} if at else {"newTag": tag} if tag else {}
+
+
+def _loopback(url: str) -> str | None:
+    """The host of `url` when it is this machine (localhost, 127.x, ::1, 0.0.0.0), else None."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(url).hostname
+        if host is None:
+            return None
+        if host == "localhost" or host.endswith(".localhost"):
+            return host
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a name, or not a URL
+        return None
+    return host if address.is_loopback or address.is_unspecified else None
+
+
+def _shared_folder(url: str) -> str | None:
+    """The folder of a `file://` artifacts URL (a shared volume the pods must mount), else None.
+    Raises EverloopError when that folder is one the pods already use (/, /app, /tmp, the cache)."""
+    from urllib.parse import unquote, urlsplit
+
+    if not url.startswith("file:"):
+        return None
+    folder = "/" + unquote(urlsplit(url).path).strip("/")
+    taken = (f"{APP_DIR}/everloop.yaml", f"{APP_DIR}/.everloop", "/tmp")
+    if any(f"{t}/".startswith(f"{folder.rstrip('/')}/") for t in taken):
+        raise EverloopError(f"artifacts URL {url}: {folder} is or holds a folder the pods already use "
+                            f"({', '.join(taken)}); put the shared store in a folder of its own, e.g. "
+                            "file:///mnt/everloop")
+    return folder
 
 
 def _meta(api: str, kind: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -127,32 +186,38 @@ def _env(name: str, config: dict[str, str]) -> list[dict[str, Any]]:
     return env
 
 
-def _pod(name: str, container: dict[str, Any], labels: dict[str, str], config: dict[str, str]) -> dict[str, Any]:
-    """A pod template: the container as the image's non-root user, read-only root, writable cache and /tmp."""
+def _pod(name: str, container: dict[str, Any], labels: dict[str, str], config: dict[str, str],
+         shared: str | None) -> dict[str, Any]:
+    """A pod template: the container as the image's non-root user, read-only root, writable cache and /tmp;
+    the PersistentVolumeClaim `<name>-artifacts` at `shared` (a file:// artifact store's folder) if given."""
     from everloop.spec import SPEC_FILE
 
+    volumes = [{"name": "project", "configMap": {"name": f"{name}-config",
+                                                 "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}},
+               # the store's read-through cache: artifacts from the shared store, compiled models
+               {"name": "store-cache", "emptyDir": {"sizeLimit": "2Gi"}},
+               {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    mounts = [{"name": "project", "mountPath": f"{APP_DIR}/{SPEC_FILE}", "subPath": SPEC_FILE, "readOnly": True},
+              {"name": "store-cache", "mountPath": f"{APP_DIR}/.everloop"},
+              {"name": "tmp", "mountPath": "/tmp"}]
+    if shared:
+        volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": f"{name}-artifacts"}})
+        mounts.append({"name": "artifacts", "mountPath": shared})
     container = container | {
         "env": _env(name, config),
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "project", "mountPath": f"{APP_DIR}/{SPEC_FILE}", "subPath": SPEC_FILE,
-                          "readOnly": True},
-                         {"name": "store-cache", "mountPath": f"{APP_DIR}/.everloop"},
-                         {"name": "tmp", "mountPath": "/tmp"}]}
+        "volumeMounts": mounts}
     return {"metadata": {"labels": labels}, "spec": {
         "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
-        "volumes": [{"name": "project", "configMap": {"name": f"{name}-config",
-                                                      "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}},
-                    # the store's read-through cache: artifacts from the shared store, compiled models
-                    {"name": "store-cache", "emptyDir": {"sizeLimit": "2Gi"}},
-                    {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]}}
+        "volumes": volumes}}
 
 
 def _deployment(name: str, image: str, replicas: int, resources: dict[str, Any], labels: dict[str, str],
-                config: dict[str, str]) -> dict[str, Any]:
+                config: dict[str, str], shared: str | None) -> dict[str, Any]:
     def probe(path: str, period: int, failures: int) -> dict[str, Any]:
         return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 3,
                 "failureThreshold": failures}
@@ -166,7 +231,7 @@ def _deployment(name: str, image: str, replicas: int, resources: dict[str, Any],
         "readinessProbe": probe("/ready", 5, 2),  # 503 until a verified model is loaded
         "livenessProbe": probe("/health", 10, 3),
     }
-    pod = _pod(name, container, labels, config)
+    pod = _pod(name, container, labels, config, shared)
     pod["metadata"]["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT),
                                       "prometheus.io/path": "/metrics"}
     pod["spec"]["terminationGracePeriodSeconds"] = 30
@@ -195,11 +260,11 @@ def _hpa(name: str, replicas: int, labels: dict[str, str], sizing: Sizing | None
 
 
 def _cronjob(name: str, image: str, schedule: str, labels: dict[str, str],
-             config: dict[str, str]) -> dict[str, Any]:
+             config: dict[str, str], shared: str | None) -> dict[str, Any]:
     container = {"name": "loop", "image": image, "imagePullPolicy": "IfNotPresent", "command": LOOP_COMMAND,
                  # training runs on two threads (everloop.train), so two cores at most
                  "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}}
-    pod = _pod(name, container, labels, config)
+    pod = _pod(name, container, labels, config, shared)
     pod["spec"]["restartPolicy"] = "Never"
     return _meta("batch/v1", "CronJob", f"{name}-loop", labels) | {"spec": {
         "schedule": schedule,
@@ -216,11 +281,15 @@ def _cronjob(name: str, image: str, schedule: str, labels: dict[str, str],
 
 def _how_to(name: str, image: str, output: Path) -> list[str]:
     keys = ", ".join(k for k, required in SECRET_KEYS if not required)
-    repository = image.rpartition(":")[0]
+    repository = _split_image(image)[0]
+    push = (["1. Build the image (everloop deploy docker) and push it as", f"     {image}",
+             "   `images` below names it: change newTag (or newName) there to deploy another build."]
+            if has_registry(image) else
+            ["1. Build and push the image (everloop deploy docker), and point `images` below at it:",
+             f"     newName: registry.example.com/{repository}"])
     return [
         "Written by `everloop deploy k8s`. Plain manifests; this kustomization applies them together.",
-        "1. Build and push the image (everloop deploy docker), and point `images` below at it:",
-        f"     newName: registry.example.com/{repository}",
+        *push,
         "2. Create the Secret the pods read (never committed). EVERLOOP_DB_URL is required;",
         f"   optional: {keys}.",
         f"     kubectl create secret generic {name}-secrets \\",
