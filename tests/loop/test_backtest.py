@@ -89,3 +89,53 @@ def test_partly_labelled_history_is_scored_on_its_real_labels_only():
         assert 0.5 < w["never"] < 1
     s = result.summary()
     assert s["mean_policy"] > s["mean_never"]
+
+
+def test_after_an_import_the_backtest_replays_a_clone_of_the_production_pipeline(tmp_path, monkeypatch):
+    """The loop retrains an imported model as a fresh clone of its pipeline: so must the backtest, or it
+    judges a policy on a model (the project file's HistGradientBoosting) that production never runs."""
+    import joblib
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline, make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    from everloop import data, registry
+    from everloop.demo._scenario import FEATURES_CATEGORICAL, FEATURES_NUMERIC
+    from everloop.loop import _backtest
+    from everloop.spec import load_spec
+    from everloop.store import Store
+    from everloop.train._train import estimator_name
+    from tests.conftest import write_project
+
+    folder = write_project(tmp_path / "p")
+    spec, store = load_spec(folder), Store.for_project(folder)
+    data.ingest(store, spec, base=folder)
+    table = pd.read_csv(folder / "data" / "customers.csv")
+    pipeline = Pipeline([("prep", ColumnTransformer([
+        ("cat", OneHotEncoder(handle_unknown="ignore"), FEATURES_CATEGORICAL),
+        ("num", make_pipeline(SimpleImputer(), StandardScaler()), FEATURES_NUMERIC)])),
+        ("clf", LogisticRegression(C=0.3, max_iter=1000))])
+    joblib.dump(pipeline.fit(table[FEATURES_NUMERIC + FEATURES_CATEGORICAL], table["churned"]), tmp_path / "m.joblib")
+    registry.promote(store, spec, registry.import_model(store, spec, tmp_path / "m.joblib", 1).version)
+
+    fitted = []
+    real_fit = _backtest.fit
+    monkeypatch.setattr(_backtest, "fit", lambda *a, **k: fitted.append(real_fit(*a, **k)) or fitted[-1])
+    heard = []
+    result = backtest(_history(), spec, initial_rows=4500, window_rows=3000, store=store, progress=heard.append)
+    assert result.replays == ("a fresh clone of model v1's pipeline (in production), as the loop retrains it: "
+                              "LogisticRegression with its own preprocessing")
+    assert heard[0] == f"replays {result.replays}" and result.summary()["replays"] == result.replays
+    assert fitted and {estimator_name(f.pipeline) for f in fitted} == {"sklearn.linear_model.LogisticRegression"}
+    assert all(f.pipeline.named_steps["model"].C == 0.3 for f in fitted)  # its hyper-parameters carry over
+    assert all(f.pipeline.named_steps["model"] is not pipeline.named_steps["clf"] for f in fitted)  # clones
+    page = _backtest.write_backtest_report(tmp_path / "bt.html", result).read_text()
+    assert "Each training fits a fresh clone of model v1&#x27;s pipeline (in production)" in page
+
+    fitted.clear()
+    plain = backtest(_history(), spec, initial_rows=4500, window_rows=3000)  # no store: the project file's
+    assert plain.replays == "the project file's model.estimator (HistGradientBoostingClassifier)"
+    assert {estimator_name(f.pipeline) for f in fitted} == {
+        "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier"}

@@ -270,9 +270,10 @@ def test_the_version_a_pickle_was_made_with_is_compared_with_the_running_one(pro
 
 @pytest.mark.parametrize("unknown", ["ignore", "error"])
 def test_unknown_steps_are_served_through_the_pipeline_itself(project, tmp_path, unknown):
-    """A pipeline the fast path cannot replay (a bare scaler in a branch named like everloop's, whose
-    are step lists; an encoder that refuses unseen categories) is served by scikit-learn, with the same
-    answers, and the import warns about the rows such a model cannot answer."""
+    """Bare steps in branches named like everloop's (whose are step lists) serve the pipeline's own
+    answers: each branch gets everloop's missing-value step in front, which makes it a step list the
+    fast path replays only after checking it. An encoder that refuses unseen categories cannot be
+    replayed: served by scikit-learn, and the import warns about the rows such a model cannot answer."""
     from everloop.serve._holder import ModelHolder
 
     X, y = _user_table(project)
@@ -290,7 +291,8 @@ def test_unknown_steps_are_served_through_the_pipeline_itself(project, tmp_path,
     assert warned == (unknown == "error")
     registry.promote(store, spec, 1)
     holder = ModelHolder(store, compile_trees=False)
-    assert holder.refresh() and holder.current.fast is None and holder.last_error is None
+    assert holder.refresh() and holder.last_error is None
+    assert (holder.current.fast is None) == (unknown == "error")
     rows = make_churn(100, seed=8)
     assert np.array_equal(holder.current.predict(rows).proba, strict.predict_proba(rows[FEATURES]))
 

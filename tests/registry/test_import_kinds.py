@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 from sklearn.compose import ColumnTransformer
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestRegressor
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier, RandomForestRegressor
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -129,13 +129,15 @@ def test_each_pipeline_shape_serves_its_own_answers(tmp_path, shape):
     assert result.found == "pipeline" and not result.refit
     checked = registry.get_model(store, 1).manifest["imported_from"]["checked"]
     assert checked["rows"] == len(X) and checked["max_difference"] <= 1e-9 and checked["read_from"] == "train.csv"
+    assert checked["one_rows"] == 50  # also sent one at a time, as one-row requests reach the model
     task = "regression" if target == "amount" else "classification"
     own = pipeline.predict(X[columns] if columns else X) if task == "regression" else \
         pipeline.predict_proba(X[columns] if columns else X)
     assert np.abs(_served(folder, spec, store, 1, X, task) - own).max() <= 5e-7  # JSON's 6 decimals
     call = "predict" if task == "regression" else "predict_proba"
     assert result.serves == (f"model v1 serves {describe(pipeline)} from model.joblib as it is, with its own "
-                             f"fitted state; its answers equal its own {call} on {len(X)} rows of train.csv")
+                             f"fitted state; its answers equal its own {call} on {len(X)} rows of train.csv (50 "
+                             "of them also sent one at a time)")
 
 
 def test_a_true_false_column_reaches_the_pipeline_as_pandas_read_it(tmp_path):
@@ -277,3 +279,231 @@ def test_a_model_fitted_after_dropna_is_checked_on_the_rows_without_missing_valu
     assert any("fails on rows with missing values" in w for w in result.warnings)
     served = registry.load_model(store, 1).predict(X[complete].head(50)).proba
     assert np.array_equal(served, model.predict_proba(X.loc[complete, NUMERIC].head(50)))
+
+
+# -- missing values in one-row requests (the tester's p_tricky) -----------------------------------------
+
+
+def _tricky(folder: Path) -> tuple[object, Store, pd.DataFrame, pd.Series]:
+    """yes/no answers, countries with many missing values (pandas: NaN; a one-row request: null), sizes,
+    amounts: ingested. Returns the spec, store and the features and labels as pandas reads them."""
+    rng = np.random.default_rng(12)
+    rows = 600
+    table = pd.DataFrame({"answer": rng.choice(["yes", "no"], rows),
+                          "country": rng.choice(["DE", "US", None], rows, p=[0.35, 0.35, 0.3]),
+                          "country2": rng.choice(["DE", "US", None], rows, p=[0.45, 0.45, 0.1]),
+                          "size": rng.choice(["S", "M", "L"], rows), "amount": rng.normal(10, 4, rows).round(2)})
+    signal = 2.5 * table["country"].isna() + (table["answer"] == "yes") + (table["amount"] - 10) / 4
+    table["y"] = (signal + rng.normal(size=rows) > 1.2).astype(int)
+    folder.mkdir(parents=True)
+    table.to_csv(folder / "train.csv", index=False)
+    (folder / "everloop.yaml").write_text(yaml.safe_dump({"name": "tricky", "data": {"source": "train.csv",
+                                                                                      "target": "y"}}))
+    spec, store = load_spec(folder), Store.for_project(folder)
+    data.ingest(store, spec, base=folder)
+    X = pd.read_csv(folder / "train.csv")
+    return spec, store, X, X.pop("y")
+
+
+TRICKY = {
+    "one-hot, NaN a category of its own": lambda: Pipeline([
+        ("prep", ColumnTransformer([("oh", OneHotEncoder(handle_unknown="ignore"),
+                                     ["answer", "country", "country2", "size"])], remainder="passthrough")),
+        ("clf", LogisticRegression(max_iter=1000))]),
+    "most-frequent imputer, then one-hot": lambda: Pipeline([
+        ("prep", ColumnTransformer([("cat", make_pipeline(SimpleImputer(strategy="most_frequent"),
+                                                          OneHotEncoder(handle_unknown="ignore")),
+                                     ["answer", "country", "country2", "size"])], remainder="passthrough")),
+        ("clf", RandomForestClassifier(n_estimators=30, random_state=0))]),
+    "no remainder (the numpy feature path)": lambda: Pipeline([
+        ("prep", ColumnTransformer([("cat", make_pipeline(SimpleImputer(strategy="most_frequent"),
+                                                          OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+                                     ["answer", "country", "country2", "size"]),
+                                    ("num", make_pipeline(SimpleImputer(), StandardScaler()), ["amount"])])),
+        ("clf", LogisticRegression(max_iter=1000))]),
+}
+
+
+@pytest.mark.parametrize("shape", list(TRICKY))
+def test_one_row_requests_hand_the_model_missing_values_as_pandas_read_them(tmp_path, shape):
+    """The tester's silent wrong answer: a lone row's missing country reached the pipeline as None, which
+    its encoder (fitted on NaN) took for an unseen category: 0.54 served for the row the model says 0.94.
+    Every way of sending one row, and two, must answer the model's own predict_proba."""
+    from fastapi.testclient import TestClient
+
+    from everloop.serve import create_app
+
+    folder = tmp_path / "p"
+    spec, store, X, y = _tricky(folder)
+    pipeline = TRICKY[shape]().fit(X, y)
+    joblib.dump(pipeline, folder / "model.joblib")
+    registry.promote(store, spec, registry.import_model(store, spec, folder / "model.joblib", 1).version)
+    rows = X[X["country"].isna()].head(3)
+    own = pipeline.predict_proba(rows)[:, 1]
+    records = json.loads(rows.to_json(orient="records"))
+    with TestClient(create_app(folder, spec=spec, store=store, watch=False)) as client:
+        names = client.get("/model").json()["features"]
+        fast = client.app.state.holder.current.fast is not None  # one-row requests: conform_records
+
+        def predicted(body: dict) -> list[float]:
+            answer = client.post("/predict", json=body)
+            assert answer.status_code == 200, answer.text
+            return [p["probabilities"]["1"] for p in answer.json()["predictions"]]
+
+        by_name = [predicted({"features": r})[0] for r in records]
+        in_order = [predicted({"features": [r[n] for n in names]})[0] for r in records]
+        one_instance = [predicted({"instances": [r]})[0] for r in records]
+        two = predicted({"instances": records[:2]})
+        v2 = []
+        for r in records:
+            inputs = [{"name": n, "shape": [1], "datatype": "FP64" if n == "amount" else "BYTES", "data": [r[n]]}
+                      for n in names]
+            answer = client.post("/v2/models/tricky/infer", json={"inputs": inputs})
+            assert answer.status_code == 200, answer.text
+            proba = {o["name"]: o for o in answer.json()["outputs"]}["predict_proba"]["data"]
+            v2.append(proba[-1])
+    for served in (by_name, in_order, one_instance, v2):
+        assert np.abs(np.array(served) - own).max() <= 5e-7, (served, own)  # JSON's 6 decimals
+    assert np.abs(np.array(two) - own[:2]).max() <= 5e-7
+    assert abs(own[0] - pipeline.predict_proba(rows.head(1).assign(country=None))[0, 1]) > 0.01  # None matters
+    assert fast == (shape == "no remainder (the numpy feature path)")
+
+
+def test_the_import_compares_one_row_requests_too(tmp_path, monkeypatch):
+    """The safety net: were a lone row's None handed over as it is (the step that reads missing values as
+    pandas does taken out), the import's own one-row comparison refuses the model, naming the row."""
+    import everloop.registry._import as importing
+
+    folder = tmp_path / "p"
+    spec, store, X, y = _tricky(folder)
+    joblib.dump(TRICKY["one-hot, NaN a category of its own"]().fit(X, y), folder / "model.joblib")
+    monkeypatch.setattr(importing, "_branches_as_read", lambda columns: columns)
+    with pytest.raises(TrainError) as refused:
+        registry.import_model(store, spec, folder / "model.joblib", 1)
+    first = int(np.flatnonzero(X["country"].isna())[0]) + 1
+    message = str(refused.value)
+    assert message.startswith("model.joblib: everloop would answer a one-row request otherwise than the model")
+    assert f"row {first} of train.csv sent alone gets" in message and "country=None (NoneType)" in message
+    assert registry.list_models(store) == []
+
+
+# -- what the file is, said before anything is loaded -------------------------------------------------
+
+
+class _Planted:
+    """A pickle that creates a file when it is loaded: the code a tampered model file runs."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_a_pickle_named_skops_is_refused_unloaded_and_a_cut_skops_file_says_so(tmp_path):
+    folder, spec, store, X, y = _project(tmp_path / "p")
+    planted = tmp_path / "planted"
+    (folder / "model.skops").write_bytes(pickle.dumps(_Planted(planted)))
+    with pytest.raises(TrainError) as refused:
+        registry.import_model(store, spec, folder / "model.skops", 1)
+    assert str(refused.value) == ("model.skops is not a skops file (it holds a pickle); rename it .pkl if you trust "
+                                  "it (loading a pickle runs the code it holds)")
+    assert not planted.exists()
+    sio = pytest.importorskip("skops.io")
+    blob = sio.dumps(_one_hot_bools().fit(X, y))
+    (folder / "cut.skops").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(TrainError, match=r"^cut.skops is not a complete skops file: the zip archive ends early"):
+        registry.import_model(store, spec, folder / "cut.skops", 1)
+    (folder / "cut.joblib").write_bytes(blob[: len(blob) // 2])  # whatever the name, a zip is never unpickled
+    with pytest.raises(TrainError, match=r"^cut.joblib is not a complete skops file"):
+        registry.import_model(store, spec, folder / "cut.joblib", 1)
+    assert registry.list_models(store) == []
+
+
+def test_a_csv_or_text_given_as_the_model_says_what_it_is(tmp_path):
+    folder, spec, store, X, y = _project(tmp_path / "p")
+    with pytest.raises(TrainError) as csv:
+        registry.import_model(store, spec, folder / "train.csv", 1)
+    assert str(csv.value).startswith("train.csv is a CSV file, not a pickled model: pass the file the model was "
+                                     "saved to (joblib.dump(model, PATH)")
+    (folder / "model.pkl").write_text("age,income\n1,2\n3,4\n")  # the unpickler read this as 'pop from empty list'
+    with pytest.raises(TrainError, match=r"^model.pkl is not a pickle/joblib file: it holds CSV text \('age,income'\)"):
+        registry.import_model(store, spec, folder / "model.pkl", 1)
+    (folder / "notes.joblib").write_text("my model\n")
+    with pytest.raises(TrainError, match=r"^notes.joblib is not a pickle/joblib file: it holds text \('my model'\)"):
+        registry.import_model(store, spec, folder / "notes.joblib", 1)
+    (folder / "noise.joblib").write_bytes(bytes(range(7, 250)))
+    with pytest.raises(TrainError, match=r"^noise.joblib is not a pickle/joblib file \(reading it as one failed"):
+        registry.import_model(store, spec, folder / "noise.joblib", 1)
+
+
+def test_a_column_the_schema_ignores_is_named_with_why_and_the_fix(tmp_path):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    table = _table().drop(columns=["label", "amount"])
+    table.insert(0, "customer_id", [f"C{n:05d}" for n in range(len(table))])  # left out: looks like an id
+    table.to_csv(folder / "train.csv", index=False)
+    (folder / "everloop.yaml").write_text(yaml.safe_dump({"name": "ids", "data": {"source": "train.csv",
+                                                                                   "target": "y"}}))
+    spec, store = load_spec(folder), Store.for_project(folder)
+    data.ingest(store, spec, base=folder)
+    X, y = table.drop(columns="y"), table["y"]
+    pipeline = Pipeline([("prep", ColumnTransformer([("oh", OneHotEncoder(handle_unknown="ignore"),
+                                                      ["plan", "customer_id"])], remainder="drop")),
+                         ("clf", LogisticRegression())]).fit(X, y)
+    joblib.dump(pipeline, folder / "with_id.joblib")
+    with pytest.raises(TrainError) as refused:
+        registry.import_model(store, spec, folder / "with_id.joblib", 1)
+    message = str(refused.value)
+    assert message.startswith(f"the pipeline {describe(pipeline)} needs the column 'customer_id', which dataset "
+                              "v1's schema ignores (customer_id: looks like an identifier or free text")
+    assert "features.categorical: [customer_id]" in message
+    assert message.endswith("Then run 'everloop schema accept --from-data FILE' (your data file) and 'everloop "
+                            "ingest', and import again with the new dataset version")
+
+
+def test_the_skops_refusal_gives_a_command_to_paste(tmp_path):
+    sio = pytest.importorskip("skops.io")
+    folder, spec, store, X, y = _project(tmp_path / "p")
+    model = Pipeline([("prep", ColumnTransformer([("oh", OneHotEncoder(handle_unknown="ignore"), ["plan"]),
+                                                  ("num", SimpleImputer(), ["age", "income"])])),
+                      ("clf", HistGradientBoostingClassifier(max_iter=10))]).fit(X, y)
+    sio.dump(model, folder / "my model.skops")
+    untrusted = sio.get_untrusted_types(file=folder / "my model.skops")
+    with pytest.raises(TrainError) as refused:
+        registry.import_model(store, spec, folder / "my model.skops", 1)
+    flags = " ".join(f"--trust {t}" for t in untrusted)
+    assert f"everloop models import '{folder / 'my model.skops'}' {flags} (with your other options; Python: " \
+           f"trust={untrusted!r})" in str(refused.value)
+    assert "..." not in str(refused.value)
+    assert registry.import_model(store, spec, folder / "my model.skops", 1, trust=untrusted).format == "skops"
+
+
+def test_the_python_api_wants_a_path_and_records_it_absolute(tmp_path, monkeypatch):
+    folder, spec, store, X, y = _project(tmp_path / "p")
+    pipeline = _one_hot_bools().fit(X, y)
+    with pytest.raises(TypeError, match=r"^path: expected a file path, got Pipeline; save it with joblib.dump"):
+        registry.import_model(store, spec, pipeline, 1)
+    joblib.dump(pipeline, folder / "model.joblib")
+    monkeypatch.chdir(folder)
+    result = registry.import_model(store, spec, "model.joblib", 1)
+    reason = registry.get_model(store, result.version).manifest["reason"]
+    assert reason.startswith(f"imported from {folder.resolve() / 'model.joblib'} (sha256 ")
+
+
+def test_missing_values_are_read_as_nan_and_a_clone_keeps_the_reading():
+    from sklearn.base import clone
+
+    from everloop.registry._import import ReadMissing
+
+    frame = pd.DataFrame({"c": pd.Series(["DE", None], dtype=object), "n": [1.0, np.nan]})  # a lone row: None
+    out = AsRead().transform(frame)
+    assert out["c"].iloc[0] == "DE" and isinstance(out["c"].iloc[1], float) and np.isnan(out["c"].iloc[1])
+    assert frame["c"].iloc[1] is None  # the caller's frame is left as it was
+    array = AsRead().transform(np.array([["DE", None], ["US", pd.NA]], dtype=object))
+    assert array[0, 0] == "DE" and all(isinstance(v, float) and np.isnan(v) for v in array[:, 1])
+    fitted_on = pd.DataFrame({"c": ["DE", np.nan, "US"]})
+    encoder = ReadMissing(OneHotEncoder(handle_unknown="ignore", sparse_output=False)).fit(fitted_on)
+    assert encoder.transform(frame[["c"]]).tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]  # None: NaN's column
+    copy = clone(encoder)
+    assert isinstance(copy, ReadMissing) and copy.fit(fitted_on).transform(frame[["c"]]).tolist()[1] == [0, 0, 1]

@@ -996,11 +996,15 @@ def backtest_cmd(path: Optional[Path] = typer.Argument(None, help="labelled data
     from everloop.data import read_source
     from everloop.loop import backtest, write_backtest_report
     from everloop.spec import load_spec
+    from everloop.store import STORE_DIR, Store
 
-    spec = load_spec(_project_folder(project))
+    folder = _project_folder(project)
+    spec = load_spec(folder)
+    # with a store: replay what the loop would retrain (a clone of an imported production pipeline)
+    store = Store.for_project(folder) if (folder / STORE_DIR).exists() else None
     frame = read_source(_user_path(path) or spec.data.source, project)
     say = (lambda _m: None) if as_json else (lambda m: console.print(_styled("dim", "•", f" {m}")))
-    result = backtest(frame, spec, initial_rows=initial_rows, window_rows=window_rows, progress=say)
+    result = backtest(frame, spec, initial_rows=initial_rows, window_rows=window_rows, progress=say, store=store)
     s = result.summary()
     table = Table(title=f"backtest: {s['windows']} windows, {result.metric} per strategy")
     for column in ("strategy", f"mean {result.metric}", "retrainings"):

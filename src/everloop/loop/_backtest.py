@@ -4,7 +4,10 @@ Train on the first period; then, window by window, every strategy predicts the w
 may learn from it (so no strategy sees its own test rows): the spec's policy (monitor, triggers,
 cooldown, data selection, gate), never retraining, and retraining after every window. The metric
 over time and the number of retrainings of each show what a policy buys and what it costs, before
-it runs in production. Everything happens in memory; the store is not touched.
+it runs in production. Every training fits what the loop would retrain: with a store whose production
+model was imported (or refit from an import), a fresh clone of that model's pipeline, as the loop
+clones it; else the project file's model.estimator. Everything happens in memory; the store is only
+read.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import pandas as pd
 from everloop.data import Profile, Schema
 from everloop.errors import DataError, EverloopError
 from everloop.monitor import DriftDetector, decay_threshold, estimate_interval, labelled_decay
+from everloop.loop._controller import _template
+from everloop.registry import PRODUCTION, alias_version, get_model
 from everloop.spec import ProjectSpec
+from everloop.store import Store
 from everloop.train import (Fitted, allowed_loss, as_labels, bootstrap_labels, calibration_maps, fit, improvement,
                             score_labels)
+from everloop.train._train import estimator_name
 
 LABELLED = "__labelled__"  # which rows have a real label
 ROW = "__row__"  # each row's position in the history: which rows a model trained on, exactly
@@ -42,9 +49,11 @@ class BacktestResult:
     metric: str
     windows: list[dict[str, Any]] = field(default_factory=list)
     retrainings: dict[str, int] = field(default_factory=dict)
+    replays: str = "the project file's model.estimator"  # what every training fits (see `replayed`)
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"metric": self.metric, "windows": len(self.windows), "retrainings": self.retrainings}
+        out: dict[str, Any] = {"metric": self.metric, "windows": len(self.windows), "retrainings": self.retrainings,
+                               "replays": self.replays}
         for strategy in ("policy", "never", "every_window"):
             values = [w[strategy] for w in self.windows if w[strategy] is not None and np.isfinite(w[strategy])]
             out[f"mean_{strategy}"] = float(np.mean(values)) if values else None
@@ -55,8 +64,15 @@ class BacktestResult:
 
 
 def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None = None,
-             window_rows: int | None = None, progress: Callable[[str], None] | None = None) -> BacktestResult:
-    """Replay `frame` (labelled; ordered by data.timestamp when there is one) through the policy."""
+             window_rows: int | None = None, progress: Callable[[str], None] | None = None,
+             store: Store | None = None) -> BacktestResult:
+    """Replay `frame` (labelled; ordered by data.timestamp when there is one) through the policy.
+
+    `store`: the project's store, read to replay what the loop retrains (`replayed`); without one, the
+    project file's model.estimator. `BacktestResult.replays` says which (`progress` hears it first)."""
+    template, replays = replayed(store, spec)
+    if progress:
+        progress(f"replays {replays}")
     if spec.data.timestamp and spec.data.timestamp in frame:
         frame = frame.sort_values(spec.data.timestamp, kind="stable")
     frame = frame.reset_index(drop=True)
@@ -67,8 +83,10 @@ def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None
                         f"window {window_rows}; pass smaller --initial-rows / --window-rows")
     conformed, schema = _conform(frame, spec, initial_rows)
     kinds = {c.name: c.kind for c in schema.features}
-    first = _train(conformed.iloc[:initial_rows], 0, schema, spec, kinds, when=_time(conformed, spec, 0))
-    result = BacktestResult(first.fitted.metric, retrainings={"policy": 0, "never": 0, "every_window": 0})
+    first = _train(conformed.iloc[:initial_rows], 0, schema, spec, kinds, when=_time(conformed, spec, 0),
+                   template=template)
+    result = BacktestResult(first.fitted.metric, retrainings={"policy": 0, "never": 0, "every_window": 0},
+                            replays=replays)
     models = {"policy": first, "never": first, "every_window": first}
     starts = list(range(initial_rows, len(conformed) - window_rows + 1, window_rows))
     for n, start in enumerate(starts, start=1):
@@ -90,7 +108,7 @@ def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None
         if fired and last:
             row |= {"action": "end", "reason": f"{', '.join(fired)} fired after the last window"}
         elif fired and not _cooling(spec, policy, window, n):
-            candidate = _retrain(policy, seen, window, schema, spec, kinds, n)
+            candidate = _retrain(policy, seen, window, schema, spec, kinds, n, template)
             if candidate is not None and _passes(candidate, policy, schema, spec):
                 models["policy"] = candidate
                 result.retrainings["policy"] += 1
@@ -102,7 +120,7 @@ def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None
             row |= {"action": "cooldown", "reason": f"{', '.join(fired)} fired within "
                     f"{spec.retraining.cooldown_minutes:g} min (data time) of the last retraining"}
         if not last and row["labelled_rows"]:  # a window without labels teaches nothing new
-            every = _retrain(models["every_window"], seen, window, schema, spec, kinds, n)
+            every = _retrain(models["every_window"], seen, window, schema, spec, kinds, n, template)
             if every is not None:
                 models["every_window"] = every
                 result.retrainings["every_window"] += 1
@@ -111,6 +129,23 @@ def backtest(frame: pd.DataFrame, spec: ProjectSpec, *, initial_rows: int | None
             progress(f"window {n}: policy {_fmt(row['policy'])}, never {_fmt(row['never'])}, every window "
                      f"{_fmt(row['every_window'])} ({row['labelled_rows']} labelled rows); {row['action']}")
     return result
+
+
+def replayed(store: Store | None, spec: ProjectSpec) -> tuple[Any, str]:
+    """What a backtest fits, as the loop would retrain the production model (`_controller._template`):
+    (its pipeline, to clone, and "a fresh clone of model vN's pipeline ...") for a model imported or refit
+    from an import; (None, "the project file's model.estimator ...") otherwise, or without a store or a
+    production model."""
+    named = spec.model.estimator.rpartition(".")[2] if spec.model.estimator else "HistGradientBoosting, the default"
+    estimator = f"the project file's model.estimator ({named})"
+    version = alias_version(store, PRODUCTION) if store is not None else None
+    if version is None:
+        return None, estimator + ("" if store is None else ": no model is in production")
+    template, _ = _template(store, get_model(store, version))
+    if template is None:
+        return None, f"{estimator}, from which the loop retrains production model v{version}"
+    return template, (f"a fresh clone of model v{version}'s pipeline (in production), as the loop retrains it: "
+                      f"{estimator_name(template).rpartition('.')[2]} with its own preprocessing")
 
 
 def write_backtest_report(path: Any, result: BacktestResult, title: str = "everloop backtest") -> Any:
@@ -145,6 +180,7 @@ def write_backtest_report(path: Any, result: BacktestResult, title: str = "everl
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head>"
             f"<body style='font-family:system-ui,sans-serif;margin:2em'><h1>{html.escape(title)}</h1>"
+            f"<p>Each training fits {html.escape(result.replays)}.</p>"
             f"<p>{s['windows']} windows; mean {html.escape(result.metric)} per strategy (windows with too few "
             f"labels have none):</p><table><tr><th>strategy</th><th>mean {html.escape(result.metric)}</th>"
             f"<th>retrainings</th></tr>{strategies}</table>"
@@ -178,12 +214,13 @@ def _conform(frame: pd.DataFrame, spec: ProjectSpec, initial_rows: int) -> tuple
 
 
 def _train(rows: pd.DataFrame, recent_from: int, schema: Schema, spec: ProjectSpec, kinds: dict[str, str],
-           when: Any) -> _Model:
-    """Fit on the labelled rows only; the drift reference is every row of the current world."""
+           when: Any, template: Any = None) -> _Model:
+    """Fit on the labelled rows only (a clone of `template` when given, as `fit` does); the drift
+    reference is every row of the current world."""
     keep = rows[LABELLED].to_numpy()
     recent_labelled = int(keep[:recent_from].sum())
     fitted = fit(rows[keep].drop(columns=LABELLED), schema, spec, recent_from_row=recent_labelled,
-                 recent_weight=spec.retraining.data.recent_weight)
+                 recent_weight=spec.retraining.data.recent_weight, template=template)
     profile = Profile.reference(rows.iloc[recent_from:][schema.feature_names], kinds)
     held_out = fitted.eval_rows.assign(**{LABELLED: True})
     scored = _scored(fitted, held_out, schema, 1)
@@ -195,7 +232,7 @@ def _train(rows: pd.DataFrame, recent_from: int, schema: Schema, spec: ProjectSp
 
 
 def _retrain(current: _Model, seen: pd.DataFrame, window: pd.DataFrame, schema: Schema, spec: ProjectSpec,
-             kinds: dict[str, str], n: int) -> _Model | None:
+             kinds: dict[str, str], n: int, template: Any = None) -> _Model | None:
     """The spec's data selection: the latest recent_rows labelled rows, after the current model's own
     training rows when include_reference is set."""
     recent = seen[seen[LABELLED].to_numpy()]
@@ -208,7 +245,7 @@ def _retrain(current: _Model, seen: pd.DataFrame, window: pd.DataFrame, schema: 
     else:
         rows, recent_from = recent.reset_index(drop=True), 0
     try:
-        return _train(rows, recent_from, schema, spec, kinds, when=_time(window, spec, -1, n))
+        return _train(rows, recent_from, schema, spec, kinds, when=_time(window, spec, -1, n), template=template)
     except EverloopError:
         return None
 

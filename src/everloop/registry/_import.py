@@ -13,10 +13,14 @@ trained, and the loop retrains it as a fresh `sklearn.base.clone` of that pipeli
 
 The model was fitted on the user's file as pandas read it, and everloop's schema reads some columns
 otherwise (a True/False column is the text 'True'/'False' to it, an integer code made categorical is
-'1'): `AsRead`, the imported pipeline's first step, hands each such column over as pandas read it.
-Then the import compares everloop's answers with the model's own `predict_proba`/`predict` on the
-first rows of the user's file read with pandas (`check_answers`) and refuses the model, naming the
-columns, when they differ: the safety net for every mismatch not converted.
+'1'; a lone request row's missing text is None where a file's column holds NaN): `AsRead`, the
+imported pipeline's first step (or the first step of each branch of its ColumnTransformer, where the
+pipeline is split there), hands each such column over as pandas read it. Then the import compares
+everloop's answers with the model's own `predict_proba`/`predict` on the first rows of the user's
+file read with pandas, all at once and some one at a time as one-row requests reach it
+(`check_answers`), and refuses the model, naming the columns, when they differ: the safety net for
+every mismatch not converted. Nothing is unpickled before the file's bytes say what it is: a `.skops`
+name means skops or refusal, and a CSV or text file is named as such.
 """
 
 from __future__ import annotations
@@ -60,9 +64,11 @@ from everloop.train._train import (Fitted, _evaluate, _slice_metrics, estimator_
 SKOPS_HINT = "pip install 'everloop[import]' (or: pip install skops)"
 ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first bytes: skops files are zip archives
 # The first bytes of joblib's compressed files: zlib, gzip, bz2, xz, lzma (its own header), lz4.
-JOBLIB_COMPRESSED = (b"\x78\x01", b"\x78\x5e", b"\x78\x9c", b"\x78\xda", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"]\x00\x00", b"\x04\x22\x4d\x18")
+JOBLIB_COMPRESSED = (b"\x78\x01", b"\x78\x5e", b"\x78\x9c", b"\x78\xda", b"\x1f\x8b",
+                      b"BZh", b"\xfd7zXZ", b"]\x00\x00", b"\x04\x22\x4d\x18")
 PROBE_ROWS = 200  # rows of the dataset the model is first tried on
 CHECK_ROWS = 1000  # rows of the user's file on which everloop's answers must equal the model's own
+ONE_ROWS = 50  # of those, rows also sent one at a time (a lone row is read value by value)
 TOLERANCE = 1e-9  # the largest difference allowed between them (floating-point noise only)
 # The spellings pandas.read_csv reads as bools (its default true/false values), and bools themselves.
 TRUTH = {"True": True, "true": True, "TRUE": True, "False": False, "false": False, "FALSE": False,
@@ -185,14 +191,16 @@ def import_model(store: Store, spec: ProjectSpec, path: str | Path, dataset_vers
                          f"({', '.join(schema.feature_names)}); check that this is the order it was fitted on")
         wrapped = wrap(model, conformed[schema.feature_names].head(PROBE_ROWS), reader)
         notes += reading
-        origin["checked"] = check_answers(model, wrapped, raw, reader, schema, task, shown, read_from)
+        origin["checked"] = check_answers(model, wrapped, raw, reader, schema, task, shown, read_from,
+                                          probe=frame.head(PROBE_ROWS))
         notes += _unusual_row_check(wrapped, conformed[schema.feature_names], task)
         fitted = _evaluate_as_is(wrapped, task, metric, schema, spec, frame, conformed, held_out, notes)
         in_sample, refit = not held_out, False
         extra = {"pipeline_source": "imported", "in_sample": in_sample, "train_rows": None}
         serves = (f"{describe(model)} from {path.name} as it is, with its own fitted state; its answers equal "
                   f"its own {'predict_proba' if task == 'classification' else 'predict'} on "
-                  f"{origin['checked']['rows']} rows of {read_from}")
+                  f"{origin['checked']['rows']} rows of {read_from} ({origin['checked']['one_rows']} of them also "
+                  "sent one at a time)")
     elif not features and _raw_named(model, schema):
         raise TrainError(f"{shown}: {found}. Check that it predicts rows of {read_from} read with "
                          "pandas.read_csv: preparation done outside the model (fillna, casts) must be steps of a "
@@ -319,9 +327,11 @@ def _refuse_text(data: bytes, path: Path) -> None:
         text = head[:exc.start].decode("utf-8")
     if "\x00" in text or re.search(r"[\x01-\x08\x0e-\x1f]", text):
         return
+    last = None
     try:
-        ops = list(pickletools.genops(data))  # reads opcodes only: no object is built, no code runs
-        if ops and ops[-1][0].name == "STOP":
+        for last in pickletools.genops(data):  # reads opcodes only: no object is built, no code runs
+            pass
+        if last is not None and last[0].name == "STOP":
             return
     except Exception:  # noqa: BLE001 - not a pickle: whatever genops stumbled on
         pass
@@ -432,6 +442,7 @@ def _read_mlflow(folder: Path, trust: list[str], sha256: str | None) -> LoadedFi
     digest = _checked_digest(data, sha256, model_file)
     serialization = flavor.get("serialization_format", "cloudpickle")
     if serialization == "skops":
+        _refuse_not_skops(data, model_file)
         model, made_with, notes = _load_skops(data, model_file, trust, flavor.get("skops_trusted_types"),
                                               shown=str(folder))
     elif serialization in ("pickle", "cloudpickle"):
@@ -654,7 +665,7 @@ def wrap(model: Any, rows: pd.DataFrame, reader: "AsRead | None" = None) -> Pipe
     A two-step Pipeline whose first step is a ColumnTransformer fitted with column names, given the
     columns in the types everloop reads them (`reader` converts none), is split there, so the service
     may replay the transformer with numpy and compile the estimator's trees (both only after checking
-    they give the same outputs). Anything else sits behind `reader` (default: the schema's columns as
+    they give the same outputs); each of its branches reads missing values first (`_branches_as_read`). Anything else sits behind `reader` (default: the schema's columns as
     everloop reads them; a plain array when the model was fitted without column names), fitted on `rows`."""
     if reader is None:
         unnamed = getattr(model, "feature_names_in_", None) is None and getattr(model, "n_features_in_", None)
@@ -672,7 +683,7 @@ def _branches_as_read(columns: ColumnTransformer) -> ColumnTransformer:
     wrapped too, so a `clone` (the loop's retraining) keeps the step. Its transformers stay the user's
     own objects, fitted; only the list holding them is new."""
     def read(step: Any) -> Any:
-        return step if isinstance(step, str) else Pipeline([("as_read", AsRead()), ("step", step)])
+        return step if isinstance(step, str) else ReadMissing(step)
 
     copied = copy.copy(columns)
     copied.transformers = [(name, read(step), cols) for name, step, cols in columns.transformers]
@@ -708,26 +719,55 @@ class AsRead(TransformerMixin, BaseEstimator):
         if not isinstance(X, pd.DataFrame):
             return _missing_as_nan(np.asarray(X))
         frame = X if self.columns is None else X[list(self.columns)]
-        copied = False
-        for name in frame.columns:
-            kind = (self.kinds or {}).get(name)
-            values = frame[name]
-            if kind is None and values.dtype != object and not _na_string(values.dtype):
-                continue  # numbers hold NaN already, and so does pandas' str dtype
-            converted = values if kind is None else _as_bool(values) if kind == "bool" else _as_number(values)
-            if converted.dtype == object or _na_string(converted.dtype):
-                array = converted.to_numpy(dtype=object)
+        kinds = self.kinds or {}
+        changed: dict[Any, Any] = {}
+        for name, dtype in zip(frame.columns, frame.dtypes):
+            if name in kinds:  # its missing values come out as NaN too
+                changed[name] = (_as_bool if kinds[name] == "bool" else _as_number)(frame[name])
+            elif dtype == object or _na_string(dtype):  # numbers hold NaN already, and so does the str dtype
+                array = frame[name].to_numpy(dtype=object)
                 nan = _missing_as_nan(array)
                 if nan is not array:
-                    converted = pd.Series(nan, index=values.index, dtype=object)
-            if converted is not values:
-                if not copied:
-                    frame, copied = frame.copy(), True
-                frame[name] = converted
+                    changed[name] = nan
+        if changed:  # a request's rows are a handful: per-call cost matters more than elegance here
+            frame = frame.copy(deep=False)
+            for name, values in changed.items():
+                frame[name] = values
         return frame.to_numpy() if self.array else frame
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.asarray(self.columns if self.columns is not None else input_features, dtype=object)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return True
+
+
+class ReadMissing(TransformerMixin, BaseEstimator):
+    """A branch of an imported ColumnTransformer behind `AsRead`'s reading of missing values: `step` gets
+    NaN where a request row holds None, as in the file it was fitted on. Fitting fits `step` in place
+    (as a Pipeline fits its steps), so a clone of the whole pipeline keeps the reading when the loop
+    refits it. `steps` lists the reading and the step's own steps, for the service's numpy path."""
+
+    def __init__(self, step: Any):
+        self.step = step
+
+    def fit(self, X: Any, y: Any = None, **params: Any) -> "ReadMissing":
+        self.step.fit(_READ.transform(X), y, **params)
+        return self
+
+    def fit_transform(self, X: Any, y: Any = None, **params: Any) -> Any:
+        return self.step.fit_transform(_READ.transform(X), y, **params)
+
+    def transform(self, X: Any) -> Any:
+        return self.step.transform(_READ.transform(X))
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        return self.step.get_feature_names_out(input_features)
+
+    @property
+    def steps(self) -> list[tuple[str, Any]]:
+        inner = self.step.steps if isinstance(self.step, Pipeline) else [("step", self.step)]
+        return [("as_read", _READ), *inner]
 
     def __sklearn_is_fitted__(self) -> bool:
         return True
@@ -764,6 +804,9 @@ def _as_number(values: pd.Series) -> pd.Series:
     whole = numbers.notna().all() and bool(np.all(np.mod(numbers.to_numpy(), 1) == 0)) \
         and bool(np.all(np.abs(numbers.to_numpy()) < 2**53))
     return numbers.astype(np.int64) if whole else numbers
+
+
+_READ = AsRead()  # missing values as pandas reads them, nothing else: stateless, shared
 
 
 def reader_for(model: Any, schema: Schema, raw: pd.DataFrame) -> AsRead:
@@ -879,13 +922,17 @@ def _source_file(store: Store, source: str) -> Path:
 
 
 def check_answers(model: Any, wrapped: Pipeline, raw: pd.DataFrame, reader: AsRead, schema: Schema,
-                  task: str, shown: str, read_from: str) -> dict[str, Any]:
+                  task: str, shown: str, read_from: str, probe: pd.DataFrame | None = None) -> dict[str, Any]:
     """Compare everloop's answers with the model's own on the user's rows (`raw`, as pandas read them):
     the model called as its user calls it (on `raw`'s columns), against `wrapped` called as the service
-    calls it (on the same rows conformed by the schema). Rows the schema refuses are left out. Returns
-    {"rows": rows compared, "max_difference": largest absolute difference}. Raises TrainError when the
-    answers differ by more than `TOLERANCE`, naming the columns whose values reach the model otherwise
-    than pandas gave them to it, with examples; or when the model cannot answer the rows at all."""
+    calls it (on the same rows conformed by the schema), all rows at once and then up to `ONE_ROWS` of
+    them one at a time, as one-row requests reach it (a lone row is read value by value: its missing
+    text is None where a column's is NaN). `probe`: dataset rows on which the service would decide its
+    numpy feature path (`TrainedModel.check_fast_path`), which one-row requests then take; None: the
+    first rows of `raw`. Rows the schema refuses are left out. Returns {"rows": rows compared,
+    "one_rows": rows compared alone, "max_difference": largest absolute difference}. Raises TrainError
+    when the answers differ by more than `TOLERANCE`, naming the columns whose values reach the model
+    otherwise than pandas gave them to it, with examples; or when the model cannot answer the rows."""
     checked = schema.check(raw, mode="request", coerce=True, whole=False)
     valid = np.ones(len(raw), dtype=bool) if checked.bad_rows is None else ~checked.bad_rows
     if not valid.any():
@@ -926,7 +973,10 @@ def check_answers(model: Any, wrapped: Pipeline, raw: pd.DataFrame, reader: AsRe
         gap = np.where(np.isnan(ours) & np.isnan(theirs), 0.0, np.abs(ours - theirs))
         gap = np.where(np.isnan(gap), np.inf, gap).max(axis=1)
         if gap.max() <= TOLERANCE:
-            return {"rows": len(rows), "max_difference": float(gap.max()), "read_from": read_from}
+            alone = _check_one_rows(wrapped, schema, task, rows, theirs, number,
+                                    ours_in if probe is None else probe, call, shown, read_from)
+            return {"rows": len(rows), "one_rows": alone, "max_difference": float(gap.max()),
+                    "read_from": read_from}
         worst = int(gap.argmax())
         found = (f"by up to {gap.max():.3g} (row {number[worst]}: {_shown_answer(ours[worst])} from everloop, "
                  f"{_shown_answer(theirs[worst])} from the model)")
@@ -942,6 +992,63 @@ def check_answers(model: Any, wrapped: Pipeline, raw: pd.DataFrame, reader: AsRe
                      f"differ from the model's own {call} {found}. {cause}. Make schema.yaml read such a column as "
                      "the model was fitted on it (its kind; then 'everloop schema accept' and 'everloop ingest'), "
                      "or give the pipeline a step that converts it, and import again")
+
+
+def _check_one_rows(wrapped: Pipeline, schema: Schema, task: str, rows: pd.DataFrame, theirs: np.ndarray,
+                    number: np.ndarray, probe: pd.DataFrame, call: str, shown: str, read_from: str) -> int:
+    """Send up to `ONE_ROWS` of the user's rows (those with missing values first) one at a time through
+    the service's one-row path: the JSON values a client sends, `Schema.conform_records` when the numpy
+    feature path is on, else the schema's full check, then `predict_conformed`. Returns how many rows
+    were compared; raises TrainError at the first whose answer differs from the model's own (`theirs`)."""
+    from everloop.train._artifact import TrainedModel
+
+    served = TrainedModel(None, wrapped, schema, {"task": task, "classes": list(range(theirs.shape[1]))})
+    served.check_fast_path(probe)  # as the service does when it loads the model
+    features = schema.feature_names
+    missing = rows[features].isna().any(axis=1).to_numpy()
+    picked = np.sort(np.r_[np.flatnonzero(missing)[:ONE_ROWS // 2], np.flatnonzero(~missing)][:ONE_ROWS])
+    compared = 0
+    for n in picked:
+        record = {name: _json_value(rows[name].iat[n]) for name in features}
+        given = schema.conform_records([record]) if served.fast is not None else None
+        if given is None:
+            checked = schema.check(pd.DataFrame.from_records([record], columns=features), mode="request",
+                                   coerce=True, per_value=True)
+            if checked.bad_rows is not None and checked.bad_rows.any():
+                continue  # the service refuses this row alone (422): no answer to compare
+            given = checked.frame
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            answered = served.predict_conformed(given)
+        ours = np.asarray(answered.proba if task == "classification" else answered.labels, dtype=float)
+        gap = np.abs(ours.reshape(-1) - theirs[n])
+        gap = np.where(np.isnan(ours.reshape(-1)) & np.isnan(theirs[n]), 0.0, gap)
+        compared += 1
+        if not (np.nan_to_num(gap, nan=np.inf) <= TOLERANCE).all():
+            values = ", ".join(f"{name}={_shown_value(_first(given[name]))}" for name in features)
+            raise TrainError(
+                f"{shown}: everloop would answer a one-row request otherwise than the model, so it was not "
+                f"imported: row {number[n]} of {read_from} sent alone gets {_shown_answer(ours.reshape(-1))} "
+                f"from everloop and {_shown_answer(theirs[n])} from the model's own {call} (sent with other rows "
+                f"it gets the model's answer). everloop hands that row over as {values}. Make schema.yaml "
+                "read a column whose value differs from your file's as the model was fitted on it (then "
+                "'everloop schema accept' and 'everloop ingest'), or give the pipeline a step that converts "
+                "it, and import again")
+    return compared
+
+
+def _json_value(value: Any) -> Any:
+    """A value of a pandas-read row as a JSON client sends it: null for missing, plain Python scalars,
+    date/times as ISO text."""
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, (pd.Timestamp, np.datetime64)):
+        return pd.Timestamp(value).isoformat()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _first(values: Any) -> Any:
+    return values.iloc[0] if isinstance(values, pd.Series) else values[0]
 
 
 def _differing_columns(model: Any, reader: AsRead, given: Any, theirs_in: pd.DataFrame, rows: pd.DataFrame,
