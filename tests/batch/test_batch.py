@@ -29,7 +29,7 @@ def test_batch_matches_python_api_and_service(trained, tmp_path):
     assert [p["prediction"] for p in served] == scored["prediction"].head(50).tolist()
 
 
-def test_bad_rows_fail_the_whole_batch_and_write_nothing(trained, tmp_path):
+def test_bad_rows_with_strict_fail_the_whole_batch_and_write_nothing(trained, tmp_path):
     folder, spec, store = trained
     frame = pd.read_csv(folder / "data" / "customers.csv").head(500)
     frame["age"] = frame["age"].astype(object)
@@ -38,7 +38,7 @@ def test_bad_rows_fail_the_whole_batch_and_write_nothing(trained, tmp_path):
     frame.to_csv(source, index=False)
     out = tmp_path / "scored.parquet"
     with pytest.raises(DataError, match=r"'age': 1 values are not numbers \(e.g. rows 421\)"):
-        score_file(store, source, out, chunk_rows=100)
+        score_file(store, source, out, chunk_rows=100, strict=True)
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
 
 

@@ -2,6 +2,9 @@
 
 The output's format follows its extension; it is written to a temporary file beside it and renamed
 into place, so it appears whole or not at all, with the mode any new file gets (the umask decides).
+Rows with errors of their own are set aside (unless `strict`) into a side file of the same format,
+`<output stem>.rejected<suffix>`, written the same way: the input's columns as text, `row` (data row
+from 1) and `reason`. Whole-file problems (a missing column, an unreadable file) refuse everything.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,8 +33,10 @@ OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 @dataclass(frozen=True)
 class BatchResult:
     """What `score_file` wrote: `rows` scored into `output` (`format` csv or parquet, with `columns`),
-    and the validation warnings of the input (unseen categories, nulls, values out of range: the
-    anomaly dicts of `ValidationReport.to_dict`, counted over the whole file, rows numbered from 0)."""
+    `rejected` rows set aside into `rejected_output` (None when there were none), and the validation
+    anomalies of the input: `warnings` (unseen categories, nulls, values out of range) and `errors`
+    (why rows were set aside), anomaly dicts of `ValidationReport.to_dict`, counted over the whole
+    file, rows numbered from 0."""
 
     rows: int
     output: str
@@ -38,6 +44,9 @@ class BatchResult:
     format: str = "parquet"
     columns: list[str] = field(default_factory=list)
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    rejected: int = 0
+    rejected_output: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,21 +68,31 @@ def output_format(output: str | Path) -> str:
     return kind
 
 
+def rejected_path(output: str | Path) -> Path:
+    """Where `score_file` sets aside the rows it refused: `<output stem>.rejected<suffix>` beside `output`."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.rejected{output.suffix}")
+
+
 def score_file(store: Store, source: str | Path, output: str | Path, *, model: int | str = PRODUCTION,
                chunk_rows: int = 100_000, keep: Sequence[str] = (),
-               progress: Callable[[int], None] | None = None) -> BatchResult:
+               progress: Callable[[int], None] | None = None, strict: bool = False) -> BatchResult:
     """Score every row of a CSV/Parquet file (or folder or glob of them) into `output`, whose extension sets
     its format (.csv, or .parquet/.pq); the output appears whole or not at all.
 
     The output has the input's id and timestamp columns (those the schema names, when present), the
     `keep` columns as they were read, then `prediction`, `proba_<class>` per class (classifiers) and
-    `model_version`. Raises DataError for an unsupported output extension, a `keep` column the input
-    lacks or whose name an output column takes, unreadable input, or rows with errors (nothing is
-    written then); NotFoundError for an unknown model version or alias."""
+    `model_version`. Rows with errors of their own go to `rejected_path(output)` with their reasons
+    (see the module docstring); a side file left there by an earlier run is removed when none is set
+    aside. Raises DataError for an unsupported output extension, a `keep` column the input lacks or
+    whose name an output column takes, unreadable input, a missing column, no row left to score, or
+    (with `strict`) any row with errors: nothing is written then. NotFoundError for an unknown model
+    version or alias."""
     kind = output_format(output)  # before any work: a wrong name must not cost a whole scoring run
     source = Path(source).resolve()
     target = Path(output).resolve()
-    if source == target or (source.is_dir() and source in target.parents):
+    side = rejected_path(target)
+    if source in (target, side) or (source.is_dir() and source in target.parents):
         raise DataError(f"{output}: the output would overwrite (or land inside) the input {source}; "
                         "write the predictions elsewhere", path=str(output))
     if not target.parent.is_dir():  # a typo in a path must not create a new tree of folders
@@ -83,71 +102,142 @@ def score_file(store: Store, source: str | Path, output: str | Path, *, model: i
     # Read by the model's schema, never inferred again: CSV cells arrive as text and each column is parsed
     # as the first ingest read it (bool spellings, codes with leading zeros, number formats, date/times).
     chunks = iter_batches(source, types=trained.schema.kinds, batch_rows=chunk_rows)
-    return score_chunks(trained, chunks, Path(output), progress=progress, keep=keep, kind=kind)
+    return score_chunks(trained, chunks, Path(output), progress=progress, keep=keep, kind=kind, strict=strict)
 
 
 def score_chunks(trained: TrainedModel, chunks: Iterable[pd.DataFrame], output: Path,
                  progress: Callable[[int], None] | None = None, keep: Sequence[str] = (),
-                 kind: str | None = None) -> BatchResult:
+                 kind: str | None = None, strict: bool = False) -> BatchResult:
     """Score `chunks` into `output` (format `kind`, else from its extension) through a temporary file
-    beside it, renamed into place at the end; see `score_file`."""
+    beside it, renamed into place at the end, and set rows with errors aside; see `score_file`."""
     kind = kind or output_format(output)
-    try:
-        tmp, handle = _new_temp(output)
-    except OSError as exc:
-        raise DataError(f"{output}: cannot write there: {exc.strerror or exc}", path=str(output)) from None
-    writer: pq.ParquetWriter | None = None
-    rows = 0
+    side = rejected_path(output)
+    scored = _TempFile(output, kind)
+    aside: _TempFile | None = None  # made at the first bad row: no side file when every row is good
+    offset = 0  # input rows read so far
     report = ValidationReport(rows=0)
     passthrough = [c.name for c in trained.schema.columns if c.role in ("id", "timestamp")]
     columns: list[str] = []
     try:
         for chunk in chunks:
-            if not columns:
+            if not offset:
                 passthrough = _output_columns(passthrough, list(keep), list(chunk.columns), trained)
-            features, checked = trained.conform(chunk)
-            checked.anomalies = [a for a in checked.anomalies  # the user asked for these columns
-                                 if not (a.kind == "unexpected_column" and a.column in keep)]
-            report.merge(checked, rows)
-            if not checked.ok:
+            checked = trained.schema.check(chunk, mode="request", coerce=True)
+            checked.report.anomalies = [a for a in checked.report.anomalies  # --keep asked for these
+                                        if not (a.kind == "unexpected_column" and a.column in keep)]
+            report.merge(checked.report, offset)
+            whole_file = [a for a in checked.report.errors if a.kind in ("missing_column", "empty")]
+            if whole_file or (strict and not checked.report.ok):
                 problems = "\n".join(f"  - {a.describe()}" for a in report.errors)
                 raise DataError(f"rows do not match the model's schema; nothing was written (rows count data "
                                 f"rows from 1):\n{problems}", report=report)
-            predictions = trained.predict_conformed(features)
-            out = pd.DataFrame({c: chunk[c].to_numpy() for c in passthrough})
-            out["prediction"] = predictions.labels
-            if predictions.proba is not None:
-                for i, cls in enumerate(predictions.classes):
-                    out[f"proba_{cls}"] = predictions.proba[:, i]
-            out["model_version"] = trained.version
-            columns = [str(c) for c in out.columns]
-            if kind == "csv":
-                out.to_csv(handle, header=rows == 0, index=False)
-            else:
-                table = pa.Table.from_pandas(out, preserve_index=False)
-                if writer is None:
-                    writer = pq.ParquetWriter(handle, table.schema)
-                elif table.schema != writer.schema:  # e.g. a kept column that is all null in one chunk
-                    table = _same_types(table, writer.schema, rows)
-                writer.write_table(table)
-            rows += len(chunk)
+            features, good = checked.frame, chunk
+            if checked.bad_rows is not None:
+                bad = checked.bad_rows
+                aside = aside or _TempFile(side, kind)
+                aside.write(_rejected_rows(chunk, bad, checked.row_reasons(), offset), offset)
+                features, good = features[~bad], chunk[~bad]
+            if len(good):
+                scored.write(_scored_rows(trained, features, good, passthrough), offset)
+                columns = scored.columns
+            offset += len(chunk)
             if progress:
                 progress(len(chunk))
-        if rows == 0:  # the same anomaly (and exit code) as `validate` and `ingest` give a header-only file
+        if offset == 0:  # the same anomaly (and exit code) as `validate` and `ingest` give a header-only file
             report.anomalies.append(Anomaly("*", "empty", "error", 0, "no rows"))
             raise DataError("the input has no rows; nothing was written", report=report)
-        if writer is not None:
-            writer.close()
-            writer = None
-        handle.close()
-        os.replace(tmp, output)
+        if scored.rows == 0:
+            problems = "\n".join(f"  - {a.describe()}" for a in report.errors)
+            raise DataError(f"every row has errors; nothing was written (rows count data rows from 1):\n"
+                            f"{problems}", report=report)
+        if aside is not None:  # the side file first: an output never appears without its rejected rows
+            aside.commit()
+        else:  # one left by an earlier run into this output would describe rows it no longer had
+            side.unlink(missing_ok=True)
+        scored.commit()
     finally:
-        if writer is not None:
-            writer.close()
-        handle.close()
-        tmp.unlink(missing_ok=True)
-    warnings = [a for a in report.to_dict()["anomalies"] if a["severity"] == "warning"]
-    return BatchResult(rows, str(output), trained.version, kind, columns, warnings)
+        scored.discard()
+        if aside is not None:
+            aside.discard()
+    anomalies = report.to_dict()["anomalies"]
+    return BatchResult(scored.rows, str(output), trained.version, kind, columns,
+                       [a for a in anomalies if a["severity"] == "warning"],
+                       aside.rows if aside else 0, str(side) if aside else None,
+                       [a for a in anomalies if a["severity"] == "error"])
+
+
+def _scored_rows(trained: TrainedModel, features: pd.DataFrame, rows: pd.DataFrame,
+                 passthrough: list[str]) -> pd.DataFrame:
+    """The output's rows for good input `rows` (their conformed `features`): passthrough columns,
+    prediction, per-class probabilities, model version."""
+    predictions = trained.predict_conformed(features)
+    out = pd.DataFrame({c: rows[c].to_numpy() for c in passthrough})
+    out["prediction"] = predictions.labels
+    if predictions.proba is not None:
+        for i, cls in enumerate(predictions.classes):
+            out[f"proba_{cls}"] = predictions.proba[:, i]
+    out["model_version"] = trained.version
+    return out
+
+
+def _rejected_rows(chunk: pd.DataFrame, bad: np.ndarray, reasons: np.ndarray, offset: int) -> pd.DataFrame:
+    """The side file's rows: the `bad` rows of `chunk` as text (nulls kept), their data row numbers from 1
+    (`offset` rows came before the chunk) and reasons. `row`/`reason` get a leading '_' while the input
+    has a column of that name."""
+    out = chunk[bad].astype("string").reset_index(drop=True)
+    row, reason = _free_name("row", out.columns), _free_name("reason", out.columns)
+    out.insert(0, row, np.flatnonzero(bad) + offset + 1)
+    out[reason] = pd.array(reasons, dtype="string")
+    return out
+
+
+def _free_name(name: str, taken: Iterable[str]) -> str:
+    taken = set(taken)
+    while name in taken:
+        name = "_" + name
+    return name
+
+
+class _TempFile:
+    """Frames appended to a new temporary file beside `path` (csv or parquet); `commit` renames it onto
+    `path`, `discard` removes what is left (always safe to call)."""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path, self.kind = path, kind
+        try:
+            self.tmp, self.handle = _new_temp(path)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot write there: {exc.strerror or exc}", path=str(path)) from None
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+        self.columns: list[str] = []
+
+    def write(self, frame: pd.DataFrame, offset: int) -> None:
+        """Append `frame`, whose first row is data row `offset + 1` of the input (named in type errors)."""
+        if self.kind == "csv":
+            frame.to_csv(self.handle, header=self.rows == 0, index=False)
+        else:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.handle, table.schema)
+            elif table.schema != self.writer.schema:  # e.g. a kept column that is all null in one chunk
+                table = _same_types(table, self.writer.schema, offset)
+            self.writer.write_table(table)
+        self.rows += len(frame)
+        self.columns = [str(c) for c in frame.columns]
+
+    def commit(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.handle.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def _output_columns(passthrough: list[str], keep: list[str], present: list[str],

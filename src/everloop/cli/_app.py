@@ -835,19 +835,27 @@ def predict(source: Path = typer.Argument(..., help="CSV or Parquet file (or fol
             chunk_rows: int = typer.Option(100_000, min=1, help="rows per chunk"),
             keep: Optional[list[str]] = typer.Option(None, "--keep", help="an input column to copy into the "
                                                      "output (repeatable); id and timestamp columns always are"),
+            strict: bool = typer.Option(False, "--strict", help="refuse the whole file when any row has errors "
+                                        "(nothing is written) instead of setting those rows aside"),
             project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """Batch-score a file through the same artifact as the service, in chunks; report what validation
-    saw (unseen categories, nulls, values out of range). Exit 1 when rows fail the schema (nothing is
-    written then)."""
+    saw (unseen categories, nulls, values out of range). Rows with errors are set aside with their
+    reasons in OUTPUT's `<stem>.rejected` side file while the rest are scored: exit 1 then. A missing
+    column, or any bad row with --strict, refuses the whole file (exit 1, nothing written)."""
     from everloop.batch import score_file
 
     _, store = _project(project)
     with _rows_progress("scoring", as_json) as progress:
         result = score_file(store, _user_path(source), _user_path(output), model=model, chunk_rows=chunk_rows,
-                            keep=keep or [], progress=progress)
-    text = (f"{result.rows} rows scored by model v{result.model_version} -> {result.output} ({result.format}; "
-            f"columns: {', '.join(result.columns)})")
+                            keep=keep or [], progress=progress, strict=strict)
+    text = f"{result.rows} rows scored into {result.output}"
+    if result.rejected:
+        reasons = "; ".join(f"column {a['column']!r}: {a['message']}" for a in result.errors)
+        text += f"; {result.rejected} rows set aside in {result.rejected_output} (reasons: {reasons})"
+    text += f"\nmodel v{result.model_version}; {result.format}; columns: {', '.join(result.columns)}"
     _emit(result.to_dict(), as_json, text=text + _anomaly_lines(result.warnings))
+    if result.rejected:  # a check failed for some rows (README's exit codes)
+        raise CheckFailed()
 
 
 def _anomaly_lines(anomalies: list[dict[str, Any]]) -> str:
