@@ -36,7 +36,6 @@ from sklearn.preprocessing import OrdinalEncoder
 
 from everloop.demo import make_churn
 from everloop.serve import create_app
-from everloop.serve._process import free_port
 from tests.conftest import feature_rows, served_project
 from tests.e2e.test_readme import Shell, command_of
 
@@ -102,10 +101,7 @@ def test_the_five_commands_take_a_flask_model_into_everloop_with_its_clients_unc
         for line in lines:
             command = command_of(line)
             if command.startswith("everloop serve "):
-                port = free_port()
-                server = shell.run(f"{command.replace('--port 5000', f'--port {port}')} & echo $! >server.pid")
-                assert server.code == 0, server
-                server_pid = int((folder / "server.pid").read_text())
+                server, server_pid, port = shell.serve(command, 5000, folder / "server.pid")
                 continue
             ran = shell.run(line)
             assert ran.code == 0, f"{line!r} exited {ran.code}:\n{ran.out}\n{ran.err}"

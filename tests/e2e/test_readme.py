@@ -95,6 +95,14 @@ class Shell:
             time.sleep(0.05)
         return Ran(line, int(code.read_text()), out.read_text(), err.read_text(), err)
 
+    def serve(self, command: str, written_port: int, pid_file: Path) -> tuple[Ran, int, int]:
+        """Start a documented `everloop serve ... --port N` line in the background on a free loopback port
+        instead of `written_port`: (its line, its pid, its port)."""
+        port = free_port()
+        started = self.run(f"{command.replace(f'--port {written_port}', f'--port {port}')} & echo $! >{pid_file.name}")
+        assert started.code == 0, started
+        return started, int(pid_file.read_text()), port
+
     def stop(self, pid: int, started: Ran) -> None:
         """Stop a server this shell started in the background (`started`: its line) with SIGTERM, and check
         it shut down cleanly: uvicorn finishes its requests and, with one worker, then re-raises the
@@ -231,10 +239,7 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
         for line in lines:
             command = command_of(line)
             if command.startswith("everloop serve "):
-                port = free_port()
-                server = shell.run(f"{command.replace('--port 8000', f'--port {port}')} & echo $! >server.pid")
-                assert server.code == 0, server
-                server_pid = int((project / "server.pid").read_text())
+                server, server_pid, port = shell.serve(command, 8000, project / "server.pid")
                 clients(f"http://127.0.0.1:{port}", traffic, project / "labels.csv")
                 continue
             ran = shell.run(line)
