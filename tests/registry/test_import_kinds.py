@@ -50,12 +50,15 @@ def _table(rows: int = 400) -> pd.DataFrame:
     return table
 
 
-def _project(folder: Path, target: str = "y", **features) -> tuple[Path, object, Store, pd.DataFrame, pd.Series]:
-    """A project whose train.csv holds the table with one target; ingested. Returns the folder, spec,
-    store, and the features and target as the user's notebook reads them (pandas.read_csv)."""
+def _project(folder: Path, target: str = "y", table: pd.DataFrame | None = None, name: str = "kinds",
+             **features) -> tuple[Path, object, Store, pd.DataFrame, pd.Series]:
+    """A project whose train.csv holds `table` (default: `_table()` with one target); ingested. Returns the
+    folder, spec, store, and the features and target as the user's notebook reads them (pandas.read_csv)."""
     folder.mkdir(parents=True)
-    _table().drop(columns=[t for t in TARGETS if t != target]).to_csv(folder / "train.csv", index=False)
-    spec = {"name": "kinds", "data": {"source": "train.csv", "target": target}}
+    if table is None:
+        table = _table().drop(columns=[t for t in TARGETS if t != target])
+    table.to_csv(folder / "train.csv", index=False)
+    spec = {"name": name, "data": {"source": "train.csv", "target": target}}
     if features:
         spec["features"] = features
     (folder / "everloop.yaml").write_text(yaml.safe_dump(spec))
@@ -168,17 +171,10 @@ def test_answers_that_differ_from_the_models_own_refuse_the_import_naming_the_co
     rng = np.random.default_rng(1)
     table = pd.DataFrame({"x": rng.normal(size=300), "day": rng.choice(["2024-01-01", "2024-02-01"], 300)})
     table["y"] = (table["x"] + 2 * (table["day"] == "2024-02-01") + rng.normal(size=300) > 1).astype(int)
-    folder = tmp_path / "p"
-    folder.mkdir()
-    table.to_csv(folder / "train.csv", index=False)
-    (folder / "everloop.yaml").write_text(yaml.safe_dump({"name": "d", "data": {"source": "train.csv",
-                                                                                 "target": "y"}}))
-    spec, store = load_spec(folder), Store.for_project(folder)
-    data.ingest(store, spec, base=folder)
-    X = pd.read_csv(folder / "train.csv")
+    folder, spec, store, X, y = _project(tmp_path / "p", table=table, name="d")
     pipeline = Pipeline([("prep", ColumnTransformer([("oh", OneHotEncoder(handle_unknown="ignore"), ["day"])],
                                                     remainder="passthrough")),
-                         ("clf", LogisticRegression())]).fit(X[["x", "day"]], X["y"])
+                         ("clf", LogisticRegression())]).fit(X[["x", "day"]], y)
     joblib.dump(pipeline, folder / "model.joblib")
     with pytest.raises(TrainError) as refused:
         registry.import_model(store, spec, folder / "model.joblib", 1)
@@ -295,14 +291,8 @@ def _tricky(folder: Path) -> tuple[object, Store, pd.DataFrame, pd.Series]:
                           "size": rng.choice(["S", "M", "L"], rows), "amount": rng.normal(10, 4, rows).round(2)})
     signal = 2.5 * table["country"].isna() + (table["answer"] == "yes") + (table["amount"] - 10) / 4
     table["y"] = (signal + rng.normal(size=rows) > 1.2).astype(int)
-    folder.mkdir(parents=True)
-    table.to_csv(folder / "train.csv", index=False)
-    (folder / "everloop.yaml").write_text(yaml.safe_dump({"name": "tricky", "data": {"source": "train.csv",
-                                                                                      "target": "y"}}))
-    spec, store = load_spec(folder), Store.for_project(folder)
-    data.ingest(store, spec, base=folder)
-    X = pd.read_csv(folder / "train.csv")
-    return spec, store, X, X.pop("y")
+    _, spec, store, X, y = _project(folder, table=table, name="tricky")
+    return spec, store, X, y
 
 
 TRICKY = {
@@ -438,16 +428,9 @@ def test_a_csv_or_text_given_as_the_model_says_what_it_is(tmp_path):
 
 
 def test_a_column_the_schema_ignores_is_named_with_why_and_the_fix(tmp_path):
-    folder = tmp_path / "p"
-    folder.mkdir()
     table = _table().drop(columns=["label", "amount"])
     table.insert(0, "customer_id", [f"C{n:05d}" for n in range(len(table))])  # left out: looks like an id
-    table.to_csv(folder / "train.csv", index=False)
-    (folder / "everloop.yaml").write_text(yaml.safe_dump({"name": "ids", "data": {"source": "train.csv",
-                                                                                   "target": "y"}}))
-    spec, store = load_spec(folder), Store.for_project(folder)
-    data.ingest(store, spec, base=folder)
-    X, y = table.drop(columns="y"), table["y"]
+    folder, spec, store, X, y = _project(tmp_path / "p", table=table, name="ids")
     pipeline = Pipeline([("prep", ColumnTransformer([("oh", OneHotEncoder(handle_unknown="ignore"),
                                                       ["plan", "customer_id"])], remainder="drop")),
                          ("clf", LogisticRegression())]).fit(X, y)
