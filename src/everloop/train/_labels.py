@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -128,23 +128,30 @@ def label_parser(task: str, classes: list[Any] | None) -> Callable[[Any], Any]:
     return parse
 
 
-_WHOLE = re.compile(r"[+-]?\d+(?:\.0*)?")
+_WHOLE = re.compile(r"[+-]?(?:0|[1-9]\d*)(?:\.0*)?")  # `007` is a code (its zeros are part of it), not 7
+
+
+def whole_numbers(texts: Iterable[str]) -> dict[str, int]:
+    """{text: its number} when every text spells a whole number ("0", " 1", "1.0": an int label column
+    with nulls, as pandas writes it) and no two texts spell the same number; else {} ("1" among "a",
+    "b" is a name; "1" and "1.0" together: which would 1 mean?). The one rule for labels that are
+    numbers written as text, used by `as_labels` and `label_parser`."""
+    out: dict[str, int] = {}
+    for text in set(texts):
+        spelled = text.strip()
+        if not _WHOLE.fullmatch(spelled):
+            return {}
+        try:
+            out[text] = int(spelled.split(".")[0])
+        except ValueError:  # more than 4300 digits: no label spells that
+            return {}
+    return out if len(set(out.values())) == len(out) else {}
 
 
 def _whole_number_classes(classes: list[Any]) -> dict[int, str]:
-    """{number: class} for string classes when every string class spells a whole number ("0", "1.0"),
-    so that a label 0 finds the class "0.0"; empty when any does not (a "1" among "a", "b" is a name,
-    not a number) or when two spell the same number ("1" and "1.0": which would 1 mean?)."""
-    texts = [c for c in classes if isinstance(c, str)]
-    if not texts or not all(_WHOLE.fullmatch(t.strip()) for t in texts):
-        return {}
-    try:
-        numbers = [int(t.strip().split(".")[0]) for t in texts]
-    except ValueError:  # more than 4300 digits: no label spells that
-        return {}
-    if len(set(numbers)) != len(numbers):
-        return {}
-    return dict(zip(numbers, texts))
+    """{number: class} for string classes that all spell whole numbers (see `whole_numbers`), so that a
+    label 0 finds the class "0.0"."""
+    return {number: text for text, number in whole_numbers(c for c in classes if isinstance(c, str)).items()}
 
 
 def _parse_number(value: Any) -> float:

@@ -30,6 +30,7 @@ from everloop.features import build_features, custom_source_hash
 from everloop.spec import ProjectSpec
 from everloop.store import Store
 from everloop.train._artifact import save_model
+from everloop.train._labels import whole_numbers
 from everloop.train._metrics import REGRESSION, all_metrics, bootstrap_scores, improvement, score
 from everloop.train._rows import HASH_COLUMN, row_hashes
 
@@ -67,14 +68,13 @@ def task_of(schema: Schema) -> str:
 
 def as_labels(values: Any) -> np.ndarray:
     """Class labels in their natural type: integer-like values ("0", "1", and "0.0"/1.0 as pandas writes
-    an int column with nulls) become ints, unless two distinct spellings would become one class."""
+    an int column with nulls) become ints, by the rule of `whole_numbers` (not `007`, not when two
+    distinct spellings would become one class)."""
     series = pd.Series(values, dtype=object)
     spelled = series.map(lambda v: str(v).strip())
-    # `007` stays a code (a leading zero is part of the label)
-    if len(series) and spelled.str.fullmatch(r"[+-]?(?:0|[1-9]\d*)(?:\.0*)?").all():
-        ints = spelled.map(lambda v: int(v.split(".")[0]))
-        if ints.nunique() == spelled.nunique():  # "1" and "1.0" both present: keep them apart
-            return ints.to_numpy(dtype=np.int64)
+    numbers = whole_numbers(spelled.unique()) if len(series) else {}
+    if numbers:
+        return spelled.map(numbers).to_numpy(dtype=np.int64)
     return series.to_numpy()
 
 
