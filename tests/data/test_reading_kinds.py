@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from everloop import data
 from everloop.batch import score_file
 from everloop.data import ColumnSchema, Schema, iter_batches
-from everloop.data._schema import NULL_TOKENS, _epoch_seconds
+from everloop.data._schema import NULL_TOKENS
+from everloop.data._stats import epoch_seconds
 from everloop.data._stats import ColumnStats
 from everloop.errors import DataError
 from everloop.serve import create_app
@@ -294,7 +295,7 @@ def test_datetimes_out_of_range_are_warned_about_like_numbers():
     stats = ColumnStats("datetime")  # year 9999 is past pandas' nanoseconds: still counted
     stats.update(pd.Series(pd.to_datetime(["9999-12-31", "0001-01-01"], utc=True, format="ISO8601")))
     assert (stats.min, stats.max) == (-62135596800.0, 253402214400.0)
-    assert _epoch_seconds(pd.Series(pd.to_datetime(["1970-01-02"], utc=True))).tolist() == [86400.0]
+    assert epoch_seconds(pd.Series(pd.to_datetime(["1970-01-02"], utc=True))).tolist() == [86400.0]
 
 
 def test_the_service_warns_per_row_about_datetimes_out_of_range():

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from everloop.data._stats import epoch_seconds
+
 BINS = 1000
 MISSING_CATEGORY = "__missing__"  # missing categorical values, as one category (the features use it too)
 MAX_CATEGORIES = 1000
@@ -187,10 +189,7 @@ class Profile:
 def numbers(series: pd.Series) -> np.ndarray:
     """A column as float64: numbers as they are, date/times as seconds since the epoch, the rest NaN."""
     if pd.api.types.is_datetime64_any_dtype(series):
-        # whatever the resolution (ns, us, s): seconds, the unit of stored profiles and schema ranges
-        stamps = series.dt.tz_convert("UTC").dt.tz_localize(None) if series.dt.tz is not None else series
-        since = stamps.dt.as_unit("us") - pd.Timestamp(0).as_unit("us")
-        return since.dt.total_seconds().to_numpy(dtype=float, na_value=np.nan)
+        return epoch_seconds(series)  # whatever the resolution: seconds, as stored profiles and ranges
     if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
         return series.to_numpy(dtype=float, na_value=np.nan)
     parsed = pd.to_numeric(series, errors="coerce")

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from everloop._jsonable import jsonable
-from everloop.data._stats import MAX_TRACKED_CATEGORIES, DatasetStats
+from everloop.data._stats import MAX_TRACKED_CATEGORIES, DatasetStats, epoch_seconds
 from everloop.errors import DataError
 from everloop.spec import ProjectSpec
 
@@ -1184,12 +1184,6 @@ def _localize(naive: pd.Series, timezone: str | None) -> tuple[pd.Series, np.nda
     return local.dt.tz_convert("UTC"), skipped
 
 
-def _epoch_seconds(times: pd.Series) -> np.ndarray:
-    """UTC date/times as seconds since 1970-01-01 (float; NaN for NaT), whatever their resolution."""
-    since = times.dt.as_unit("us") - pd.Timestamp(0, tz="UTC").as_unit("us")  # in us: years 1 .. 9999 fit
-    return since.dt.total_seconds().to_numpy(dtype=float, na_value=np.nan)
-
-
 def _iso(seconds: float) -> str:
     """Seconds since the epoch as ISO 8601 text in UTC (`2026-03-01T06:15:00Z`)."""
     stamp = pd.Timestamp(round(seconds * 1e6), unit="us", tz="UTC")
@@ -1335,7 +1329,7 @@ def _check_datetime(col: ColumnSchema, series: pd.Series, checked: Checked) -> t
          f"local times that do not exist in {col.timezone} (the clock skips them when summer time starts): "
          "read as the time after the gap")
     if col.min is not None or col.max is not None:
-        seconds = _epoch_seconds(result)
+        seconds = epoch_seconds(result)
         lo, hi = _finite_range(seconds)
         if lo is not None and col.min is not None and lo < col.min:
             _add(checked, col.name, "out_of_range", "warning", seconds < col.min, series,

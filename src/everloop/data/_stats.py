@@ -51,7 +51,7 @@ class ColumnStats:
                     self.other += int(n)
         elif self.kind == "datetime" and nulls < len(series):
             # seconds since the epoch (UTC; naive times as UTC), exact for years 1 .. 9999 (no nanoseconds)
-            lo_s, hi_s = (_seconds(pd.Timestamp(t)) for t in (series.min(), series.max()))
+            lo_s, hi_s = epoch_seconds(pd.Series([pd.Timestamp(series.min()), pd.Timestamp(series.max())]))
             self.min = lo_s if self.min is None else min(self.min, lo_s)
             self.max = hi_s if self.max is None else max(self.max, hi_s)
 
@@ -104,10 +104,14 @@ class ColumnStats:
         return stats
 
 
-def _seconds(stamp: pd.Timestamp) -> float:
-    if stamp.tzinfo is None:
-        stamp = stamp.tz_localize("UTC")
-    return (stamp.as_unit("us") - pd.Timestamp(0, tz="UTC").as_unit("us")).total_seconds()
+def epoch_seconds(times: pd.Series) -> np.ndarray:
+    """Date/times as seconds since 1970-01-01 UTC (float64; NaN for NaT), naive times read as UTC, whatever
+    their resolution: computed in microseconds, so years 1 .. 9999 fit. The one conversion behind date/time
+    statistics, schema ranges and profiles."""
+    if times.dt.tz is not None:
+        times = times.dt.tz_convert("UTC").dt.tz_localize(None)
+    since = times.dt.as_unit("us") - pd.Timestamp(0).as_unit("us")
+    return since.dt.total_seconds().to_numpy(dtype=float, na_value=np.nan)
 
 
 class DatasetStats:

@@ -24,7 +24,8 @@ import pandas as pd
 
 from everloop._jsonable import jsonable
 from everloop.data import ColumnSchema, Schema
-from everloop.data._schema import _epoch_seconds, _iso  # how the schema records date/time ranges
+from everloop.data._schema import _iso  # how the schema writes date/times
+from everloop.data._stats import epoch_seconds  # how the schema records date/time ranges
 from everloop.serve._log import LogEntry
 from everloop.serve._protocols import Rows
 from everloop.train import TrainedModel
@@ -115,7 +116,7 @@ class RowWarnings:
             times = pd.Series(columns[col.name])
             if not isinstance(times.dtype, pd.DatetimeTZDtype):  # conformed times are UTC already
                 times = pd.to_datetime(times, utc=True, errors="coerce")
-            seconds = _epoch_seconds(times)
+            seconds = epoch_seconds(times)
             lo = -np.inf if col.min is None else col.min
             hi = np.inf if col.max is None else col.max
             usual = (seconds >= lo) & (seconds <= hi)
