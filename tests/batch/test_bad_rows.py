@@ -47,9 +47,11 @@ def test_bad_rows_are_set_aside_and_the_rest_scored_as_alone(trained, tmp_path):
     frame.drop(index=list(BAD)).to_csv(tmp_path / "good.csv", index=False)
     alone = score_file(store, tmp_path / "good.csv", tmp_path / "alone.parquet", chunk_rows=3000)
     assert alone.rejected == 0 and alone.rejected_output is None
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out.parquet"),
-                                  pd.read_parquet(tmp_path / "alone.parquet"))
+    ours, theirs = pd.read_parquet(tmp_path / "out.parquet"), pd.read_parquet(tmp_path / "alone.parquet")
+    pd.testing.assert_frame_equal(ours.drop(columns="prediction_id"), theirs.drop(columns="prediction_id"))
+    assert ours["prediction_id"].is_unique  # one id per scored row
     assert not (tmp_path / "alone.rejected.parquet").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".*.everloop-job"))  # the job's parts go once the output is whole
 
 
 def test_csv_output_gets_a_csv_side_file_and_a_stale_one_goes(trained, tmp_path):

@@ -137,7 +137,7 @@ def test_predict_writes_csv_and_parquet_by_extension_with_kept_columns_and_file_
 
     as_csv = pd.read_csv(tmp_path / "out.csv")
     as_parquet = pd.read_parquet(tmp_path / "out.parquet")
-    scored = ["prediction", "proba_0", "proba_1", "model_version"]
+    scored = ["prediction", "proba_0", "proba_1", "model_version", "prediction_id"]
     assert list(as_csv.columns) == ID_TIME + ["plan", "age"] + scored
     assert list(as_parquet.columns) == ID_TIME + scored
     assert json.loads(csv_run.out)["columns"] == list(as_csv.columns)

@@ -1,5 +1,5 @@
-"""Batch scoring through the same artifact as the service, streamed in chunks."""
+"""Batch scoring through the same artifact as the service, streamed in chunks, resumable."""
 
-from everloop.batch._score import BatchResult, score_file
+from everloop.batch._score import BatchResult, BatchWriter, ChunkScorer, ScoredChunk, count_rows, score_file
 
-__all__ = ["BatchResult", "score_file"]
+__all__ = ["BatchResult", "BatchWriter", "ChunkScorer", "ScoredChunk", "count_rows", "score_file"]

@@ -1,29 +1,34 @@
-"""Batch scoring: a file streamed in chunks through the production artifact into a CSV or Parquet file.
+"""Batch scoring: a source streamed in chunks through the production artifact into a CSV or Parquet file.
 
-The output's format follows its extension; it is written to a temporary file beside it and renamed
-into place, so it appears whole or not at all, with the mode any new file gets (the umask decides).
-Rows with errors of their own are set aside (unless `strict`) into a side file of the same format,
-`<output stem>.rejected<suffix>`, written the same way: the input's columns as text, `row` (data row
-from 1) and `reason`. Whole-file problems (a missing column, an unreadable file) refuse everything.
+`ChunkScorer` validates and scores one chunk (the same checks, fast feature path and compiled trees as
+the service); `BatchWriter` numbers the rows, adds prediction ids, logs them and keeps each chunk as a
+finished part of a resumable job (`everloop.batch._job`) until the output is joined, whole, under its
+name (through a temporary file and a rename, with the mode any new file gets). Rows with errors of
+their own are set aside (unless `strict`) into a side file of the same format, `<output
+stem>.rejected<suffix>`: `row` (data row from 1), the input's columns as text and `reason`.
+Whole-file problems (a missing column, an unreadable file) refuse everything.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from everloop.data import Anomaly, ValidationReport, iter_batches
+from everloop.batch._job import PART, REJECTED, Job, fingerprint, prediction_ids
+from everloop.data import Anomaly, ValidationReport, iter_batches, source_files
 from everloop.errors import DataError
 from everloop.registry import PRODUCTION, load_model
-from everloop.store import Store
+from everloop.spec import SqlSource
+from everloop.store import Store, prediction_log
 from everloop.train import TrainedModel
 
 
@@ -47,6 +52,11 @@ class BatchResult:
     rejected: int = 0
     rejected_output: str | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
+    logged: int = 0  # predictions written to the prediction log
+    resumed_chunks: int = 0  # chunks an earlier, killed run had finished (with `resume`)
+    discarded_chunks: int = 0  # chunks of an unfinished earlier run started afresh (without `resume`)
+    seconds: float = 0.0
+    compiled: bool = False  # a compiled tree ensemble scored the rows
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,96 +84,250 @@ def rejected_path(output: str | Path) -> Path:
     return output.with_name(f"{output.stem}.rejected{output.suffix}")
 
 
-def score_file(store: Store, source: str | Path, output: str | Path, *, model: int | str = PRODUCTION,
-               chunk_rows: int = 100_000, keep: Sequence[str] = (),
-               progress: Callable[[int], None] | None = None, strict: bool = False) -> BatchResult:
-    """Score every row of a CSV/Parquet file (or folder or glob of them) into `output`, whose extension sets
-    its format (.csv, or .parquet/.pq); the output appears whole or not at all.
+def score_file(store: Store, source: str | Path | SqlSource, output: str | Path, *,
+               model: int | str = PRODUCTION, chunk_rows: int = 100_000, keep: Sequence[str] = (),
+               progress: Callable[[int], None] | None = None, strict: bool = False, resume: bool = False,
+               log: bool = False, compile_trees: bool | None = None) -> BatchResult:
+    """Score every row of a CSV/Parquet file (or folder or glob of them) or SQL query into `output`, whose
+    extension sets its format (.csv, or .parquet/.pq); the output appears whole or not at all.
 
     The output has the input's id and timestamp columns (those the schema names, when present), the
-    `keep` columns as they were read, then `prediction`, `proba_<class>` per class (classifiers) and
-    `model_version`. Rows with errors of their own go to `rejected_path(output)` with their reasons
-    (see the module docstring); a side file left there by an earlier run is removed when none is set
-    aside. Raises DataError for an unsupported output extension, a `keep` column the input lacks or
-    whose name an output column takes, unreadable input, a missing column, no row left to score, or
-    (with `strict`) any row with errors: nothing is written then. NotFoundError for an unknown model
-    version or alias."""
+    `keep` columns as they were read, then `prediction`, `proba_<class>` per class (classifiers),
+    `model_version` and `prediction_id`. Rows with errors of their own go to `rejected_path(output)` with
+    their reasons (see the module docstring); a side file left there by an earlier run is removed when
+    none is set aside. Finished chunks are kept until the output is whole (see `everloop.batch._job`):
+    `resume` continues a killed run of the same command where it stopped, with a byte-identical result.
+    `log` writes the predictions to the store's prediction log (ids as in the output, the id column's
+    values as keys), so the monitor sees them and labels join them. `compile_trees`: serve a tree
+    ensemble compiled to native code, once it answers like scikit-learn (None: when the input has at
+    least COMPILE_ROWS rows, where compiling pays for itself).
+
+    Raises DataError for an unsupported output extension, a `keep` column the input lacks or whose name
+    an output column takes, unreadable input, a missing column, no row left to score, or (with `strict`)
+    any row with errors: nothing is written then; for `resume` without an unfinished run, or one whose
+    input or options differ. NotFoundError for an unknown model version or alias."""
     kind = output_format(output)  # before any work: a wrong name must not cost a whole scoring run
-    source = Path(source).resolve()
     target = Path(output).resolve()
-    side = rejected_path(target)
-    if source in (target, side) or (source.is_dir() and source in target.parents):
-        raise DataError(f"{output}: the output would overwrite (or land inside) the input {source}; "
-                        "write the predictions elsewhere", path=str(output))
+    if not isinstance(source, SqlSource):
+        source = Path(source)
+        resolved = source.resolve()
+        if resolved in (target, rejected_path(target)) or (resolved.is_dir() and resolved in target.parents):
+            raise DataError(f"{output}: the output would overwrite (or land inside) the input {resolved}; "
+                            "write the predictions elsewhere", path=str(output))
     if not target.parent.is_dir():  # a typo in a path must not create a new tree of folders
         raise DataError(f"{output}: the folder {target.parent} does not exist; create it first",
                         path=str(output))
     trained = load_model(store, model)
-    # Read by the model's schema, never inferred again: CSV cells arrive as text and each column is parsed
-    # as the first ingest read it (bool spellings, codes with leading zeros, number formats, date/times).
-    chunks = iter_batches(source, types=trained.schema.kinds, batch_rows=chunk_rows)
-    return score_chunks(trained, chunks, Path(output), progress=progress, keep=keep, kind=kind, strict=strict)
-
-
-def score_chunks(trained: TrainedModel, chunks: Iterable[pd.DataFrame], output: Path,
-                 progress: Callable[[int], None] | None = None, keep: Sequence[str] = (),
-                 kind: str | None = None, strict: bool = False) -> BatchResult:
-    """Score `chunks` into `output` (format `kind`, else from its extension) through a temporary file
-    beside it, renamed into place at the end, and set rows with errors aside; see `score_file`."""
-    kind = kind or output_format(output)
-    side = rejected_path(output)
-    scored = _TempFile(output, kind)
-    aside: _TempFile | None = None  # made at the first bad row: no side file when every row is good
-    offset = 0  # input rows read so far
-    report = ValidationReport(rows=0)
-    passthrough = [c.name for c in trained.schema.columns if c.role in ("id", "timestamp")]
-    columns: list[str] = []
+    total = count_rows(source)
+    if compile_trees is None:
+        compile_trees = total is not None and total >= COMPILE_ROWS
+    settings = {"source": fingerprint(source), "model_version": trained.version, "chunk_rows": chunk_rows,
+                "keep": list(keep), "strict": strict, "log": log, "compile_trees": bool(compile_trees)}
+    job = Job(Path(output), kind, settings, resume)
     try:
-        for chunk in chunks:
-            if not offset:
-                passthrough = _output_columns(passthrough, list(keep), list(chunk.columns), trained)
-            checked = trained.schema.check(chunk, mode="request", coerce=True)
-            checked.report.anomalies = [a for a in checked.report.anomalies  # --keep asked for these
-                                        if not (a.kind == "unexpected_column" and a.column in keep)]
-            report.merge(checked.report, offset)
-            whole_file = [a for a in checked.report.errors if a.kind in ("missing_column", "empty")]
-            if whole_file or (strict and not checked.report.ok):
-                problems = "\n".join(f"  - {a.describe()}" for a in report.errors)
-                raise DataError(f"rows do not match the model's schema; nothing was written (rows count data "
-                                f"rows from 1):\n{problems}", report=report)
-            features, good = checked.frame, chunk
-            if checked.bad_rows is not None:
-                bad = checked.bad_rows
-                aside = aside or _TempFile(side, kind)
-                aside.write(_rejected_rows(chunk, bad, checked.row_reasons(), offset), offset)
-                features, good = features[~bad], chunk[~bad]
-            if len(good):
-                scored.write(_scored_rows(trained, features, good, passthrough), offset)
-                columns = scored.columns
-            offset += len(chunk)
-            if progress:
-                progress(len(chunk))
-        if offset == 0:  # the same anomaly (and exit code) as `validate` and `ingest` give a header-only file
-            report.anomalies.append(Anomaly("*", "empty", "error", 0, "no rows"))
-            raise DataError("the input has no rows; nothing was written", report=report)
-        if scored.rows == 0:
-            problems = "\n".join(f"  - {a.describe()}" for a in report.errors)
-            raise DataError(f"every row has errors; nothing was written (rows count data rows from 1):\n"
-                            f"{problems}", report=report)
-        if aside is not None:  # the side file first: an output never appears without its rejected rows
-            aside.commit()
-        else:  # one left by an earlier run into this output would describe rows it no longer had
-            side.unlink(missing_ok=True)
-        scored.commit()
+        speed_up(store, trained, compile_trees)
+        scorer = ChunkScorer(trained, keep=keep, strict=strict, log=log)
+        # Read by the model's schema, never inferred again: CSV cells arrive as text and each column is
+        # parsed as the first ingest read it (bool spellings, codes with leading zeros, number formats, dates).
+        chunks = iter_batches(source, types=trained.schema.kinds, batch_rows=chunk_rows)
+        writer = BatchWriter(job, trained, store if log else None, progress)
+        for chunk in writer.pending(chunks):
+            writer.add(scorer(chunk))
+        result = writer.finish()
+    except DataError:  # the same input would fail again: nothing to resume
+        job.remove()
+        raise
     finally:
-        scored.discard()
-        if aside is not None:
-            aside.discard()
-    anomalies = report.to_dict()["anomalies"]
-    return BatchResult(scored.rows, str(output), trained.version, kind, columns,
-                       [a for a in anomalies if a["severity"] == "warning"],
-                       aside.rows if aside else 0, str(side) if aside else None,
-                       [a for a in anomalies if a["severity"] == "error"])
+        job.close()
+    return result
+
+
+COMPILE_ROWS = 200_000  # compiling takes seconds; it pays for itself on about this many rows
+
+
+def count_rows(source: Path | SqlSource) -> int | None:
+    """Rows in a source, for progress and an ETA, without reading it: Parquet files' metadata, or CSV
+    files' line breaks less one header each (a quoted line break counts one more); None for SQL or a
+    file that cannot be read (the reading itself then says why)."""
+    if isinstance(source, SqlSource):
+        return None
+    try:
+        total = 0
+        for path in source_files(source):
+            if path.suffix.lower() in (".parquet", ".pq"):
+                total += pq.ParquetFile(path).metadata.num_rows
+            else:
+                total += max(0, _line_breaks(path) - 1)
+        return total
+    except Exception:
+        return None
+
+
+def _line_breaks(path: Path) -> int:
+    count, last = 0, b"\n"
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")  # a last line without its line break
+
+
+def speed_up(store: Store, trained: TrainedModel, compile_trees: bool) -> None:
+    """The service's fast paths for `trained`, each only once it gives the pipeline's answers on the
+    model's evaluation rows: the numpy feature path (`TrainedModel.check_fast_path`) and, with
+    `compile_trees`, the tree ensemble compiled to native code (`everloop.serve._compiled`, cached beside
+    the store; all cores, as a batch job has the machine to itself)."""
+    from everloop.registry import eval_frame
+    from everloop.serve._compiled import compile_trees as compile_
+
+    probe = eval_frame(store, trained.manifest).head(200)
+    if trained.check_fast_path(probe) and compile_trees:
+        trained.compiled = compile_(trained.pipeline.named_steps["model"], trained.task == "classification",
+                                    trained.probe_encoded(probe), store.root / "compiled",
+                                    nthread=os.cpu_count() or 1)
+
+
+@dataclass
+class ScoredChunk:
+    """One chunk of input rows scored: what `ChunkScorer` returns, knowing nothing of where the chunk
+    sits in the input (`BatchWriter` numbers rows and assigns prediction ids)."""
+
+    rows: int  # input rows in the chunk
+    report: ValidationReport  # its anomalies, rows numbered from 0 within the chunk
+    scored: pd.DataFrame | None = None  # the good rows' output columns, except prediction_id
+    rejected: pd.DataFrame | None = None  # the bad rows as text and their reasons, except the row number
+    bad: np.ndarray | None = None  # positions of the bad rows in the chunk
+    features: pd.DataFrame | None = None  # the good rows' conformed features (for the prediction log)
+    refused: bool = False  # a whole-file problem, or a bad row under `strict`: nothing may be written
+
+
+class ChunkScorer:
+    """Validates and scores one chunk of input rows at a time: `scorer(chunk) -> ScoredChunk`. Rows with
+    errors of their own are set aside unless `strict`; `keep` input columns are copied to the output;
+    with `log`, the conformed features come back too."""
+
+    def __init__(self, trained: TrainedModel, keep: Sequence[str] = (), strict: bool = False,
+                 log: bool = False) -> None:
+        self.trained, self.keep, self.strict, self.log = trained, list(keep), strict, log
+        self._roles = [c.name for c in trained.schema.columns if c.role in ("id", "timestamp")]
+        self._passthrough: list[str] | None = None
+
+    def __call__(self, chunk: pd.DataFrame) -> ScoredChunk:
+        trained = self.trained
+        if self._passthrough is None:
+            self._passthrough = _output_columns(self._roles, self.keep, list(chunk.columns), trained)
+        checked = trained.schema.check(chunk, mode="request", coerce=True)
+        checked.report.anomalies = [a for a in checked.report.anomalies  # --keep asked for these
+                                    if not (a.kind == "unexpected_column" and a.column in self.keep)]
+        whole_file = any(a.kind in ("missing_column", "empty") for a in checked.report.errors)
+        if whole_file or (self.strict and not checked.report.ok):
+            return ScoredChunk(len(chunk), checked.report, refused=True)
+        out = ScoredChunk(len(chunk), checked.report)
+        features, good = checked.frame, chunk
+        if checked.bad_rows is not None:
+            bad = checked.bad_rows
+            out.bad = np.flatnonzero(bad)
+            out.rejected = _rejected_rows(chunk, bad, checked.row_reasons())
+            features, good = features[~bad], chunk[~bad]
+        if len(good):
+            out.scored = _scored_rows(trained, features, good, self._passthrough)
+            if self.log:
+                out.features = features
+        return out
+
+
+class BatchWriter:
+    """Takes the `ScoredChunk`s of one job in input order: numbers their rows, adds prediction ids, keeps
+    each as a finished part of `job`, logs it (with `store`) and reports progress; `finish` joins the
+    parts into the output and its side file."""
+
+    def __init__(self, job: Job, trained: TrainedModel, store: Store | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.job, self.trained, self.store, self.progress = job, trained, store, progress
+        self.started = time.monotonic()
+        self.logged = 0
+        if store is not None:  # a resumed job logs its unfinished chunk again; a job run again replaces its rows
+            batches = store.tables.prediction_batches
+            with store.engine.begin() as conn:
+                conn.execute(batches.delete().where(batches.c.worker == job.prefix,
+                                                    batches.c.first_counter > job.scored))
+
+    def pending(self, chunks: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        """`chunks` less those a resumed job finished already (read again, as the input is read in order,
+        but not scored)."""
+        for n, chunk in enumerate(chunks):
+            if n < self.job.resumed_chunks:
+                if self.progress:
+                    self.progress(len(chunk))
+                continue
+            yield chunk
+
+    def add(self, chunk: ScoredChunk) -> None:
+        job = self.job
+        if chunk.refused:
+            report = ValidationReport(rows=0)
+            report.merge(job.report, 0)
+            report.merge(chunk.report, job.rows)
+            problems = "\n".join(f"  - {a.describe()}" for a in report.errors)
+            raise DataError(f"rows do not match the model's schema; nothing was written (rows count data "
+                            f"rows from 1):\n{problems}", report=report)
+        scored, rejected, first = chunk.scored, chunk.rejected, job.scored + 1
+        if rejected is not None:
+            rejected.insert(0, _free_name("row", rejected.columns), chunk.bad + job.rows + 1)
+        if scored is not None:
+            counters = np.arange(first, first + len(scored))
+            scored["prediction_id"] = pd.arrays.ArrowStringArray(prediction_ids(job.prefix, counters))
+        job.finish_chunk(scored, rejected, chunk.report, chunk.rows, log=lambda: self._log(chunk, scored, first))
+        if self.progress:
+            self.progress(chunk.rows)
+
+    def _log(self, chunk: ScoredChunk, scored: pd.DataFrame | None, first: int) -> None:
+        if self.store is None or scored is None:
+            return
+        trained = self.trained
+        ids = scored["prediction_id"]
+        keys = self._keys(scored)
+        proba = None
+        if trained.task == "classification":
+            proba = scored[[f"proba_{c}" for c in trained.classes]].to_numpy(dtype=np.float64)
+        features = pa.Table.from_pandas(chunk.features[trained.schema.feature_names], preserve_index=False)
+        row = prediction_log.batch_row(self.job.prefix, first, features,
+                                       scored["prediction"].to_numpy(), proba, trained.classes, time.time(),
+                                       trained.version, keys=keys)
+        with self.store.engine.begin() as conn:
+            conn.execute(self.store.tables.prediction_batches.insert(), [row])
+        self.logged += len(ids)
+
+    def _keys(self, scored: pd.DataFrame) -> pa.Array | None:
+        ids = [c.name for c in self.trained.schema.columns if c.role == "id"]
+        if not ids or ids[0] not in scored.columns:
+            return None
+        return pa.array(scored[ids[0]].astype("string"), type=pa.string())
+
+    def finish(self) -> BatchResult:
+        job, output = self.job, self.job.output
+        if job.rows == 0:  # the same anomaly (and exit code) as `validate` and `ingest` give a header-only file
+            job.report.anomalies.append(Anomaly("*", "empty", "error", 0, "no rows"))
+            raise DataError("the input has no rows; nothing was written", report=job.report)
+        if job.scored == 0:
+            problems = "\n".join(f"  - {a.describe()}" for a in job.report.errors)
+            raise DataError(f"every row has errors; nothing was written (rows count data rows from 1):\n"
+                            f"{problems}", report=job.report)
+        side = rejected_path(output)
+        # the side file first: an output never appears without its rejected rows; an old one left by an
+        # earlier run into this output would describe rows it no longer had
+        if not job.join(REJECTED, side):
+            side.unlink(missing_ok=True)
+        job.join(PART, output)
+        job.remove()
+        seconds = time.monotonic() - self.started
+        anomalies = job.report.to_dict()["anomalies"]
+        return BatchResult(job.scored, str(output), self.trained.version, job.kind, job.columns,
+                           [a for a in anomalies if a["severity"] == "warning"],
+                           job.rejected, str(side) if job.rejected else None,
+                           [a for a in anomalies if a["severity"] == "error"], logged=self.logged,
+                           resumed_chunks=job.resumed_chunks, discarded_chunks=job.discarded,
+                           seconds=round(seconds, 3), compiled=self.trained.compiled is not None)
 
 
 def _scored_rows(trained: TrainedModel, features: pd.DataFrame, rows: pd.DataFrame,
@@ -180,14 +344,11 @@ def _scored_rows(trained: TrainedModel, features: pd.DataFrame, rows: pd.DataFra
     return out
 
 
-def _rejected_rows(chunk: pd.DataFrame, bad: np.ndarray, reasons: np.ndarray, offset: int) -> pd.DataFrame:
-    """The side file's rows: the `bad` rows of `chunk` as text (nulls kept), their data row numbers from 1
-    (`offset` rows came before the chunk) and reasons. `row`/`reason` get a leading '_' while the input
-    has a column of that name."""
+def _rejected_rows(chunk: pd.DataFrame, bad: np.ndarray, reasons: np.ndarray) -> pd.DataFrame:
+    """The side file's rows, less their row numbers: the `bad` rows of `chunk` as text (nulls kept) and
+    their reasons (`reason` gets a leading '_' while the input has a column of that name)."""
     out = chunk[bad].astype("string").reset_index(drop=True)
-    row, reason = _free_name("row", out.columns), _free_name("reason", out.columns)
-    out.insert(0, row, np.flatnonzero(bad) + offset + 1)
-    out[reason] = pd.array(reasons, dtype="string")
+    out[_free_name("reason", out.columns)] = pd.array(reasons, dtype="string")
     return out
 
 
@@ -198,48 +359,6 @@ def _free_name(name: str, taken: Iterable[str]) -> str:
     return name
 
 
-class _TempFile:
-    """Frames appended to a new temporary file beside `path` (csv or parquet); `commit` renames it onto
-    `path`, `discard` removes what is left (always safe to call)."""
-
-    def __init__(self, path: Path, kind: str) -> None:
-        self.path, self.kind = path, kind
-        try:
-            self.tmp, self.handle = _new_temp(path)
-        except OSError as exc:
-            raise DataError(f"{path}: cannot write there: {exc.strerror or exc}", path=str(path)) from None
-        self.writer: pq.ParquetWriter | None = None
-        self.rows = 0
-        self.columns: list[str] = []
-
-    def write(self, frame: pd.DataFrame, offset: int) -> None:
-        """Append `frame`, whose first row is data row `offset + 1` of the input (named in type errors)."""
-        if self.kind == "csv":
-            frame.to_csv(self.handle, header=self.rows == 0, index=False)
-        else:
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            if self.writer is None:
-                self.writer = pq.ParquetWriter(self.handle, table.schema)
-            elif table.schema != self.writer.schema:  # e.g. a kept column that is all null in one chunk
-                table = _same_types(table, self.writer.schema, offset)
-            self.writer.write_table(table)
-        self.rows += len(frame)
-        self.columns = [str(c) for c in frame.columns]
-
-    def commit(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        self.handle.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.handle.close()
-        self.tmp.unlink(missing_ok=True)
-
-
 def _output_columns(passthrough: list[str], keep: list[str], present: list[str],
                     trained: TrainedModel) -> list[str]:
     """The input columns the output carries: the schema's id/timestamp columns the input has, then `keep`.
@@ -248,29 +367,10 @@ def _output_columns(passthrough: list[str], keep: list[str], present: list[str],
     if missing:
         raise DataError(f"--keep {', '.join(missing)}: not a column of the input; its columns are: "
                         f"{', '.join(present)}")
-    made = {"prediction", "model_version"} | {f"proba_{c}" for c in trained.classes or []}
+    made = {"prediction", "model_version", "prediction_id"} | {f"proba_{c}" for c in trained.classes or []}
     clash = [c for c in keep if c in made]
     if clash:
         raise DataError(f"--keep {', '.join(clash)}: the output makes a column of that name; rename it in the "
                         "input first")
     wanted = [c for c in passthrough if c in present] + keep
     return list(dict.fromkeys(wanted))  # a kept id column once
-
-
-def _same_types(table: pa.Table, schema: pa.Schema, offset: int) -> pa.Table:
-    """A later chunk's table cast to the first chunk's column types (Parquet has one schema per file)."""
-    try:
-        return table.cast(schema, safe=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        changed = [f.name for f in table.schema if f.name in schema.names and schema.field(f.name).type != f.type]
-        before = ", ".join(str(schema.field(c).type) for c in changed)
-        raise DataError(f"column(s) {', '.join(changed)} change type from data row {offset + 1} on ({before} "
-                        "before); write a .csv output or make the input's types consistent") from None
-
-
-def _new_temp(output: Path) -> tuple[Path, IO[bytes]]:
-    """A new temporary file beside `output` (same file system: the rename is atomic). Opened with mode
-    0o666 so that the umask sets its permissions, as for any new file (mkstemp would make it 0600)."""
-    tmp = output.parent / f".tmp-{uuid.uuid4().hex[:12]}-{output.name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    return tmp, os.fdopen(fd, "wb")

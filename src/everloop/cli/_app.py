@@ -18,7 +18,8 @@ from typing import Any, Optional, overload
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
@@ -100,12 +101,20 @@ def _emit(data: Any, as_json: bool, table: Table | None = None, text: str | Text
         console.print(text, soft_wrap=True)  # a long line stays one line when piped, for grep and logs
 
 
+class _RowsPerSecond(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:,.0f} rows/s")
+
+
 @contextmanager
-def _rows_progress(label: str, quiet: bool):
-    """A progress line counting rows, for work whose total is unknown up front."""
-    with Progress(TextColumn(label), BarColumn(pulse_style="cyan"), TextColumn("{task.completed:,} rows"),
-                  TimeElapsedColumn(), console=console, disable=quiet, transient=True) as bar:
-        task = bar.add_task(label, total=None)
+def _rows_progress(label: str, quiet: bool, total: int | None = None):
+    """A progress line counting rows with their rate and, when the `total` is known, the time left."""
+    columns = [TextColumn(label), BarColumn(pulse_style="cyan"), TextColumn("{task.completed:,} rows"),
+               _RowsPerSecond(), TimeElapsedColumn()]
+    if total is not None:
+        columns += [TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=quiet, transient=True) as bar:
+        task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 
 
@@ -828,31 +837,51 @@ def _check_port(host: str, port: int) -> None:
 
 
 @app.command()
-def predict(source: Path = typer.Argument(..., help="CSV or Parquet file (or folder, or glob) to score"),
+def predict(source: str = typer.Argument(..., help="CSV or Parquet file (or folder, or glob) to score; with "
+                                         "--query, the database URL to run it on"),
             output: Path = typer.Argument(..., help="file to write: .csv, or .parquet/.pq (the extension sets "
                                                     "the format)"),
             model: str = typer.Option("production", help="model version or alias"),
+            query: Optional[str] = typer.Option(None, "--query", help="score the rows of this SQL query, run on "
+                                                "the database URL given as SOURCE"),
             chunk_rows: int = typer.Option(100_000, min=1, help="rows per chunk"),
             keep: Optional[list[str]] = typer.Option(None, "--keep", help="an input column to copy into the "
                                                      "output (repeatable); id and timestamp columns always are"),
             strict: bool = typer.Option(False, "--strict", help="refuse the whole file when any row has errors "
                                         "(nothing is written) instead of setting those rows aside"),
+            resume: bool = typer.Option(False, "--resume", help="continue a killed run of this command from "
+                                        "its last finished chunk (the output is the same as an uninterrupted "
+                                        "run's)"),
+            log: Optional[bool] = typer.Option(None, "--log/--no-log", help="write the predictions to the "
+                                               "prediction log, for the monitor and the loop (default: "
+                                               "serving.log_predictions of the project file)"),
             project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
-    """Batch-score a file through the same artifact as the service, in chunks; report what validation
-    saw (unseen categories, nulls, values out of range). Rows with errors are set aside with their
-    reasons in OUTPUT's `<stem>.rejected` side file while the rest are scored: exit 1 then. A missing
-    column, or any bad row with --strict, refuses the whole file (exit 1, nothing written)."""
-    from everloop.batch import score_file
+    """Batch-score a file or query through the same artifact as the service, in chunks; report what
+    validation saw (unseen categories, nulls, values out of range). Rows with errors are set aside with
+    their reasons in OUTPUT's `<stem>.rejected` side file while the rest are scored: exit 1 then. A
+    missing column, or any bad row with --strict, refuses the whole file (exit 1, nothing written)."""
+    from everloop.batch import count_rows, score_file
+    from everloop.spec import SqlSource
 
-    _, store = _project(project)
-    with _rows_progress("scoring", as_json) as progress:
-        result = score_file(store, _user_path(source), _user_path(output), model=model, chunk_rows=chunk_rows,
-                            keep=keep or [], progress=progress, strict=strict)
+    spec, store = _project(project)
+    where = SqlSource(url=source, query=query) if query else _user_path(Path(source))
+    with _rows_progress("scoring", as_json, total=count_rows(where)) as progress:
+        result = score_file(store, where, _user_path(output), model=model, chunk_rows=chunk_rows,
+                            keep=keep or [], progress=progress, strict=strict, resume=resume,
+                            log=spec.serving.log_predictions if log is None else log)
     text = f"{result.rows} rows scored into {result.output}"
     if result.rejected:
         reasons = "; ".join(f"column {a['column']!r}: {a['message']}" for a in result.errors)
         text += f"; {result.rejected} rows set aside in {result.rejected_output} (reasons: {reasons})"
-    text += f"\nmodel v{result.model_version}; {result.format}; columns: {', '.join(result.columns)}"
+    rate = f"{result.rows / max(result.seconds, 1e-9):,.0f} rows/s" + (", compiled trees" if result.compiled else "")
+    text += (f"\nmodel v{result.model_version}; {result.format}; {rate}; columns: {', '.join(result.columns)}")
+    if result.resumed_chunks:
+        text += f"\nresumed: {result.resumed_chunks} chunks were finished by the run that stopped"
+    if result.discarded_chunks:
+        text += (f"\nan unfinished earlier run's {result.discarded_chunks} chunks were discarded (--resume "
+                 "continues such a run)")
+    if result.logged:
+        text += f"\n{result.logged} predictions logged for monitoring (labels join them by prediction_id)"
     _emit(result.to_dict(), as_json, text=text + _anomaly_lines(result.warnings))
     if result.rejected:  # a check failed for some rows (README's exit codes)
         raise CheckFailed()

@@ -25,7 +25,7 @@ from everloop.data._schema_file import (
     schema_yaml,
     write_schema_file,
 )
-from everloop.data._sources import TypedReadFailed, iter_batches, read_file, read_source
+from everloop.data._sources import TypedReadFailed, iter_batches, read_file, read_source, source_files
 from everloop.data._stats import ColumnStats, DatasetStats
 
 __all__ = [
@@ -33,5 +33,5 @@ __all__ = [
     "write_schema_file", "ColumnProfile", "Profile", "numbers",
     "Anomaly", "ColumnRole", "ColumnSchema", "DatasetVersion", "Schema", "ValidationReport", "current_schema",
     "ColumnStats", "DatasetStats", "TypedReadFailed", "get_dataset", "get_schema", "ingest", "ingest_frame",
-    "iter_batches", "list_datasets", "load_frame", "load_quarantine", "read_file", "read_source", "validate",
+    "iter_batches", "list_datasets", "source_files", "load_frame", "load_quarantine", "read_file", "read_source", "validate",
 ]

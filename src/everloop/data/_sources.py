@@ -300,6 +300,12 @@ def _first_wrong_row(path: Path, width: int, delimiter: str) -> str | None:
     return None
 
 
+def source_files(source: str | Path, base: str | Path = ".") -> list[Path]:
+    """The files a source names, in the order `iter_batches` reads them: the file itself, a folder's
+    .csv/.parquet files, or a glob's matches (sorted). Raises DataError when a folder or glob matches none."""
+    return _expand(Path(base), str(source))
+
+
 def _expand(base: Path, pattern: str) -> list[Path]:
     path = Path(pattern) if Path(pattern).is_absolute() else base / pattern
     if path.is_dir():

@@ -31,11 +31,11 @@ TOLERANCE = 1e-9  # summing 200 trees in another order moves probabilities by ~1
 class CompiledTrees:
     """`predict_proba` / `predict` of a fitted tree ensemble, through a compiled shared library."""
 
-    def __init__(self, library: Path, classification: bool, n_classes: int):
+    def __init__(self, library: Path, classification: bool, n_classes: int, nthread: int = 1):
         import tl2cgen
 
         self._dmatrix = tl2cgen.DMatrix
-        self._predictor = tl2cgen.Predictor(str(library), nthread=1)
+        self._predictor = tl2cgen.Predictor(str(library), nthread=nthread)
         self.classification = classification
         self.n_classes = n_classes
 
@@ -50,9 +50,11 @@ class CompiledTrees:
         return out
 
 
-def compile_trees(estimator: Any, classification: bool, probe: np.ndarray, cache: Path) -> CompiledTrees | None:
+def compile_trees(estimator: Any, classification: bool, probe: np.ndarray, cache: Path,
+                  nthread: int = 1) -> CompiledTrees | None:
     """The estimator compiled, if it is a tree ensemble Treelite can import and the compiled library
-    answers `probe` (encoded rows) as the estimator does; else None (and why, in the log)."""
+    answers `probe` (encoded rows) as the estimator does; else None (and why, in the log). `nthread`:
+    threads per call (1 for the service, whose workers share the cores; all of them for a batch job)."""
     try:
         import tl2cgen  # noqa: F401  (installed with everloop; a broken install only means scikit-learn serves)
 
@@ -62,7 +64,7 @@ def compile_trees(estimator: Any, classification: bool, probe: np.ndarray, cache
         expected = estimator.predict_proba(probe) if classification else estimator.predict(probe)
         n_classes = expected.shape[1] if classification else 1
         library = _build(model, cache)
-        compiled = CompiledTrees(library, classification, n_classes)
+        compiled = CompiledTrees(library, classification, n_classes, nthread)
         got = compiled(probe)
         if got.shape != expected.shape or not np.allclose(got, expected, rtol=0, atol=TOLERANCE):
             log.warning("the compiled %s does not match scikit-learn on the probe rows; keeping scikit-learn",

@@ -1,0 +1,154 @@
+"""Batch jobs are resumable, logged and as fast as the service (issue 14): a killed `everloop predict`
+continues with `--resume` from its last finished chunk to a byte-identical output; predictions go to
+the prediction log under the ids the output carries, so the monitor sees them and labels join them;
+the service's fast feature path and compiled trees score the rows, with the same answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from everloop.batch import score_file
+from everloop.batch._job import job_dir
+from everloop.demo import make_churn
+from everloop.errors import DataError
+from everloop.registry import load_model
+from everloop.store import prediction_log
+
+
+class Killed(Exception):
+    """Stands for a kill: not a DataError, so the job's finished chunks stay for --resume."""
+
+
+def churn_file(path: Path, rows: int, seed: int = 5) -> pd.DataFrame:
+    frame = make_churn(rows, seed=seed).drop(columns=["churned"])
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+    return frame
+
+
+def stop_after(chunks: int, rows: int):
+    seen = [0]
+
+    def progress(n: int) -> None:
+        seen[0] += n
+        if seen[0] >= chunks * rows:
+            raise Killed()
+    return progress
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_stopped_job_resumes_to_the_same_bytes(trained, tmp_path, suffix):
+    folder, spec, store = trained
+    churn_file(tmp_path / "in.parquet", 5000)
+    whole = score_file(store, tmp_path / "in.parquet", tmp_path / f"whole{suffix}", chunk_rows=700, log=False)
+    with pytest.raises(Killed):
+        score_file(store, tmp_path / "in.parquet", tmp_path / f"out{suffix}", chunk_rows=700,
+                   progress=stop_after(3, 700))
+    parts = job_dir(tmp_path / f"out{suffix}")
+    assert json.loads((parts / "state.json").read_text())["chunks"] == 3 and not (tmp_path / f"out{suffix}").exists()
+    resumed = score_file(store, tmp_path / "in.parquet", tmp_path / f"out{suffix}", chunk_rows=700, resume=True)
+    assert (resumed.rows, resumed.resumed_chunks) == (5000, 3)
+    assert (tmp_path / f"out{suffix}").read_bytes() == (tmp_path / f"whole{suffix}").read_bytes()
+    assert not parts.exists() and whole.rows == 5000
+
+
+def test_resume_refuses_another_input_or_model_and_a_run_without_resume_starts_afresh(trained, tmp_path):
+    folder, spec, store = trained
+    churn_file(tmp_path / "in.parquet", 3000)
+    with pytest.raises(DataError, match="no unfinished run"):
+        score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", resume=True)
+    with pytest.raises(Killed):
+        score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=500,
+                   progress=stop_after(2, 500))
+    with pytest.raises(DataError, match="chunk_rows"):
+        score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=400, resume=True)
+    time.sleep(0.01)
+    churn_file(tmp_path / "in.parquet", 3000, seed=6)  # the input changed under the unfinished run
+    with pytest.raises(DataError, match="input files changed"):
+        score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=500, resume=True)
+    fresh = score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=500)
+    assert (fresh.rows, fresh.discarded_chunks, fresh.resumed_chunks) == (3000, 2, 0)
+
+
+def test_a_bad_input_leaves_nothing_to_resume(trained, tmp_path):
+    folder, spec, store = trained
+    churn_file(tmp_path / "in.csv", 50).drop(columns=["age"]).to_csv(tmp_path / "in.csv", index=False)
+    with pytest.raises(DataError, match="age"):
+        score_file(store, tmp_path / "in.csv", tmp_path / "out.parquet")
+    assert not job_dir(tmp_path / "out.parquet").exists() and not (tmp_path / "out.parquet").exists()
+
+
+def test_the_cli_resumes_after_a_real_kill(trained, tmp_path):
+    folder, spec, store = trained
+    churn_file(tmp_path / "in.parquet", 20_000)
+    command = [str(Path(sys.executable).with_name("everloop")), "predict", str(tmp_path / "in.parquet"),
+               "--chunk-rows", "500",
+               "--no-log", "-p", str(folder), "--json"]
+    whole = subprocess.run([*command[:3], str(tmp_path / "whole.parquet"), *command[3:]], capture_output=True,
+                           text=True)
+    assert whole.returncode == 0, whole.stderr
+    state = job_dir(tmp_path / "out.parquet") / "state.json"
+    job = subprocess.Popen([*command[:3], str(tmp_path / "out.parquet"), *command[3:]],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and job.poll() is None:
+        if state.exists() and json.loads(state.read_text())["chunks"] >= 3:
+            break
+        time.sleep(0.005)
+    assert job.poll() is None, "the job finished before it could be killed; make the input larger"
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (tmp_path / "out.parquet").exists()
+    resumed = subprocess.run([*command[:3], str(tmp_path / "out.parquet"), *command[3:], "--resume"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["rows"] == 20_000 and report["resumed_chunks"] >= 3
+    assert (tmp_path / "out.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+
+
+def test_logged_batch_predictions_carry_the_output_ids_and_replace_a_rerun(trained, tmp_path):
+    folder, spec, store = trained
+    frame = churn_file(tmp_path / "in.parquet", 2500)
+    frame.loc[7, "age"] = None
+    result = score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=1000, log=True)
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert result.logged == 2500
+    with store.engine.connect() as conn:
+        found = prediction_log.find(conn, out["prediction_id"].tolist()[::250])
+        assert len(found) == 10
+        batches = list(prediction_log.iter_batches(conn))
+    logged = prediction_log.to_rows(batches)
+    assert logged.ids == out["prediction_id"].tolist()
+    assert [o["prediction"] for o in logged.outputs] == out["prediction"].tolist()
+    np.testing.assert_allclose([o["probabilities"]["1"] for o in logged.outputs], out["proba_1"], atol=1e-6)
+    assert logged.features["tenure_months"].tolist() == frame["tenure_months"].tolist()
+    # the same job again replaces its log rows instead of doubling the monitor's data
+    score_file(store, tmp_path / "in.parquet", tmp_path / "again.parquet", chunk_rows=600, log=True)
+    with store.engine.connect() as conn:
+        assert sum(t.num_rows for *_, t in prediction_log.iter_batches(conn)) == 2500
+    assert pd.read_parquet(tmp_path / "again.parquet")["prediction_id"].tolist() == out["prediction_id"].tolist()
+
+
+def test_the_fast_path_and_compiled_trees_give_the_pipelines_answers(trained, tmp_path):
+    folder, spec, store = trained
+    frame = churn_file(tmp_path / "in.parquet", 3000)
+    result = score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", compile_trees=True)
+    assert result.compiled  # the machine has a C compiler (CI too)
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    model = load_model(store, "production")
+    expected = model.pipeline.predict_proba(model.conform(frame)[0][model.schema.feature_names])
+    np.testing.assert_allclose(out[["proba_0", "proba_1"]].to_numpy(), expected, rtol=0, atol=1e-9)
+    assert out["prediction"].tolist() == list(np.asarray(model.classes)[expected.argmax(axis=1)])
