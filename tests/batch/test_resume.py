@@ -152,3 +152,59 @@ def test_the_fast_path_and_compiled_trees_give_the_pipelines_answers(trained, tm
     expected = model.pipeline.predict_proba(model.conform(frame)[0][model.schema.feature_names])
     np.testing.assert_allclose(out[["proba_0", "proba_1"]].to_numpy(), expected, rtol=0, atol=1e-9)
     assert out["prediction"].tolist() == list(np.asarray(model.classes)[expected.argmax(axis=1)])
+
+
+def test_the_monitor_judges_logged_batch_windows_and_labels_join_by_the_output_ids(trained, tmp_path, everloop):
+    from everloop.monitor import monitor
+
+    folder, spec, store = trained
+    stable = make_churn(1000, seed=21)
+    stable.drop(columns=["churned"]).to_parquet(tmp_path / "stable.parquet", index=False)
+    run = everloop("predict", str(tmp_path / "stable.parquet"), str(tmp_path / "stable.out.parquet"),
+                   "-p", str(folder), "--json")  # --log is on by default: serving.log_predictions
+    assert run.code == 0 and json.loads(run.out)["logged"] == 1000, run
+    first = monitor(store, spec)
+    assert first.window["rows"] == 1000 and first.drift is not None and not first.drift.drifted
+
+    shifted = make_churn(1000, seed=22, shifted=True)
+    shifted.drop(columns=["churned"]).to_parquet(tmp_path / "shifted.parquet", index=False)
+    assert everloop("predict", str(tmp_path / "shifted.parquet"), str(tmp_path / "shifted.out.parquet"),
+                    "-p", str(folder)).code == 0
+    second = monitor(store, spec)
+    assert second.window["rows"] == 1000 and "monthly_charges" in second.drift.drifted
+    assert second.status.startswith("drift")
+
+    # labels come back as a file keyed by the output's prediction ids
+    out = pd.read_parquet(tmp_path / "shifted.out.parquet")
+    pd.DataFrame({"id": out["prediction_id"], "label": shifted["churned"]}).to_csv(tmp_path / "labels.csv",
+                                                                                     index=False)
+    run = everloop("feedback", str(tmp_path / "labels.csv"), "-p", str(folder), "--json")
+    assert run.code == 0 and json.loads(run.out)["accepted"] == 1000, run
+    labelled = monitor(store, spec)
+    from sklearn.metrics import roc_auc_score
+
+    assert labelled.performance["labelled_rows"] == 1000 and labelled.performance["metric"] == "roc_auc"
+    expected = roc_auc_score(shifted["churned"], out["proba_1"])
+    assert labelled.performance["value"] == pytest.approx(expected, abs=1e-4), labelled.performance
+
+
+def test_predict_scores_a_sql_query_as_it_scores_the_same_rows_in_a_file(trained, tmp_path, everloop):
+    import sqlalchemy as sa
+
+    folder, spec, store = trained
+    frame = churn_file(tmp_path / "in.parquet", 1500)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'warehouse.db'}")
+    frame.to_sql("customers", engine, index=False)
+    engine.dispose()
+    run = everloop("predict", f"sqlite:///{tmp_path / 'warehouse.db'}", str(tmp_path / "sql.parquet"), "--query",
+                   "SELECT * FROM customers ORDER BY customer_id", "--chunk-rows", "400", "--no-log",
+                   "-p", str(folder), "--json")
+    assert run.code == 0 and json.loads(run.out)["rows"] == 1500, run
+    assert everloop("predict", str(tmp_path / "in.parquet"), str(tmp_path / "file.parquet"), "--no-log",
+                    "-p", str(folder)).code == 0
+    from_sql, from_file = pd.read_parquet(tmp_path / "sql.parquet"), pd.read_parquet(tmp_path / "file.parquet")
+    from_file = from_file.sort_values("customer_id", ignore_index=True)
+    np.testing.assert_allclose(from_sql["proba_1"], from_file["proba_1"], rtol=0, atol=1e-12)
+    bad = everloop("predict", f"sqlite:///{tmp_path / 'warehouse.db'}", str(tmp_path / "x.parquet"), "--query",
+                   "SELECT * FROM no_such_table", "-p", str(folder))
+    assert bad.code == 2 and "no_such_table" in bad.err and not (tmp_path / "x.parquet").exists(), bad

@@ -28,6 +28,7 @@ NUMPY_BRANCHES = ("numeric", "categorical")  # branches whose steps take plain a
 UNKNOWN = "\x00everloop-unseen\x00"  # a category no training set holds: probes the encoder's unknown handling
 
 Columns = Mapping[str, Any]  # a DataFrame, or a dict of column arrays by name
+VECTOR_ROWS = 2048  # from this many rows, categories are looked up by pandas' hash table (see _Lookup.encode)
 
 
 class FastFeatures:
@@ -171,6 +172,13 @@ class _Lookup:
         out = np.empty((n, self.width), dtype=float)
         for values, (start, end, codes, table) in zip(columns, self.tables):
             unseen = len(table) - 1
+            if n >= VECTOR_ROWS:  # a batch job's chunk: one hash lookup in C instead of a dict.get per value
+                found = pd.Index(list(codes), dtype=object).get_indexer(values)
+                found[found < 0] = unseen
+                if fill_missing:
+                    found[pd.isna(values)] = codes.get(MISSING_CATEGORY, unseen)
+                out[:, start:end] = table[found]
+                continue
             if fill_missing:
                 missing = codes.get(MISSING_CATEGORY, unseen)
                 found = (missing if v is None or v != v else codes.get(v, unseen) for v in values)  # v != v: NaN

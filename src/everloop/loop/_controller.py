@@ -11,9 +11,9 @@ import pandas as pd
 import sqlalchemy as sa
 
 from everloop._jsonable import jsonable
-from everloop.data import get_dataset, ingest_frame, load_frame
-from everloop.errors import EverloopError
-from everloop.monitor import MonitorResult, monitor, send_alert
+from everloop.data import DatasetVersion, get_dataset, ingest_frame, list_datasets, load_frame
+from everloop.errors import DataError, EverloopError
+from everloop.monitor import MonitorResult, judge_labelled, labelled_rows_limit, monitor, send_alert
 from everloop.registry import PRODUCTION, ModelVersion, check_gate, get_model, load_model, set_alias
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
@@ -23,6 +23,7 @@ from everloop.train import row_hashes, train, valid_labels
 CANDIDATE = "candidate"
 LOOP_LEASE = "loop"  # the lease a turn of the loop holds (see everloop.store._lease)
 ALERTING = {"promoted", "kept_candidate", "failed"}  # decisions a person should hear about
+LOOP_SOURCE = "loop: "  # how the source of every dataset the loop stores for a retraining begins
 
 
 @dataclass
@@ -33,9 +34,58 @@ class LoopDecision:
     monitor: dict[str, Any] | None = None
     model_version: int | None = None
     gate: dict[str, Any] | None = None
+    datasets: dict[str, Any] | None = None  # with retraining.data.from: datasets, the new data (NewDatasets)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if out["datasets"] is None:  # from: feedback reads no datasets; its output is as it always was
+            del out["datasets"]
+        return out
+
+
+@dataclass
+class NewDatasets:
+    """The new labelled data of `retraining.data.from: datasets`: the rows of the dataset versions
+    ingested after the newest one the production model's data holds (`after`), not those the loop
+    stored itself. A row is labelled when its target holds a label valid for the production model (as
+    feedback labels are read: `everloop.train.valid_labels`); the others are skipped and counted."""
+
+    after: int
+    datasets: list[dict[str, Any]]  # per version, oldest first: version, source, rows, labelled, skipped, ...
+    frame: pd.DataFrame  # the latest labelled rows (as many as retraining and judging need), oldest first
+    performance: dict[str, Any] = field(default_factory=dict)  # the production model on the latest of them
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def versions(self) -> list[int]:
+        return [d["version"] for d in self.datasets]
+
+    @property
+    def labelled(self) -> int:
+        return sum(d["labelled"] for d in self.datasets)
+
+    def labelled_since(self, since: float) -> int:
+        """Labelled rows of the new datasets ingested after `since` (seconds since the epoch)."""
+        return sum(d["labelled"] for d in self.datasets if d["created_at"] > since)
+
+    def describe(self) -> str:
+        """One line for a decision's reason: which datasets, how many labelled rows, the metric."""
+        if not self.datasets:
+            return f"no dataset ingested after dataset v{self.after}"
+        skipped = sum(d["skipped"] for d in self.datasets)
+        aside = sum(d["quarantined"] for d in self.datasets)
+        text = (f"{_versions(self.versions)} ingested after dataset v{self.after}: {self.labelled} labelled rows"
+                + (f" ({skipped} rows without a label the model can read, skipped)" if skipped else "")
+                + (f" ({aside} rows set aside at ingest)" if aside else ""))
+        perf = self.performance
+        if perf.get("value") is not None and np.isfinite(perf["value"]):
+            text += f"; {perf['metric']} {perf['value']:.4f} on the latest {perf['labelled_rows']}"
+        return text
+
+    def evidence(self) -> dict[str, Any]:
+        """What a loop_events row and `--json` say about the new data."""
+        return {"from": "datasets", "after": self.after, "versions": self.versions, "labelled_rows": self.labelled,
+                "datasets": self.datasets, "performance": self.performance, "notes": self.notes}
 
 
 def run_once(store: Store, spec: ProjectSpec, *, lease_ttl: float = LEASE_TTL) -> LoopDecision:
@@ -58,35 +108,51 @@ def run_once(store: Store, spec: ProjectSpec, *, lease_ttl: float = LEASE_TTL) -
 def _turn(store: Store, spec: ProjectSpec, lease: Lease) -> LoopDecision:
     result = monitor(store, spec)
     summary = _monitor_summary(result)
-    fired = _triggers(store, spec, result)
+    new = None
+    if spec.retraining.data.from_ == "datasets":
+        try:
+            new = new_datasets(store, spec)
+        except EverloopError as exc:
+            return _record(store, LoopDecision("failed", f"reading the new datasets failed: {exc}", [], summary),
+                           spec)
+    evidence = new.evidence() if new else None
+    fired = _triggers(store, spec, result, new)
+    said = f"{', '.join(fired)} fired" + (f" ({new.describe()})" if new else "")
     if not fired:
-        return _record(store, LoopDecision("idle", f"no trigger fired (status: {result.status})", [], summary), spec)
+        status = f"status: {result.status}" + (f"; {new.describe()}" if new else "")
+        return _record(store, LoopDecision("idle", f"no trigger fired ({status})", [], summary, datasets=evidence),
+                       spec)
     last = _last_retrain(store)
     cooldown = spec.retraining.cooldown_minutes * 60
     if last is not None and time.time() - last < cooldown:
         wait = (cooldown - (time.time() - last)) / 60
-        return _record(store, LoopDecision("cooldown", f"{', '.join(fired)} fired, but the last retraining was "
+        return _record(store, LoopDecision("cooldown", f"{said}, but the last retraining was "
                                            f"less than {spec.retraining.cooldown_minutes:g} min ago "
-                                           f"({wait:.1f} min to wait)", fired, summary), spec)
+                                           f"({wait:.1f} min to wait)", fired, summary, datasets=evidence), spec)
     try:
-        version, dataset_version, rows = _retrain(store, spec, fired)
+        version, dataset, recent = _retrain(store, spec, fired, new)
     except EverloopError as exc:
-        return _record(store, LoopDecision("failed", f"retraining failed: {exc}", fired, summary), spec)
+        return _record(store, LoopDecision("failed", f"retraining failed: {exc}", fired, summary,
+                                           datasets=evidence), spec)
     gate = check_gate(store, spec, version)
-    trained_on = f"dataset v{dataset_version} ({rows} rows)"
+    trained_on = f"dataset v{dataset.version} ({dataset.rows} rows)"
+    if new is not None:
+        evidence = evidence | {"trained_on": {"dataset": dataset.version, "rows": dataset.rows, "new_rows": recent}}
+        trained_on = f"dataset v{dataset.version} ({dataset.rows} rows: {dataset.source.removeprefix(LOOP_SOURCE)})"
     try:  # production must still be the model the gate compared with, and this turn still the leader
         if gate.passed:
             set_alias(store, PRODUCTION, version, actor="everloop loop", from_version=gate.production, lease=lease,
                       reason=f"retrained on {trained_on} after {', '.join(fired)}; passed the gate")
-            return _record(store, LoopDecision("promoted", f"{', '.join(fired)} fired; model v{version} trained on "
+            return _record(store, LoopDecision("promoted", f"{said}; model v{version} trained on "
                                                f"{trained_on} passed the gate and is in production", fired, summary,
-                                               version, gate.to_dict()), spec)
+                                               version, gate.to_dict(), evidence), spec)
         set_alias(store, CANDIDATE, version, actor="everloop loop", reason="; ".join(gate.reasons), lease=lease)
     except EverloopError as exc:  # AliasMoved, LeaseLost
         return _record(store, LoopDecision("failed", f"model v{version} trained on {trained_on} was not put live: "
-                                           f"{exc}", fired, summary, version, gate.to_dict()), spec)
-    return _record(store, LoopDecision("kept_candidate", f"{', '.join(fired)} fired; model v{version} was refused by "
-                                       f"the gate: {'; '.join(gate.reasons)}", fired, summary, version, gate.to_dict()), spec)
+                                           f"{exc}", fired, summary, version, gate.to_dict(), evidence), spec)
+    return _record(store, LoopDecision("kept_candidate", f"{said}; model v{version} was refused by the gate: "
+                                       f"{'; '.join(gate.reasons)}", fired, summary, version, gate.to_dict(),
+                                       evidence), spec)
 
 
 def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame:
@@ -105,6 +171,81 @@ def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame
     return frame
 
 
+def new_datasets(store: Store, spec: ProjectSpec) -> NewDatasets:
+    """The labelled rows of the dataset versions ingested after the production model's data, for
+    `retraining.data.from: datasets`, with the production model's performance on them.
+
+    "After" is after the newest user dataset the production model's data holds: the datasets a loop
+    retraining took (its manifest's `retrained_from`), else the dataset it was trained on. Datasets the
+    loop stored for its own retrainings (source "loop: ...") are never new data. The frame holds the
+    latest `max(retraining.data.recent_rows, the labelled window)` labelled rows, in dataset order (a
+    version's rows in file order, newer versions last); per version, `datasets` counts every row. The
+    production model is judged on the latest labelled window of them (`labelled_rows_limit`) by the
+    monitor's rules (`everloop.monitor.judge_labelled`). Raises NotFoundError without a production
+    model, and the store's errors when a dataset or model artifact cannot be read."""
+    production = get_model(store, PRODUCTION)
+    after = covered_dataset(production.manifest, production.dataset_version)
+    found = [d for d in list_datasets(store) if d.version > after and not d.source.startswith(LOOP_SOURCE)]
+    window = labelled_rows_limit(spec)
+    need = max(spec.retraining.data.recent_rows, window)
+    kept: list[pd.DataFrame] = []
+    held = 0
+    info = []
+    for dataset in reversed(found):  # newest first: older rows are kept only while the latest need them
+        labelled, skipped = _labelled(load_frame(store, dataset), spec, production.manifest)
+        info.append({"version": dataset.version, "source": dataset.source, "rows": dataset.rows,
+                     "labelled": len(labelled), "skipped": sum(skipped.values()), **skipped,
+                     "quarantined": dataset.quarantined, "created_at": dataset.created_at})
+        if held < need and len(labelled):
+            kept.append(labelled.tail(need - held))
+            held += len(kept[-1])
+    frame = pd.concat(kept[::-1], ignore_index=True) if kept else pd.DataFrame()
+    new = NewDatasets(after, info[::-1], frame)
+    if held:
+        _judge(store, spec, production.version, new, frame.tail(window))
+    return new
+
+
+def covered_dataset(manifest: dict[str, Any], dataset_version: int) -> int:
+    """The newest dataset version whose rows a model's data holds: the newest of the datasets a loop
+    retraining took (`manifest["retrained_from"]["datasets"]`), else the one it was trained on."""
+    taken = (manifest.get("retrained_from") or {}).get("datasets")
+    return max(taken) if taken else dataset_version
+
+
+def _labelled(frame: pd.DataFrame, spec: ProjectSpec,
+              manifest: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows of a dataset whose target holds a label valid for the model (parsed as its classes, or
+    as numbers), and the rows skipped, by why: `no_target_column` (all of them), `empty_labels`, and
+    `unreadable_labels` (a class the model never had, text for a regression)."""
+    target = spec.data.target
+    if target not in frame:
+        return frame.iloc[:0], {"no_target_column": len(frame)}
+    keep, parsed = valid_labels(manifest["task"], manifest.get("classes"), frame[target].tolist())
+    out = frame.iloc[keep].reset_index(drop=True)
+    out[target] = parsed
+    empty = int(frame[target].isna().sum())
+    return out, {"empty_labels": empty, "unreadable_labels": len(frame) - len(keep) - empty}
+
+
+def _judge(store: Store, spec: ProjectSpec, version: int, new: NewDatasets, rows: pd.DataFrame) -> None:
+    """The production model's metric and decay verdict on the latest labelled rows of the new datasets."""
+    trained = load_model(store, version)
+    metric = trained.manifest["metric"]
+    out: dict[str, Any] = {"metric": metric, "expected": trained.manifest["metrics"][metric],
+                           "labelled_rows": len(rows), "window_rows": labelled_rows_limit(spec), "value": None,
+                           "decayed": False}
+    scratch = MonitorResult(version, {"rows": 0}, None, None, {}, {})  # collects notes and "not judged"
+    try:
+        predictions = trained.predict(rows)
+    except DataError as exc:
+        new.performance = out | {"why": f"model v{version} cannot read these rows ({exc}); performance not judged"}
+        return
+    new.performance = judge_labelled(store, spec, trained, rows[spec.data.target].tolist(),
+                                     predictions.labels.tolist(), predictions.proba, scratch, {}, out)
+    new.notes = scratch.notes
+
+
 def audit_trail(store: Store, limit: int = 100) -> list[dict[str, Any]]:
     t = store.tables.loop_events
     with store.engine.connect() as conn:
@@ -112,14 +253,17 @@ def audit_trail(store: Store, limit: int = 100) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in reversed(rows)]
 
 
-def _triggers(store: Store, spec: ProjectSpec, result: MonitorResult) -> list[str]:
+def _triggers(store: Store, spec: ProjectSpec, result: MonitorResult, new: NewDatasets | None) -> list[str]:
+    """The triggers that fire. With new datasets (`from: datasets`) performance and new_labels read their
+    labelled rows instead of the prediction log's labels; drift always reads the prediction log."""
     triggers = spec.retraining.triggers
     fired = []
     # only judged signals fire: a window too small for a verdict, or labels too few, never retrain
     if "drift" in triggers and result.drift is not None and result.drift.dataset_drift \
             and "drift" not in result.not_judged:
         fired.append("drift")
-    if "performance" in triggers and result.performance.get("decayed"):
+    performance = new.performance if new is not None else result.performance
+    if "performance" in triggers and performance.get("decayed"):
         fired.append("performance")
     if "estimated_performance" in triggers and result.performance.get("estimated_decayed"):
         fired.append("estimated_performance")
@@ -127,15 +271,29 @@ def _triggers(store: Store, spec: ProjectSpec, result: MonitorResult) -> list[st
         since = time.time() - (_last_retrain(store) or get_model(store, PRODUCTION).created_at)
         if since >= spec.retraining.schedule_minutes * 60:
             fired.append("schedule")
-    if "new_labels" in triggers and _labels_since(store, _last_retrain(store) or 0) >= spec.retraining.min_new_labels:
-        fired.append("new_labels")
+    if "new_labels" in triggers:
+        since = _last_retrain(store) or 0
+        labels = new.labelled_since(since) if new is not None else _labels_since(store, since)
+        if labels >= spec.retraining.min_new_labels:
+            fired.append("new_labels")
     return fired
 
 
-def _retrain(store: Store, spec: ProjectSpec, fired: list[str]) -> tuple[int, int, int]:
-    recent = recent_labelled(store, spec, spec.retraining.data.recent_rows)
-    if recent.empty:
-        raise EverloopError("no labelled predictions to retrain on; send labels to /feedback")
+def _retrain(store: Store, spec: ProjectSpec, fired: list[str],
+             new: NewDatasets | None) -> tuple[int, DatasetVersion, int]:
+    """Store the retraining data as a dataset version and train on it: (model version, that dataset,
+    how many new labelled rows it holds)."""
+    if new is None:
+        recent = recent_labelled(store, spec, spec.retraining.data.recent_rows)
+        if recent.empty:
+            raise EverloopError("no labelled predictions to retrain on; send labels to /feedback")
+        what = "recent labelled rows"
+    else:
+        recent = new.frame.tail(spec.retraining.data.recent_rows)
+        if recent.empty:
+            raise EverloopError(f"no labelled rows in datasets ingested after dataset v{new.after} to retrain "
+                                "on; ingest a file with labels ('everloop ingest FILE')")
+        what = f"labelled rows of {_versions(new.versions)}"
     production = get_model(store, PRODUCTION)
     reference = get_dataset(store, production.dataset_version)
     frame, recent_from_row = recent, 0
@@ -143,18 +301,22 @@ def _retrain(store: Store, spec: ProjectSpec, fired: list[str]) -> tuple[int, in
         old = load_frame(store, reference)
         recent = _not_in(recent, old, spec)
         if recent.empty:
-            raise EverloopError("every recent labelled prediction is already in the production model's data; "
-                                "nothing new to retrain on")
+            which = "recent labelled prediction" if new is None else f"labelled row of {_versions(new.versions)}"
+            raise EverloopError(f"every {which} is already in the production model's data; nothing new to "
+                                "retrain on")
         frame = pd.concat([old, recent[[c for c in old.columns if c in recent]]], ignore_index=True)
         recent_from_row = len(old)
-    dataset = ingest_frame(store, spec, frame, source=f"loop: {len(recent)} recent labelled rows"
+    dataset = ingest_frame(store, spec, frame, source=f"{LOOP_SOURCE}{len(recent)} {what}"
                            + (f" + dataset v{reference.version}" if spec.retraining.data.include_reference else ""),
                            parent=reference.version)
     template, record = _template(store, production)
+    if new is not None:  # which datasets this model's data holds: the next turn's new data come after them
+        record = (record or {}) | {"retrained_from": {"from": "datasets", "datasets": new.versions,
+                                                      "after": new.after, "rows": len(recent)}}
     result = train(store, spec, dataset.version, reason=f"loop retraining after {', '.join(fired)}",
                    recent_from_row=recent_from_row, recent_weight=spec.retraining.data.recent_weight,
                    template=template, record=record)
-    return result.version, dataset.version, dataset.rows
+    return result.version, dataset, len(recent)
 
 
 def _not_in(recent: pd.DataFrame, old: pd.DataFrame, spec: ProjectSpec) -> pd.DataFrame:
@@ -202,13 +364,23 @@ def _monitor_summary(result: MonitorResult) -> dict[str, Any]:
             "estimated": result.performance.get("estimated")}
 
 
+def _versions(versions: list[int]) -> str:
+    return ("dataset v" if len(versions) == 1 else "datasets v") + ", v".join(map(str, versions))
+
+
 def _record(store: Store, decision: LoopDecision, spec: ProjectSpec | None = None) -> LoopDecision:
     evidence = {"triggers": decision.triggers, "monitor": decision.monitor, "model_version": decision.model_version,
                 "gate": decision.gate}
+    if decision.datasets is not None:
+        evidence["datasets"] = decision.datasets
     with store.engine.begin() as conn:
         conn.execute(store.tables.loop_events.insert().values(action=decision.action, reason=decision.reason,
                                                               evidence=jsonable(evidence)))
     if spec is not None and decision.action in ALERTING:
-        send_alert(spec, {"event": "loop", "action": decision.action, "reason": decision.reason,
-                          "model_version": decision.model_version, "gate": decision.gate})
+        payload = {"event": "loop", "action": decision.action, "reason": decision.reason,
+                   "model_version": decision.model_version, "gate": decision.gate}
+        if decision.datasets is not None:
+            payload["datasets"] = {k: decision.datasets[k] for k in ("versions", "labelled_rows", "trained_on")
+                                   if k in decision.datasets}
+        send_alert(spec, payload)
     return decision

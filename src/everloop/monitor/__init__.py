@@ -8,6 +8,7 @@ from everloop.monitor._monitor import (
     MonitorResult,
     decay_threshold,
     judge,
+    judge_labelled,
     labelled_decay,
     labelled_rows_limit,
     list_runs,
@@ -21,5 +22,5 @@ from everloop.monitor._skew import replay_skew, skew_alert
 
 __all__ = ["ColumnDrift", "ColumnProfile", "DriftDetector", "DriftReport", "MonitorResult", "Profile",
            "Estimate", "estimate_interval", "estimate_metric",
-           "Window", "decay_threshold", "health_alerts", "judge", "labelled_decay", "labelled_rows_limit", "list_runs", "monitor", "reference_profiles", "send_alert", "service_errors",
+           "Window", "decay_threshold", "health_alerts", "judge", "judge_labelled", "labelled_decay", "labelled_rows_limit", "list_runs", "monitor", "reference_profiles", "send_alert", "service_errors",
            "replay_skew", "skew_alert", "unknown_settings", "write_report"]

@@ -313,16 +313,41 @@ def _labelled_performance(store: Store, spec: ProjectSpec, trained: TrainedModel
                             "left out of its performance")
     if len(keep):
         out["from"], out["to"] = float(logged.created_at[keep[0]]), float(logged.created_at[keep[-1]])
+    outputs = [logged.outputs[n] for n in keep]
+    predicted = [o["prediction"] for o in outputs]
+    proba = None
+    if trained.task == "classification" and outputs:
+        proba = _answered_proba(trained, outputs)
+        proba /= proba.sum(axis=1, keepdims=True)  # logged rounded to 6 decimals; log loss wants sums of 1
+    return judge_labelled(store, spec, trained, labels, predicted, proba, result, cache, out)
+
+
+def judge_labelled(store: Store, spec: ProjectSpec, trained: TrainedModel, labels: list[Any],
+                   predicted: list[Any], proba: np.ndarray | None, result: MonitorResult,
+                   cache: dict[str, Any] | None = None, out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model's metric on labelled rows and the decay verdict on it, as the monitor judges its
+    labelled window: `monitoring.min_labelled_rows`, the 90% bootstrap intervals of `labelled_decay`,
+    `decay_threshold`'s rules and the trivial baseline.
+
+    `labels` are valid labels (see `everloop.train.valid_labels`), `predicted` the model's prediction
+    for each, `proba` its class probabilities (rows x classes, rows summing to 1, the manifest's class
+    order; None for regression). `result` receives what could not be judged (`not_judged`) and notes;
+    `cache` keeps the training value's bootstrap between calls for one model; `out` holds keys to
+    return beside the verdict. Returns `out` with metric, expected, labelled_rows, value, decayed and
+    why, and once judged threshold, rules, allowed_drop and `labelled_decay`'s intervals. Raises
+    NotFoundError or IntegrityError (everloop.errors) when the model's evaluation rows cannot be read."""
+    metric = trained.manifest["metric"]
+    expected = trained.manifest["metrics"][metric]
+    cache = {} if cache is None else cache
+    if out is None:
+        out = {"metric": metric, "expected": expected, "labelled_rows": len(labels), "value": None,
+               "decayed": False}
     need = spec.monitoring.min_labelled_rows
     if len(labels) < need:
         out["why"] = (f"fewer than {need} labelled rows ({len(labels)}): performance not judged yet")
         result.not_judged["performance"] = out["why"]
         return out
-    outputs = [logged.outputs[n] for n in keep]
-    predicted = [o["prediction"] for o in outputs]
     if trained.task == "classification":
-        proba = _answered_proba(trained, outputs)
-        proba /= proba.sum(axis=1, keepdims=True)  # logged rounded to 6 decimals; log loss wants sums of 1
         value = score_labels(metric, labels, predicted, proba, trained.classes)
     else:
         value = score_labels(metric, labels, predicted)

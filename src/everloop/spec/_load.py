@@ -82,7 +82,8 @@ def _allowed_keys(root: type[BaseModel], dotted: str) -> list[str]:
         if mapping_key:
             mapping_key = False
             continue
-        field = model.model_fields.get(part)
+        field = model.model_fields.get(part) or next((f for f in model.model_fields.values() if f.alias == part),
+                                                     None)
         annotation = field.annotation if field else None
         if getattr(annotation, "__origin__", None) is dict:
             mapping_key = True
@@ -91,4 +92,5 @@ def _allowed_keys(root: type[BaseModel], dotted: str) -> list[str]:
         if isinstance(annotation, type):
             candidates.insert(0, annotation)
         model = next((a for a in candidates if issubclass(a, BaseModel)), None)
-    return sorted(model.model_fields) if model else []
+    # as written in the project file: a field's alias (`from`, a Python keyword, is the field `from_`)
+    return sorted(f.alias or name for name, f in model.model_fields.items()) if model else []

@@ -258,7 +258,18 @@ class MonitoringSpec(_Strict):
 
 
 class RetrainDataSpec(_Strict):
-    recent_rows: int = Field(50000, gt=0, description="the latest N labelled predictions are the new training data")
+    # `from` is a Python keyword: the field is `from_`, written and shown as `from`
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_alias=True, validate_by_name=True,
+                              serialize_by_alias=True)
+
+    from_: Literal["feedback", "datasets"] = Field(
+        "feedback", alias="from",
+        description="where the new labelled rows come from: feedback (predictions labelled through /feedback "
+        "or 'everloop feedback') or datasets (labelled dataset versions ingested after the production model's "
+        "data, e.g. a batch user's file of labels: 'everloop ingest'); also what the performance and "
+        "new_labels triggers read")
+    recent_rows: int = Field(50000, gt=0, description="the latest N labelled rows (predictions, or rows of the new "
+                             "datasets) are the new training data")
     include_reference: bool = Field(True, description="also train on the production model's own training data")
     recent_weight: float | Literal["balanced"] = Field(
         "balanced",

@@ -20,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from everloop.data import Schema, ValidationReport
 from everloop.errors import StoreError, TrainError
 from everloop.features import FastFeatures
-from everloop.features._fast import Columns
+from everloop.features._fast import VECTOR_ROWS, Columns
 from everloop.store import Store
 
 ARTIFACT_FORMAT = 1
@@ -76,6 +76,11 @@ class TrainedModel:
             self.fast = FastFeatures(self.pipeline.named_steps["features"])
             if not np.array_equal(slow, self._outputs(features)):
                 self.fast = None
+            else:  # batch-sized inputs take the vectorised lookups (features._fast.VECTOR_ROWS): check them too
+                repeats = -(-VECTOR_ROWS // len(features))
+                many = pd.concat([features] * repeats, ignore_index=True)
+                if not np.array_equal(np.concatenate([slow] * repeats), self._outputs(many)):
+                    self.fast = None
         except Exception:  # a step that needs a frame: keep the pipeline's own path
             self.fast = None
         return self.fast is not None
