@@ -32,8 +32,10 @@ def test_the_cli_drives_ingest_train_promote_predict(tmp_path):
     out = tmp_path / "scored.parquet"
     scored = runner.invoke(app, ["predict", str(folder / "data" / "customers.csv"), str(out), *p, "--json"])
     assert scored.exit_code == 0 and json.loads(scored.output)["rows"] == 2000
-    monitor = runner.invoke(app, ["monitor", *p, "--json"])
-    assert monitor.exit_code == 0 and json.loads(monitor.output)["status"] == "no data"
+    monitor = runner.invoke(app, ["monitor", *p, "--json"])  # predict logged its rows (serving.log_predictions)
+    judged = json.loads(monitor.output)
+    assert monitor.exit_code == 0 and judged["window"]["rows"] == 1000 and judged["alerts"] == [], judged
+    assert judged["status"] == "not judged" and "labelled" in json.dumps(judged["not_judged"])  # the training rows: no drift
     loop = runner.invoke(app, ["loop", "--once", *p, "--json"])
     assert loop.exit_code == 0 and json.loads(loop.output)["action"] == "idle"
 

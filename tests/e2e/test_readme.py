@@ -203,6 +203,8 @@ def expectations(project: Path) -> dict[str, tuple[int, Callable[[Ran], Any]]]:
         "everloop loop --once": (0, has("loop: idle: no trigger fired")),
         "everloop backtest history.csv --report bt.html": (0, has("backtest: 1 windows", made="bt.html")),
         "everloop deploy k8s --output k8s/ --target-rps 200": (0, has("replicas", made="k8s/deployment.yaml")),
+        "everloop export onnx production -o model.onnx": (0, has("parity", "pass", "labels equal",
+                                                                   made="model.onnx")),
     }
 
 

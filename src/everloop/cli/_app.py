@@ -113,7 +113,8 @@ def _rows_progress(label: str, quiet: bool, total: int | None = None):
                _RowsPerSecond(), TimeElapsedColumn()]
     if total is not None:
         columns += [TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=quiet, transient=True) as bar:
+    # not on a pipe: rich has nothing to redraw there and would leave an empty line before the summary
+    with Progress(*columns, console=console, disable=quiet or not console.is_terminal, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -1188,3 +1189,75 @@ def _refused_by_validation(exc: EverloopError) -> bool:
         return True
     report = exc.report if isinstance(exc, DataError) else None
     return report is not None and not report.ok
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+export_app = typer.Typer(help="Models for devices at the edge: the whole pipeline as one ONNX file, "
+                              "parity-checked.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+def export_onnx(model: str = typer.Argument(..., help="model version or alias (e.g. 3, production)"),
+                output: Optional[Path] = typer.Option(None, "--output", "-o", help="the .onnx file to write "
+                                                      "(default: NAME-vN.onnx in the current folder)"),
+                tolerance: float = typer.Option(1e-5, min=0.0, help="largest accepted difference between "
+                                                "onnxruntime's and everloop's answers (probabilities; for "
+                                                "regressors relative to the largest prediction); past it "
+                                                "nothing is written and the exit code is 1"),
+                force: bool = typer.Option(False, "--force", help="replace the output file if it exists"),
+                project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Export a model (features + estimator) to one ONNX file, checked against everloop's answers.
+
+    Prints the file's size, the parity check (on the model's evaluation rows, with missing values and
+    unseen categories), single-row latency in onnxruntime against scikit-learn, the graph's inputs,
+    and a Python example that runs the file with onnxruntime and numpy alone (docs/export.md).
+    Exit codes: 1 the answers differ past --tolerance (nothing written), 2 a step that cannot be
+    converted (named), 3 the `onnx` extra is not installed."""
+    from everloop import export, registry
+
+    spec, store = _project(project)
+    number = registry.resolve(store, model)
+    target = _user_path(output) or Path(os.path.abspath(f"{spec.name}-v{number}.onnx"))
+    try:
+        with console.status("converting and checking...") if not as_json else nullcontext():
+            result = export.export_onnx(store, number, target, tolerance=tolerance, overwrite=force)
+    except export.MissingExtra as exc:
+        _print_error(str(exc))
+        raise SystemExit(3) from None
+    except export.ParityError as exc:
+        _emit(exc.result.to_dict(), as_json, _export_table(exc.result))
+        _print_error(str(exc))
+        raise CheckFailed() from None
+    lines = [f"wrote {os.path.relpath(result.path)} ({result.bytes:,} bytes): model v{result.model_version}, "
+             "features + estimator",
+             "run it with onnxruntime and numpy alone (no everloop, no scikit-learn):", "", result.example]
+    _emit(result.to_dict(), as_json, _export_table(result), "\n".join(lines))
+
+
+def _export_table(result: Any) -> Table:
+    table = Table(title=f"ONNX export of model v{result.model_version}")
+    table.add_column("check")
+    table.add_column("value")
+    verdict = Text("pass", style="green") if result.passed else Text("refused", style="red")
+    table.add_row("parity", verdict)
+    table.add_row("rows checked", f"{result.rows_checked:,}: {result.rows_source}")
+    if result.labels_equal is not None:
+        ties = f" ({result.tied_labels} differ at a tie within the tolerance)" if result.tied_labels else ""
+        table.add_row("labels equal", ("yes" if result.labels_equal else "no") + ties)
+    what = "probability" if result.task == "classification" else "prediction"
+    table.add_row(f"largest {what} difference", f"{result.max_abs_diff:.3g}" + (
+        f" ({result.max_diff:.3g} relative)" if result.task != "classification" else "")
+        + f"; tolerance {result.tolerance:g}")
+    table.add_row("size", f"{result.bytes:,} bytes")
+    ms = result.latency_ms
+    table.add_row("one-row latency (p50, 1 thread)", f"onnxruntime {ms['onnxruntime']:.3f} ms, scikit-learn "
+                  f"{ms['sklearn']:.3f} ms")
+    for item in result.inputs:
+        detail = item.type + (f", one of {', '.join(map(json.dumps, item.values))}" if item.values else "") + (
+            f" ({item.note})" if item.note else "") + f"; missing: {item.missing}"
+        table.add_row(f"input {item.name}", detail)
+    for item in result.outputs:
+        table.add_row(f"output {item['name']}", f"{item['type']} {item['shape']}")
+    return table
