@@ -144,7 +144,11 @@ def test_logged_batch_predictions_carry_the_output_ids_and_replace_a_rerun(train
 
 def test_the_fast_path_and_compiled_trees_give_the_pipelines_answers(trained, tmp_path):
     folder, spec, store = trained
-    frame = churn_file(tmp_path / "in.parquet", 3000)
+    frame = make_churn(3000, seed=5).drop(columns=["churned"])  # batch-sized: the vectorised lookups
+    frame.loc[::7, "plan"] = None  # missing categories
+    frame.loc[::11, "contract"] = "lifetime"  # unseen ones
+    frame.loc[::13, "age"] = np.nan
+    frame.to_parquet(tmp_path / "in.parquet", index=False)
     result = score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", compile_trees=True)
     assert result.compiled  # the machine has a C compiler (CI too)
     out = pd.read_parquet(tmp_path / "out.parquet")

@@ -173,10 +173,10 @@ class _Lookup:
         for values, (start, end, codes, table) in zip(columns, self.tables):
             unseen = len(table) - 1
             if n >= VECTOR_ROWS:  # a batch job's chunk: one hash lookup in C instead of a dict.get per value
-                found = pd.Index(list(codes), dtype=object).get_indexer(values)
+                found, missing = _lookup_many(values, codes)
                 found[found < 0] = unseen
                 if fill_missing:
-                    found[pd.isna(values)] = codes.get(MISSING_CATEGORY, unseen)
+                    found[missing] = codes.get(MISSING_CATEGORY, unseen)
                 out[:, start:end] = table[found]
                 continue
             if fill_missing:
@@ -188,6 +188,21 @@ class _Lookup:
         return out
 
 
+def _lookup_many(values: Any, codes: dict[Any, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(code of each value, -1 when unknown; which values are missing) by a hash table: Arrow's for
+    Arrow-backed text against text categories (no Python object per value: ~15x faster), else pandas'."""
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.StringDtype) \
+            and values.dtype.storage == "pyarrow" and all(type(c) is str for c in codes):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        array = pa.array(values)
+        found = pc.index_in(array, value_set=pa.array(list(codes), type=array.type)).fill_null(-1)
+        return found.to_numpy().astype(np.intp), array.is_null().to_numpy(zero_copy_only=False)
+    values = _array(values, object)
+    return pd.Index(list(codes), dtype=object).get_indexer(values), pd.isna(values)
+
+
 class _EncodeColumns:
     """Missing-token filling and a lookup encoder, done column by column straight from the request's
     columns (no object matrix is stacked first)."""
@@ -196,7 +211,9 @@ class _EncodeColumns:
         self.lookup = lookup
 
     def transform(self, columns: Columns, names: list[str]) -> np.ndarray:
-        return self.lookup.encode([_array(columns[name], object) for name in names], fill_missing=True)
+        many = len(columns[names[0]]) >= VECTOR_ROWS  # columns as they are: see _lookup_many
+        return self.lookup.encode([columns[name] if many else _array(columns[name], object) for name in names],
+                                  fill_missing=True)
 
 
 _REPLAYS = (_FillMissing, _Impute, _Scale, _Lookup)
