@@ -212,3 +212,30 @@ def test_predict_scores_a_sql_query_as_it_scores_the_same_rows_in_a_file(trained
     bad = everloop("predict", f"sqlite:///{tmp_path / 'warehouse.db'}", str(tmp_path / "x.parquet"), "--query",
                    "SELECT * FROM no_such_table", "-p", str(folder))
     assert bad.code == 2 and "no_such_table" in bad.err and not (tmp_path / "x.parquet").exists(), bad
+
+
+def test_labels_keyed_by_the_inputs_own_id_join_the_newest_batch_prediction(trained, tmp_path, everloop):
+    folder, spec, store = trained
+    frame = make_churn(600, seed=31)
+    frame.drop(columns=["churned"]).to_parquet(tmp_path / "a.parquet", index=False)
+    frame.iloc[:200].drop(columns=["churned"]).to_parquet(tmp_path / "b.parquet", index=False)
+    for name in ("a", "b"):  # the first 200 customers are scored twice: the newest prediction is b's
+        assert everloop("predict", str(tmp_path / f"{name}.parquet"), str(tmp_path / f"{name}.out.parquet"),
+                        "-p", str(folder)).code == 0
+    labels = frame[[spec.data.id, spec.data.target]].copy()
+    labels.loc[len(labels)] = ["never-scored", 1]
+    labels.loc[len(labels)] = [None, 0]
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    run = everloop("feedback", str(tmp_path / "labels.csv"), "-p", str(folder), "--json")
+    result = json.loads(run.out)
+    assert run.code == 1 and result["accepted"] == 600 and result["unknown_ids"] == ["never-scored"], run
+    assert [p["where"] for p in result["problems"]] == ["row 602"]  # the row without an id
+    a, b = pd.read_parquet(tmp_path / "a.out.parquet"), pd.read_parquet(tmp_path / "b.out.parquet")
+    import sqlalchemy as sa
+
+    with store.engine.connect() as conn:
+        stored = dict(conn.execute(sa.select(store.tables.feedback.c.prediction_id,
+                                             store.tables.feedback.c.label)).all())
+    expected = dict(zip(b["prediction_id"], frame["churned"].iloc[:200])) | \
+        dict(zip(a["prediction_id"].iloc[200:], frame["churned"].iloc[200:]))
+    assert {k: int(v) for k, v in stored.items()} == {k: int(v) for k, v in expected.items()}

@@ -121,6 +121,34 @@ def record_feedback(store: Store, items: list[dict[str, Any]], *, partial: bool)
     return result
 
 
+def ids_for_keys(store: Store, keys: list[str]) -> dict[str, str]:
+    """The prediction id of the newest logged prediction for each of `keys` (values of the input's id
+    column, which batch jobs log as `__key`), for labels that come back keyed by the user's own id.
+
+    Reads the log newest batch first and stops once every key is found, so the cost grows with how far
+    back the oldest key's prediction is (a whole log's payloads at worst). Keys never logged are absent.
+    Raises only what the database raises."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted(set(keys)), type=pa.string())
+    found: dict[str, str] = {}
+    with store.engine.connect() as conn:
+        for *_, table in prediction_log.iter_batches(conn, newest_first=True):
+            if prediction_log.KEY not in table.column_names:  # a served batch: no keys
+                continue
+            column = pc.cast(table.column(prediction_log.KEY), pa.string())
+            hits = pc.is_in(column, value_set=wanted)
+            if not pc.any(hits).as_py():
+                continue
+            pairs = zip(pc.filter(column, hits).to_pylist(), pc.filter(table.column(prediction_log.ID), hits).to_pylist())
+            for key, prediction_id in reversed(list(pairs)):  # the newest: a batch's last row, the newest batch
+                found.setdefault(key, prediction_id)
+            if len(found) == len(wanted):
+                break
+    return found
+
+
 def _parser(manifest: Any, version: int) -> Callable[[Any], Any] | str:
     """The label parser of one model version, or why there is none (as a problem message)."""
     if not isinstance(manifest, dict):
