@@ -11,6 +11,7 @@ Whole-file problems (a missing column, an unreadable file) refuse everything.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from everloop.batch._job import PART, REJECTED, Job, fingerprint, prediction_ids
 from everloop.data import Anomaly, ValidationReport, iter_batches, source_files
-from everloop.errors import DataError
+from everloop.errors import DataError, EverloopError
 from everloop.registry import PRODUCTION, load_model
 from everloop.spec import SqlSource
 from everloop.store import Store, prediction_log
@@ -87,7 +88,8 @@ def rejected_path(output: str | Path) -> Path:
 def score_file(store: Store, source: str | Path | SqlSource, output: str | Path, *,
                model: int | str = PRODUCTION, chunk_rows: int = 100_000, keep: Sequence[str] = (),
                progress: Callable[[int], None] | None = None, strict: bool = False, resume: bool = False,
-               log: bool = False, compile_trees: bool | None = None) -> BatchResult:
+               log: bool = False, compile_trees: bool | None = None, engine: str = "local",
+               address: str | None = None) -> BatchResult:
     """Score every row of a CSV/Parquet file (or folder or glob of them) or SQL query into `output`, whose
     extension sets its format (.csv, or .parquet/.pq); the output appears whole or not at all.
 
@@ -100,13 +102,21 @@ def score_file(store: Store, source: str | Path | SqlSource, output: str | Path,
     `log` writes the predictions to the store's prediction log (ids as in the output, the id column's
     values as keys), so the monitor sees them and labels join them. `compile_trees`: serve a tree
     ensemble compiled to native code, once it answers like scikit-learn (None: when the input has at
-    least COMPILE_ROWS rows, where compiling pays for itself).
+    least COMPILE_ROWS rows, where compiling pays for itself). `engine`: "local" (this process) or "ray":
+    the same chunks scored on Ray Data's actors (`everloop.batch._ray`), on the Ray this process is
+    connected to, the cluster at `address`, else a new local Ray; the same output, row for row.
 
     Raises DataError for an unsupported output extension, a `keep` column the input lacks or whose name
     an output column takes, unreadable input, a missing column, no row left to score, or (with `strict`)
     any row with errors: nothing is written then; for `resume` without an unfinished run, or one whose
-    input or options differ. NotFoundError for an unknown model version or alias."""
+    input or options differ. NotFoundError for an unknown model version or alias. EverloopError for an
+    unknown `engine`; RayUnavailable (`everloop.batch._ray`) for "ray" without Ray installed."""
     kind = output_format(output)  # before any work: a wrong name must not cost a whole scoring run
+    if engine not in ("local", "ray"):
+        raise EverloopError(f"engine {engine!r}: expected 'local' or 'ray'")
+    if engine == "ray":  # before any work too: without Ray nothing can run
+        from everloop.batch._ray import import_ray
+        import_ray()
     target = Path(output).resolve()
     if not isinstance(source, SqlSource):
         source = Path(source)
@@ -129,10 +139,14 @@ def score_file(store: Store, source: str | Path | SqlSource, output: str | Path,
         scorer = ChunkScorer(trained, keep=keep, strict=strict, log=log)
         # Read by the model's schema, never inferred again: CSV cells arrive as text and each column is
         # parsed as the first ingest read it (bool spellings, codes with leading zeros, number formats, dates).
-        chunks = iter_batches(source, types=trained.schema.kinds, batch_rows=chunk_rows)
+        read = functools.partial(iter_batches, source, types=trained.schema.kinds, batch_rows=chunk_rows)
         writer = BatchWriter(job, trained, store if log else None, progress)
-        for chunk in writer.pending(chunks):
-            writer.add(scorer(chunk))
+        if engine == "ray":
+            from everloop.batch._ray import score_on_ray
+            score_on_ray(scorer, read, writer, address=address)
+        else:
+            for chunk in writer.pending(read()):
+                writer.add(scorer(chunk))
         result = writer.finish()
     except DataError:  # the same input would fail again: nothing to resume
         job.remove()
@@ -177,11 +191,17 @@ def speed_up(store: Store, trained: TrainedModel, compile_trees: bool) -> None:
     model's evaluation rows: the numpy feature path (`TrainedModel.check_fast_path`) and, with
     `compile_trees`, the tree ensemble compiled to native code (`everloop.serve._compiled`, cached beside
     the store; all cores, as a batch job has the machine to itself)."""
+    from threadpoolctl import threadpool_limits
+
     from everloop.registry import eval_frame
     from everloop.serve._compiled import compile_trees as compile_
 
     probe = eval_frame(store, trained.manifest).head(200)
-    if trained.check_fast_path(probe) and compile_trees:
+    # A few hundred probe rows: OpenMP's threads cost more than they give, and on a busy machine their
+    # spinning turned these checks from milliseconds into seconds.
+    with threadpool_limits(1):
+        fast = trained.check_fast_path(probe)
+    if fast and compile_trees:
         trained.compiled = compile_(trained.pipeline.named_steps["model"], trained.task == "classification",
                                     trained.probe_encoded(probe), store.root / "compiled",
                                     nthread=os.cpu_count() or 1)

@@ -837,6 +837,11 @@ def _check_port(host: str, port: int) -> None:
             raise EverloopError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 @app.command()
 def predict(source: str = typer.Argument(..., help="CSV or Parquet file (or folder, or glob) to score; with "
                                          "--query, the database URL to run it on"),
@@ -856,20 +861,34 @@ def predict(source: str = typer.Argument(..., help="CSV or Parquet file (or fold
             log: Optional[bool] = typer.Option(None, "--log/--no-log", help="write the predictions to the "
                                                "prediction log, for the monitor and the loop (default: "
                                                "serving.log_predictions of the project file)"),
+            engine: Engine = typer.Option(Engine.local, help="local: this process; ray: Ray Data's actors "
+                                          "score the chunks (the same output), on a new local Ray (loopback "
+                                          "only) or the cluster at --address; needs everloop[ray]"),
+            address: Optional[str] = typer.Option(None, help="with --engine ray: the Ray cluster's GCS address "
+                                                  "host:port, as 'ray start --head' prints it"),
             project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """Batch-score a file or query through the same artifact as the service, in chunks; report what
     validation saw (unseen categories, nulls, values out of range). Rows with errors are set aside with
     their reasons in OUTPUT's `<stem>.rejected` side file while the rest are scored: exit 1 then. A
-    missing column, or any bad row with --strict, refuses the whole file (exit 1, nothing written)."""
+    missing column, or any bad row with --strict, refuses the whole file (exit 1, nothing written).
+    --engine ray without Ray installed exits 3."""
     from everloop.batch import count_rows, score_file
+    from everloop.batch._ray import RayUnavailable
     from everloop.spec import SqlSource
 
     spec, store = _project(project)
     where = SqlSource(url=source, query=query) if query else _user_path(Path(source))
-    with _rows_progress("scoring", as_json, total=count_rows(where)) as progress:
-        result = score_file(store, where, _user_path(output), model=model, chunk_rows=chunk_rows,
-                            keep=keep or [], progress=progress, strict=strict, resume=resume,
-                            log=spec.serving.log_predictions if log is None else log)
+    if address and engine is not Engine.ray:
+        raise EverloopError("--address is the Ray cluster for --engine ray; add --engine ray")
+    try:
+        with _rows_progress("scoring", as_json, total=count_rows(where)) as progress:
+            result = score_file(store, where, _user_path(output), model=model, chunk_rows=chunk_rows,
+                                keep=keep or [], progress=progress, strict=strict, resume=resume,
+                                log=spec.serving.log_predictions if log is None else log,
+                                engine=engine.value, address=address)
+    except RayUnavailable as exc:  # the environment lacks an extra (README's exit codes)
+        _print_error(str(exc))
+        raise SystemExit(3) from None
     text = f"{result.rows} rows scored into {result.output}"
     if result.rejected:
         reasons = "; ".join(f"column {a['column']!r}: {a['message']}" for a in result.errors)
@@ -899,24 +918,32 @@ def _anomaly_lines(anomalies: list[dict[str, Any]]) -> str:
 
 
 @app.command()
-def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with columns 'id' and 'label'"),
+def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with columns 'id' (prediction ids) "
+                                            "and 'label'; or the project's id column and 'label' (or the target)"),
              project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
-    """Record ground-truth labels for earlier prediction ids. Each label is checked against the model that
+    """Record ground-truth labels for earlier predictions. Rows name a prediction by its prediction id
+    (column `id`), or by the input's own id (the project's `data.id` column) for predictions a batch job
+    logged: the newest such prediction gets the label. Each label is checked against the model that
     made its prediction; good rows are stored, bad ones listed. Exit 1 when any row was refused or unknown."""
     import pandas as pd
 
     from everloop.data import iter_batches
-    from everloop.serve import record_feedback
+    from everloop.serve import ids_for_keys, record_feedback
 
-    _, store = _project(project)
+    spec, store = _project(project)
     # CSV as text: an id column must keep its leading zeros and never become a float; labels are
     # parsed by the model's rules, where "1" and 1 are one class.
     source = _user_path(source)
     batches = list(iter_batches(source, as_text=True))
     frame = pd.concat(batches, ignore_index=True) if batches else pd.DataFrame()
-    missing = {"id", "label"} - set(frame.columns)
-    if missing:
-        raise EverloopError(f"{source}: missing column(s) {sorted(missing)}; expected 'id' and 'label'")
+    key = spec.data.id if "id" not in frame.columns and spec.data.id in frame.columns else None
+    label = "label" if "label" in frame.columns or spec.data.target not in frame.columns else spec.data.target
+    if key is None and {"id", label} - set(frame.columns):
+        by_key = f" (or {spec.data.id!r}, the project's id column)" if spec.data.id else ""
+        missing = sorted({"id", label} - set(frame.columns))
+        raise EverloopError(f"{source}: missing column(s) {missing}; expected 'id'{by_key} and 'label'")
+    if label not in frame.columns:
+        raise EverloopError(f"{source}: missing column 'label' (or {spec.data.target!r}, the target)")
     if frame.empty:
         raise EverloopError(f"{source}: no rows; expected one row per label, with columns 'id' and 'label'")
 
@@ -924,8 +951,14 @@ def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with c
         null = value is None or value is pd.NA or (isinstance(value, float) and value != value)
         return None if null else value
 
-    items = [{"id": None if cell(i) is None else str(i), "label": cell(v), "where": f"row {n}"}
-             for n, (i, v) in enumerate(zip(frame["id"].tolist(), frame["label"].tolist()), start=1)]
+    ids = [None if cell(i) is None else str(i) for i in frame[key or "id"].tolist()]
+    unmatched: list[str] = []
+    if key is not None:  # the input's own ids: each to the newest prediction a batch job logged for it
+        found = ids_for_keys(store, [i for i in ids if i is not None])
+        unmatched = list(dict.fromkeys(i for i in ids if i is not None and i not in found))
+        ids = [found.get(i, "") if i is not None else None for i in ids]  # "": unmatched, reported below
+    items = [{"id": i, "label": cell(v), "where": f"row {n}"}
+             for n, (i, v) in enumerate(zip(ids, frame[label].tolist()), start=1) if i != ""]
     result = record_feedback(store, items, partial=True)
     shown = 20
     lines = [f"{result.accepted} labels recorded from {result.received} rows"
@@ -938,6 +971,10 @@ def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with c
     if result.unknown_ids:
         lines.append(f"{len(result.unknown_ids)} ids match no logged prediction, e.g. "
                      + ", ".join(repr(i) for i in result.unknown_ids[:3]))
+    if unmatched:
+        result.unknown_ids += unmatched
+        lines.append(f"{len(unmatched)} {key!r} values match no prediction a batch job logged, e.g. "
+                     + ", ".join(repr(i) for i in unmatched[:3]))
     _emit(result.to_dict(), as_json, text="\n".join(lines))
     if not result.complete:
         raise CheckFailed()

@@ -34,6 +34,7 @@ class CompiledTrees:
     def __init__(self, library: Path, classification: bool, n_classes: int, nthread: int = 1):
         import tl2cgen
 
+        self.library = library  # the shared library's file (a batch job on Ray ships its bytes)
         self._dmatrix = tl2cgen.DMatrix
         self._predictor = tl2cgen.Predictor(str(library), nthread=nthread)
         self.classification = classification
