@@ -355,7 +355,7 @@ def _scored_rows(trained: TrainedModel, features: pd.DataFrame, rows: pd.DataFra
     """The output's rows for good input `rows` (their conformed `features`): passthrough columns,
     prediction, per-class probabilities, model version."""
     predictions = trained.predict_conformed(features)
-    out = pd.DataFrame({c: rows[c].to_numpy() for c in passthrough})
+    out = rows[passthrough].reset_index(drop=True)  # as read: to_numpy() made a Timestamp per tz-aware time
     out["prediction"] = predictions.labels
     if predictions.proba is not None:
         for i, cls in enumerate(predictions.classes):
