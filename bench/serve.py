@@ -42,10 +42,14 @@ Run:
     .venv/bin/python bench/serve.py              # 10 s per cell (about 8 minutes once the peers are installed)
     .venv/bin/python bench/serve.py --quick      # 3 s per cell, every peer
     .venv/bin/python bench/serve.py --quick --peers flask,bare_asgi    # a subset, while developing
+    .venv/bin/python bench/serve.py --quick --only everloop --cells 100x16   # everloop log on/off only
 
 The last line printed is one JSON object; its headline figures are for one-row requests at 16
 connections: rps_ratio = everloop requests/s / peer requests/s, p99_ratio = everloop p99 / peer p99
-(everloop as shipped, prediction log on), logging_cost = 1 - rps(log on) / rps(log off).
+(everloop as shipped, prediction log on), logging_cost = 1 - rps(log on) / rps(log off); and
+logging_cost_100, the same at 100-row requests x 16 connections. logging_cpu_cost(_100) are the same
+costs from the servers' CPU per request (1 - CPU(log off) / CPU(log on), from /proc: all of the
+server's processes), which a busy machine disturbs much less than requests/s.
 """
 
 from __future__ import annotations
@@ -574,8 +578,8 @@ def run_wrk(wrk: str, url: str, script: Path, connections: int, seconds: float) 
 # -- one run ----------------------------------------------------------------------------------------------
 
 
-def measure(server: Server, fixture: Fixture, wrk: str, seconds: float, warmup: float,
-            logs: Path, say: Callable[[str], None]) -> dict[str, Any]:
+def measure(server: Server, fixture: Fixture, wrk: str, seconds: float, warmup: float, logs: Path,
+            say: Callable[[str], None], scenarios: list[tuple[int, int]] = SCENARIOS) -> dict[str, Any]:
     """Start `server`, check it, load it in each scenario, stop it. {"ready_s", "cells": {(rows, conns): wrk}}."""
     if server.before:
         server.before(fixture)
@@ -589,21 +593,46 @@ def measure(server: Server, fixture: Fixture, wrk: str, seconds: float, warmup: 
         command = " ".join(running.command).replace(str(BENCH), "bench").replace(str(fixture.work), "$TMP")
         say(f"  ready in {ready:.1f} s, answers checked: {command}")
         cells: dict[tuple[int, int], dict] = {}
-        for rows, connections in SCENARIOS:
+        for rows, connections in scenarios:
             path, body = server.body(fixture, rows)
             script = lua_script(fixture.work / "wrk", f"{server.key}_{rows}", json.dumps(body).encode())
             url = running.url + path
             if warmup > 0:
                 run_wrk(wrk, url, script, connections, warmup)
+            cpu = group_cpu_seconds(running.process.pid)
             cell = run_wrk(wrk, url, script, connections, seconds)
             if running.process.poll() is not None:
                 raise RuntimeError(f"the server died under load:\n{running.log_tail()}")
+            if cpu is not None and cell["requests"]:
+                cell["cpu_us_per_request"] = round((group_cpu_seconds(running.process.pid) - cpu)
+                                                   / cell["requests"] * 1e6, 1)
             cells[(rows, connections)] = cell
             say(f"    {rows:>3} row(s) x {connections:>2} conn: {cell['rps']:>9.1f} req/s  p50 {_fmt_ms(cell['p50_ms'])}"
-                f"  p99 {_fmt_ms(cell['p99_ms'])}  errors {cell['errors']}")
+                f"  p99 {_fmt_ms(cell['p99_ms'])}  errors {cell['errors']}"
+                + (f"  server CPU {cell['cpu_us_per_request']:.0f} us/request" if "cpu_us_per_request" in cell else ""))
         return {"ready_s": ready, "cells": cells}
     finally:
         running.stop()
+
+
+def group_cpu_seconds(pgid: int) -> float | None:
+    """CPU seconds (user + system) used so far by the live processes of a process group (a server and
+    its workers), from /proc; None where there is no /proc. On a machine that is not idle, requests/s
+    move with the neighbours' load; CPU per request much less."""
+    if not os.path.isdir("/proc"):
+        return None
+    ticks = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after the command, which may hold spaces
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ..., utime (12th), stime (13th)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -612,9 +641,10 @@ def _fmt_ms(value: float | None) -> str:
     return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
 
 
-def tables(results: dict[str, dict], labels: dict[str, str]) -> str:
+def tables(results: dict[str, dict], labels: dict[str, str],
+           scenarios: list[tuple[int, int]] = SCENARIOS) -> str:
     out = []
-    for rows, connections in SCENARIOS:
+    for rows, connections in scenarios:
         title = f"{'one row' if rows == 1 else f'{rows}-row batch'}, {connections} connection{'s' * (connections > 1)}"
         out += [f"### {title}", "", "| server | req/s | rows/s | p50 | p99 | errors | everloop req/s / this |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -647,6 +677,14 @@ def headline(results: dict[str, dict], quick: bool, peers: list[str]) -> dict[st
     line["rps_ratio"] = {p: ratio(ever and ever["rps"], (cell(p) or {}).get("rps")) for p in peers}
     line["p99_ratio"] = {p: ratio(ever and ever["p99_ms"], (cell(p) or {}).get("p99_ms")) for p in peers}
     line["logging_cost"] = round(1 - ever["rps"] / nolog["rps"], 3) if ever and nolog and nolog["rps"] else None
+    ever_100, nolog_100 = cell("everloop", (BATCH_ROWS, 16)), cell("everloop_nolog", (BATCH_ROWS, 16))
+    line["logging_cost_100"] = (round(1 - ever_100["rps"] / nolog_100["rps"], 3)
+                                if ever_100 and nolog_100 and nolog_100["rps"] else None)
+    # The same from the servers' CPU per request (what the log adds to it), steadier on a busy machine.
+    for key, scenario in (("logging_cpu_cost", HEADLINE), ("logging_cpu_cost_100", (BATCH_ROWS, 16))):
+        on, off = (cell(k, scenario) or {} for k in ("everloop", "everloop_nolog"))
+        if on.get("cpu_us_per_request") and off.get("cpu_us_per_request"):
+            line[key] = round(1 - off["cpu_us_per_request"] / on["cpu_us_per_request"], 3)
     line["everloop_rps"] = ever and round(ever["rps"], 1)
     line["everloop_p99_ms"] = ever and ever["p99_ms"]
     line["peer_rps"] = {p: (cell(p) or {}).get("rps") for p in peers}
@@ -668,13 +706,25 @@ def main() -> None:
     parser.add_argument("--peers", default=",".join(PEERS),
                         help=f"comma-separated subset of {','.join(PEERS)} (everloop always runs)")
     parser.add_argument("--seconds", type=float, help="seconds per measured cell (overrides --quick)")
+    parser.add_argument("--only", choices=["everloop"],
+                        help="only everloop's servers (log on, and off unless --no-nolog): no peer is installed")
+    parser.add_argument("--cells", help="comma-separated subset of the scenarios as ROWSxCONNECTIONS, e.g. 100x16 "
+                                        f"(default all: {','.join(f'{r}x{c}' for r, c in SCENARIOS)})")
     parser.add_argument("--no-nolog", action="store_true", help="skip everloop's log-off run (no logging_cost)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (project, logs, bodies)")
     args = parser.parse_args()
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    peers = [] if args.only == "everloop" else [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = set(peers) - set(PEERS)
     if unknown:
         parser.error(f"unknown peer(s) {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}")
+    scenarios = SCENARIOS
+    if args.cells:
+        try:
+            scenarios = [tuple(int(x) for x in cell.strip().lower().split("x")) for cell in args.cells.split(",")]
+        except ValueError:
+            scenarios = []
+        if not scenarios or not set(scenarios) <= set(SCENARIOS):
+            parser.error(f"--cells {args.cells!r}: choose from {','.join(f'{r}x{c}' for r, c in SCENARIOS)}")
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     warmup = 1.0 if args.quick else 2.0
 
@@ -736,7 +786,8 @@ def main() -> None:
                 continue
             say(f"{server.label}:")
             try:
-                results[server.key] = measure(server, fixture, wrk, seconds, warmup, work / "logs", say)
+                results[server.key] = measure(server, fixture, wrk, seconds, warmup, work / "logs", say,
+                                              scenarios)
             except Exception as exc:  # noqa: BLE001 - one failing server must not lose the others' numbers
                 results[server.key] = {"error": f"{type(exc).__name__}: {exc}"}
                 say(f"  {server.key} FAILED: {type(exc).__name__}: {exc}")
@@ -745,7 +796,7 @@ def main() -> None:
         say(f"## Results ({'quick: ' if args.quick else ''}{seconds:g} s per cell; req/s, latency percentiles and "
             f"errors from wrk; rows/s = req/s x rows per request)")
         say("")
-        say(tables(results, labels))
+        say(tables(results, labels, scenarios))
         for key, result in results.items():
             if "error" in result:
                 say(f"{key} failed: {result['error']}")

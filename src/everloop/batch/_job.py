@@ -6,7 +6,7 @@ file is written under a temporary name and renamed, so a kill leaves whole files
 the parts are joined into the output in order and the folder is removed. `resume` checks `job.json`
 (the input files' sizes and modification times, the model version, the options), skips the finished
 chunks' input and goes on. The output is byte-identical to an uninterrupted run's: both are joined
-from the same parts in the same way, and a prediction id is the job's prefix plus the row number.
+from the same parts in the same way, and a prediction id is the job's prefix plus a counter.
 """
 
 from __future__ import annotations
@@ -25,14 +25,12 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from everloop.data import Anomaly, ValidationReport, source_files
 from everloop.errors import DataError
 from everloop.spec import SqlSource
 
 JOB_FORMAT = 1
-ID_DIGITS = 12  # most hex digits of a batch prediction id's counter: 2.8e14 rows per job
 PART = "part"
 REJECTED = "rejected"
 
@@ -40,18 +38,6 @@ REJECTED = "rejected"
 def job_dir(output: Path) -> Path:
     """Where a job writing `output` keeps its parts and state."""
     return output.parent / f".{output.name}.everloop-job"
-
-
-def prediction_ids(prefix: str, counters: np.ndarray) -> pa.Array:
-    """Prediction ids `<prefix><counter in hex>` for `counters` (>= 1), the service's id form (so
-    `everloop feedback` finds them), built in numpy and Arrow without a Python string per row."""
-    n = len(counters)
-    shifts = np.arange(4 * (ID_DIGITS - 1), -1, -4, dtype=np.uint64)
-    digits = (counters.astype(np.uint64)[:, None] >> shifts) & np.uint64(15)
-    text = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)[digits]
-    offsets = np.arange(0, (n + 1) * ID_DIGITS, ID_DIGITS, dtype=np.int32)
-    fixed = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
-    return pc.binary_join_element_wise(prefix, pc.utf8_ltrim(fixed, characters="0"), "")
 
 
 def job_prefix(settings: dict[str, Any]) -> str:

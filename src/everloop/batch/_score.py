@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from everloop.batch._job import PART, REJECTED, Job, fingerprint, prediction_ids
+from everloop.batch._job import PART, REJECTED, Job, fingerprint
 from everloop.data import Anomaly, ValidationReport, iter_batches, source_files
 from everloop.errors import DataError, EverloopError
 from everloop.registry import PRODUCTION, load_model
@@ -296,7 +296,7 @@ class BatchWriter:
             rejected.insert(0, _free_name("row", rejected.columns), chunk.bad + job.rows + 1)
         if scored is not None:
             counters = np.arange(first, first + len(scored))
-            scored["prediction_id"] = pd.arrays.ArrowStringArray(prediction_ids(job.prefix, counters))
+            scored["prediction_id"] = pd.arrays.ArrowStringArray(prediction_log.id_strings(job.prefix, counters))
         job.finish_chunk(scored, rejected, chunk.report, chunk.rows, log=lambda: self._log(chunk, scored, first))
         if self.progress:
             self.progress(chunk.rows)

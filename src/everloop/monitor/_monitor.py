@@ -488,8 +488,8 @@ class _Accumulator:
         lo, hi = float(rows.created_at.min()), float(rows.created_at.max())
         self.first_at = lo if self.first_at is None else min(self.first_at, lo)
         self.last_at = hi if self.last_at is None else max(self.last_at, hi)
-        self.latency += np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, rows.latency_ms),
-                                    minlength=len(self.latency))
+        latency = rows.latency_ms[~np.isnan(rows.latency_ms)]  # batch jobs' rows have none (NaN)
+        self.latency += np.bincount(np.searchsorted(LATENCY_BUCKETS_MS, latency), minlength=len(self.latency))
         if self.trained.task == "classification":
             self.proba.append(_answered_proba(self.trained, rows.outputs))
         self._sample(rows)

@@ -292,13 +292,13 @@ class MicroBatcher:
         if not self.on_predicted or (answered is not None and not answered):
             return
         if answered is None:  # the common case: every row answered, logged as it is
-            self.on_predicted(LogEntry(ids, time.time(), model.version, columns, predictions.labels.tolist(),
+            self.on_predicted(LogEntry(ids, time.time(), model.version, columns, predictions.labels,
                                        predictions.proba, predictions.classes, latencies), outputs)
             return
         at = np.asarray(answered)  # some requests refused (strict): log the others' rows only
         self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
                                    {name: values[at] for name, values in columns.items()},
-                                   predictions.labels[at].tolist(),
+                                   predictions.labels[at],
                                    None if predictions.proba is None else predictions.proba[at],
                                    predictions.classes, latencies), [outputs[p] for p in answered])
 
@@ -330,7 +330,7 @@ class MicroBatcher:
             at = np.searchsorted(good, answered)  # the answered rows among the predicted ones
             self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
                                        checked.frame.iloc[answered].reset_index(drop=True),
-                                       predictions.labels[at].tolist(),
+                                       predictions.labels[at],
                                        None if predictions.proba is None else predictions.proba[at],
                                        predictions.classes, latencies), [outputs[p] for p in answered])
 
