@@ -67,8 +67,9 @@ def test_a_stopped_job_resumes_to_the_same_bytes(trained, tmp_path, suffix):
 def test_resume_refuses_another_input_or_model_and_a_run_without_resume_starts_afresh(trained, tmp_path):
     folder, spec, store = trained
     churn_file(tmp_path / "in.parquet", 3000)
-    with pytest.raises(DataError, match="no unfinished run"):
-        score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", resume=True)
+    nothing = score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", resume=True)  # cron-safe
+    assert nothing.rows == 3000 and nothing.notes == ["--resume: no unfinished run wrote this output; scored "
+                                                      "from the start"]
     with pytest.raises(Killed):
         score_file(store, tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=500,
                    progress=stop_after(2, 500))
@@ -229,6 +230,8 @@ def test_labels_keyed_by_the_inputs_own_id_join_the_newest_batch_prediction(trai
     run = everloop("feedback", str(tmp_path / "labels.csv"), "-p", str(folder), "--json")
     result = json.loads(run.out)
     assert run.code == 1 and result["accepted"] == 600 and result["unknown_ids"] == ["never-scored"], run
+    assert result["received"] == 602 and "600 labels recorded from 602 rows" in everloop(
+        "feedback", str(tmp_path / "labels.csv"), "-p", str(folder)).out
     assert [p["where"] for p in result["problems"]] == ["row 602"]  # the row without an id
     a, b = pd.read_parquet(tmp_path / "a.out.parquet"), pd.read_parquet(tmp_path / "b.out.parquet")
     import sqlalchemy as sa
@@ -239,3 +242,100 @@ def test_labels_keyed_by_the_inputs_own_id_join_the_newest_batch_prediction(trai
     expected = dict(zip(b["prediction_id"], frame["churned"].iloc[:200])) | \
         dict(zip(a["prediction_id"].iloc[200:], frame["churned"].iloc[200:]))
     assert {k: int(v) for k, v in stored.items()} == {k: int(v) for k, v in expected.items()}
+
+
+def test_a_csv_output_killed_inside_its_first_chunk_resumes_with_its_header(trained, tmp_path, monkeypatch):
+    """A kill after chunk 0's part was written but before the chunk was recorded finished: the part is
+    written again on resume, with the header (decided by rows finished, never by the files there)."""
+    from everloop.batch import _score
+
+    folder, spec, store = trained
+    churn_file(tmp_path / "in.parquet", 3000)
+    score_file(store, tmp_path / "in.parquet", tmp_path / "whole.csv", chunk_rows=1000, log=True)
+
+    def killed(*args, **kwargs):
+        raise Killed()
+    monkeypatch.setattr(_score.BatchWriter, "_log", killed)  # dies between chunk 0's part and its state
+    with pytest.raises(Killed):
+        score_file(store, tmp_path / "in.parquet", tmp_path / "out.csv", chunk_rows=1000, log=True)
+    assert (job_dir(tmp_path / "out.csv") / "part-000000.csv").exists()
+    monkeypatch.undo()
+    resumed = score_file(store, tmp_path / "in.parquet", tmp_path / "out.csv", chunk_rows=1000, log=True,
+                         resume=True)
+    assert resumed.resumed_chunks == 0 and resumed.logged == 3000
+    assert (tmp_path / "out.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert (tmp_path / "out.csv").read_text().startswith("customer_id,")
+
+
+def test_csv_input_is_cut_to_chunk_rows_and_a_sql_run_is_never_resumed(trained, tmp_path):
+    import sqlalchemy as sa
+
+    folder, spec, store = trained
+    churn_file(tmp_path / "in.csv", 2500)
+    with pytest.raises(Killed):  # pyarrow reads this CSV as one block: cut into 1000-row chunks all the same
+        score_file(store, tmp_path / "in.csv", tmp_path / "out.parquet", chunk_rows=1000,
+                   progress=stop_after(1, 1000))
+    assert json.loads((job_dir(tmp_path / "out.parquet") / "state.json").read_text())["rows"] == 1000
+
+    frame = churn_file(tmp_path / "in.parquet", 1500)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    frame.to_sql("customers", engine, index=False)
+    engine.dispose()
+    from everloop.spec import SqlSource
+    query = SqlSource(url=f"sqlite:///{tmp_path / 'w.db'}", query="SELECT * FROM customers")
+    with pytest.raises(Killed):
+        score_file(store, query, tmp_path / "sql.parquet", chunk_rows=500, progress=stop_after(1, 500))
+    with pytest.raises(DataError, match="SQL query"):
+        score_file(store, query, tmp_path / "sql.parquet", chunk_rows=500, resume=True)
+
+
+def test_a_kept_column_null_in_early_chunks_or_of_mixed_types_is_written(trained, tmp_path):
+    folder, spec, store = trained
+    frame = make_churn(3000, seed=8).drop(columns=["churned"])
+    frame["note"] = pd.array([None] * 1000 + ["vip"] * 2000, dtype=object)
+    frame["extra"] = pd.array(list(range(1500)) + ["x"] * 1500, dtype=object)
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    import sqlalchemy as sa
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    frame.to_sql("t", engine, index=False)
+    engine.dispose()
+    from everloop.spec import SqlSource
+    result = score_file(store, SqlSource(url=f"sqlite:///{tmp_path / 'w.db'}", query="SELECT * FROM t"),
+                        tmp_path / "out.parquet", chunk_rows=1000, keep=["note", "extra"])
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert result.rows == 3000 and out["note"].isna().sum() == 1000 and (out["note"].iloc[1000:] == "vip").all()
+    assert out["extra"].iloc[:1500].tolist() == [str(i) for i in range(1500)] and out["extra"].iloc[-1] == "x"
+
+
+def test_two_logging_runs_of_one_job_cannot_double_the_log(trained, tmp_path):
+    from everloop.batch._score import _job_lease
+    from everloop.errors import EverloopError
+
+    folder, spec, store = trained
+    churn_file(tmp_path / "in.parquet", 500)
+    settings_prefix = None
+    first = score_file(store, tmp_path / "in.parquet", tmp_path / "a.parquet", log=True)
+    settings_prefix = pd.read_parquet(tmp_path / "a.parquet")["prediction_id"].iloc[0][:16]
+    with _job_lease(store, settings_prefix):  # another process logging the same job right now
+        with pytest.raises(EverloopError, match="logging the same job"):
+            score_file(store, tmp_path / "in.parquet", tmp_path / "b.parquet", log=True)
+    assert first.logged == 500 and not (tmp_path / "b.parquet").exists()
+    with store.engine.connect() as conn:
+        assert sum(t.num_rows for *_, t in prediction_log.iter_batches(conn)) == 500
+
+
+def test_drift_inside_a_batch_job_alerts_though_its_last_window_is_stable(trained, tmp_path, everloop):
+    folder, spec, store = trained  # windows of 1000 rows
+    parts = [make_churn(1000, seed=41), make_churn(1000, seed=42, shifted=True), make_churn(1000, seed=43),
+             make_churn(400, seed=44)]
+    pd.concat(parts, ignore_index=True).drop(columns=["churned"]).to_parquet(tmp_path / "in.parquet", index=False)
+    assert everloop("predict", str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet"), "-p",
+                    str(folder)).code == 0
+    from everloop.monitor import monitor
+
+    result = monitor(store, spec, record=False).to_dict()  # as `everloop monitor` judges, recording nothing
+    assert result["status"].startswith("drift") and result["window"]["index"] == 3, result["status"]
+    assert [w["window"]["index"] for w in result["earlier"]] == [1] and result["earlier"][0]["dataset_drift"]
+    assert any(a.startswith("drift: in window 1 ") for a in result["alerts"])
+    loop = everloop("loop", "--once", "-p", str(folder), "--json")  # the loop judges the same windows
+    assert "drift" in json.loads(loop.out)["triggers"], loop

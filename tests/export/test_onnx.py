@@ -291,6 +291,9 @@ def test_past_the_tolerance_nothing_is_written(trained, tmp_path, everloop):
     assert run.code == 1 and "nothing was written" in run.err
     assert json.loads(run.out)["passed"] is False and json.loads(run.out)["path"] is None
     assert not target.exists()
+    for meaningless in ("inf", "1", "nan"):  # a tolerance that would check nothing is refused
+        run = everloop("export", "onnx", "1", "-o", str(target), "--tolerance", meaningless, cwd=folder)
+        assert run.code == 2 and "tolerance" in run.err and not target.exists(), run
 
 
 def test_cli_writes_the_file_and_prints_the_example(trained, tmp_path, everloop):

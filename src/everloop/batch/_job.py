@@ -80,9 +80,13 @@ class Job:
                             "write elsewhere", path=str(output)) from None
         old = _read_json(self.dir / "job.json")
         state = _read_json(self.dir / "state.json") if old else None
-        if resume and old is None:
-            raise DataError(f"{output}: --resume: no unfinished run writes this output (nothing in {self.dir})",
-                            path=str(output))
+        self.nothing_to_resume = resume and old is None  # finished, or never started: run it afresh
+        if self.nothing_to_resume:
+            resume = False
+        if resume and "sql" in old["source"]:
+            raise DataError(f"{output}: --resume: the unfinished run scored a SQL query, whose rows may come "
+                            "back in another order (or changed) when it runs again: the finished chunks "
+                            "cannot be trusted; run without --resume to start afresh", path=str(output))
         if resume:
             changed = [k for k in settings if k != "prefix" and old.get(k) != settings[k]]
             if changed:
@@ -105,7 +109,13 @@ class Job:
         self.columns: list[str] = state["columns"]
         self.report = _report_from(state["report"]) if state["report"] else ValidationReport(rows=0)
         self.resumed_chunks = self.chunks if resume else 0
-        self._schemas: dict[str, pa.Schema] = {}  # per part kind, the first part's (Parquet has one schema)
+        for part in self.dir.glob("*-*.*"):  # a killed run's parts of chunks it did not finish
+            if part.stem.split("-")[-1].isdigit() and int(part.stem.split("-")[-1]) >= self.chunks:
+                part.unlink()
+        side = f"{output.stem}.rejected{output.suffix}"
+        for name in (output.name, side):  # what a join a kill interrupted left
+            for tmp in output.parent.glob(f".tmp-*-{name}"):
+                tmp.unlink(missing_ok=True)
 
     @property
     def prefix(self) -> str:
@@ -149,14 +159,13 @@ class Job:
                 else:
                     import pyarrow.parquet as pq
 
-                    writer = None
-                    for part in parts:
-                        with pa.memory_map(str(part)) as source:
-                            table = pa.ipc.open_file(source).read_all()
-                        writer = writer or pq.ParquetWriter(handle, table.schema)
-                        writer.write_table(table, row_group_size=max(1, table.num_rows))
-                    if writer is not None:
-                        writer.close()
+                    schema = _one_schema(parts)
+                    with pq.ParquetWriter(handle, schema) as writer:
+                        for part in parts:
+                            with pa.memory_map(str(part)) as source:
+                                table = pa.ipc.open_file(source).read_all()
+                            writer.write_table(table.cast(schema) if table.schema != schema else table,
+                                               row_group_size=max(1, table.num_rows))
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
@@ -183,38 +192,30 @@ class Job:
         path = self.dir / f"{kind}-{self.chunks:06d}.{'csv' if self.kind == 'csv' else 'arrow'}"
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as handle:
-            if self.kind == "csv":
-                first = not self._parts(kind)
-                frame.to_csv(handle, header=first, index=False)
+            if self.kind == "csv":  # the header with the first rows of its kind (never by the files there)
+                frame.to_csv(handle, header=(self.scored if kind == PART else self.rejected) == 0, index=False)
             else:
                 table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
-                schema = self._schemas.get(kind) or self._first_schema(kind)
-                if schema is None:
-                    self._schemas[kind] = schema = table.schema
-                elif table.schema != schema:  # e.g. a kept column that is all null in one chunk
-                    table = _same_types(table, schema, self.rows)
                 with pa.ipc.new_file(handle, table.schema) as writer:
                     writer.write_table(table)
         os.replace(tmp, path)
 
-    def _first_schema(self, kind: str) -> pa.Schema | None:
-        parts = self._parts(kind)
-        if not parts:
-            return None
-        with pa.memory_map(str(parts[0])) as source:
-            self._schemas[kind] = schema = pa.ipc.open_file(source).schema
-        return schema
 
-
-def _same_types(table: pa.Table, schema: pa.Schema, offset: int) -> pa.Table:
-    """A later chunk's table cast to the first chunk's column types (Parquet has one schema per file)."""
+def _one_schema(parts: list[Path]) -> pa.Schema:
+    """One Parquet schema for every part: a column all null in some chunks takes the others' type, and one
+    whose type differs between chunks (a SQL column holding numbers, then text) is written as text."""
+    schemas = []
+    for part in parts:
+        with pa.memory_map(str(part)) as source:
+            schemas.append(pa.ipc.open_file(source).schema)
     try:
-        return table.cast(schema, safe=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        changed = [f.name for f in table.schema if f.name in schema.names and schema.field(f.name).type != f.type]
-        before = ", ".join(str(schema.field(c).type) for c in changed)
-        raise DataError(f"column(s) {', '.join(changed)} change type from data row {offset + 1} on ({before} "
-                        "before); write a .csv output or make the input's types consistent") from None
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        fields = []
+        for field in schemas[0]:
+            kinds = {s.field(field.name).type for s in schemas} - {pa.null()}
+            fields.append(field.with_type(kinds.pop() if len(kinds) == 1 else pa.string()))
+        return pa.schema(fields)
 
 
 def _difference(old: dict[str, Any], new: dict[str, Any], key: str) -> str:

@@ -11,6 +11,7 @@ Whole-file problems (a missing column, an unreadable file) refuse everything.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -23,13 +24,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import sqlalchemy as sa
 
 from everloop.batch._job import PART, REJECTED, Job, fingerprint
-from everloop.data import Anomaly, ValidationReport, iter_batches, source_files
-from everloop.errors import DataError, EverloopError
+from everloop.data import ValidationReport, iter_batches, source_files
+from everloop.errors import DataError, EverloopError, StoreError
 from everloop.registry import PRODUCTION, load_model
 from everloop.spec import SqlSource
 from everloop.store import Store, prediction_log
+from everloop.store._lease import Lease, LeaseBusy
 from everloop.train import TrainedModel
 
 
@@ -58,6 +61,7 @@ class BatchResult:
     discarded_chunks: int = 0  # chunks of an unfinished earlier run started afresh (without `resume`)
     seconds: float = 0.0
     compiled: bool = False  # a compiled tree ensemble scored the rows
+    notes: list[str] = field(default_factory=list)  # what the user should know about how the run went
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,25 +139,61 @@ def score_file(store: Store, source: str | Path | SqlSource, output: str | Path,
                 "keep": list(keep), "strict": strict, "log": log, "compile_trees": bool(compile_trees)}
     job = Job(Path(output), kind, settings, resume)
     try:
-        speed_up(store, trained, compile_trees)
-        scorer = ChunkScorer(trained, keep=keep, strict=strict, log=log)
-        # Read by the model's schema, never inferred again: CSV cells arrive as text and each column is
-        # parsed as the first ingest read it (bool spellings, codes with leading zeros, number formats, dates).
-        read = functools.partial(iter_batches, source, types=trained.schema.kinds, batch_rows=chunk_rows)
-        writer = BatchWriter(job, trained, store if log else None, progress)
-        if engine == "ray":
-            from everloop.batch._ray import score_on_ray
-            score_on_ray(scorer, read, writer, address=address)
-        else:
-            for chunk in writer.pending(read()):
-                writer.add(scorer(chunk))
-        result = writer.finish()
+        with contextlib.ExitStack() as held:
+            if log:  # one logging run per job: two would delete and insert each other's log rows
+                held.enter_context(_job_lease(store, job.prefix))
+            result = _run(store, trained, job, read=functools.partial(
+                iter_batches, source, types=trained.schema.kinds, batch_rows=chunk_rows),
+                chunk_rows=chunk_rows, keep=keep, strict=strict, log=log, progress=progress,
+                compile_trees=compile_trees, engine=engine, address=address)
     except DataError:  # the same input would fail again: nothing to resume
         job.remove()
         raise
+    except sa.exc.SQLAlchemyError as exc:  # the prediction log could not be written (a read-only store)
+        raise StoreError(f"the prediction log could not be written: {str(exc).splitlines()[0]}; the finished "
+                         f"chunks are kept: fix the store and run again with --resume (or --no-log)") from None
+    except OSError as exc:  # a full disk, a folder that became read-only
+        raise StoreError(f"{output}: cannot write {exc.filename or 'the output'}: {exc.strerror or exc}; the "
+                         f"finished chunks are kept in {job.dir}: make room and run again with --resume") from None
     finally:
         job.close()
     return result
+
+
+def _job_lease(store: Store, prefix: str) -> Lease:
+    try:
+        return Lease.acquire(store.engine, f"batch:{prefix}")
+    except LeaseBusy as busy:
+        raise EverloopError(f"another everloop predict is logging the same job (the same input files and "
+                            f"model version) now: {busy.holder}; wait for it, or run with --no-log") from None
+
+
+def _run(store: Store, trained: TrainedModel, job: Job, *, read: Callable[[], Iterable[pd.DataFrame]],
+         chunk_rows: int, keep: Sequence[str], strict: bool, log: bool,
+         progress: Callable[[int], None] | None, compile_trees: bool, engine: str,
+         address: str | None) -> BatchResult:
+    """Score the chunks `read()` gives (each cut to at most `chunk_rows` rows) into `job`, on `engine`."""
+    speed_up(store, trained, compile_trees)
+    scorer = ChunkScorer(trained, keep=keep, strict=strict, log=log)
+    # Read by the model's schema, never inferred again: CSV cells arrive as text and each column is
+    # parsed as the first ingest read it (bool spellings, codes with leading zeros, number formats, dates).
+    chunks = functools.partial(_at_most, read, chunk_rows)
+    writer = BatchWriter(job, trained, store if log else None, progress)
+    if engine == "ray":
+        from everloop.batch._ray import score_on_ray
+        score_on_ray(scorer, chunks, writer, address=address)
+    else:
+        for chunk in writer.pending(chunks()):
+            writer.add(scorer(chunk))
+    return writer.finish()
+
+
+def _at_most(read: Callable[[], Iterable[pd.DataFrame]], rows: int) -> Iterator[pd.DataFrame]:
+    """`read()`'s frames cut to at most `rows` rows each (CSV batches follow pyarrow's blocks, whatever
+    their rows): the same chunks on every run of the same input, as `--resume` needs."""
+    for frame in read():
+        for start in range(0, len(frame), rows):
+            yield frame.iloc[start:start + rows] if len(frame) > rows else frame
 
 
 COMPILE_ROWS = 200_000  # compiling takes seconds; it pays for itself on about this many rows
@@ -326,9 +366,8 @@ class BatchWriter:
 
     def finish(self) -> BatchResult:
         job, output = self.job, self.job.output
-        if job.rows == 0:  # the same anomaly (and exit code) as `validate` and `ingest` give a header-only file
-            job.report.anomalies.append(Anomaly("*", "empty", "error", 0, "no rows"))
-            raise DataError("the input has no rows; nothing was written", report=job.report)
+        if job.rows == 0:  # bad input (exit 2), as a header-only file is (a SQL query that returned none)
+            raise DataError("the input has no rows; nothing was written")
         if job.scored == 0:
             problems = "\n".join(f"  - {a.describe()}" for a in job.report.errors)
             raise DataError(f"every row has errors; nothing was written (rows count data rows from 1):\n"
@@ -347,7 +386,9 @@ class BatchWriter:
                            job.rejected, str(side) if job.rejected else None,
                            [a for a in anomalies if a["severity"] == "error"], logged=self.logged,
                            resumed_chunks=job.resumed_chunks, discarded_chunks=job.discarded,
-                           seconds=round(seconds, 3), compiled=self.trained.compiled is not None)
+                           seconds=round(seconds, 3), compiled=self.trained.compiled is not None,
+                           notes=["--resume: no unfinished run wrote this output; scored from the start"]
+                           if job.nothing_to_resume else [])
 
 
 def _scored_rows(trained: TrainedModel, features: pd.DataFrame, rows: pd.DataFrame,

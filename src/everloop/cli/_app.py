@@ -902,6 +902,7 @@ def predict(source: str = typer.Argument(..., help="CSV or Parquet file (or fold
                  "continues such a run)")
     if result.logged:
         text += f"\n{result.logged} predictions logged for monitoring (labels join them by prediction_id)"
+    text += "".join(f"\nnote: {n}" for n in result.notes)
     _emit(result.to_dict(), as_json, text=text + _anomaly_lines(result.warnings))
     if result.rejected:  # a check failed for some rows (README's exit codes)
         raise CheckFailed()
@@ -960,6 +961,7 @@ def feedback(source: Path = typer.Argument(..., help="CSV or Parquet file with c
     items = [{"id": i, "label": cell(v), "where": f"row {n}"}
              for n, (i, v) in enumerate(zip(ids, frame[label].tolist()), start=1) if i != ""]
     result = record_feedback(store, items, partial=True)
+    result.received = len(frame)  # rows whose own id matched no batch prediction were not passed on
     shown = 20
     lines = [f"{result.accepted} labels recorded from {result.received} rows"
              + (f" ({result.superseded} replaced by a later row for the same id)" if result.superseded else "")]

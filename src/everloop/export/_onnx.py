@@ -100,8 +100,8 @@ def export_onnx(store: Store, model: int | str, output: str | Path, *, tolerance
     _require()
     from everloop import registry
 
-    if not tolerance >= 0:
-        raise ExportError(f"tolerance {tolerance!r}: expected a number >= 0")
+    if not 0 <= tolerance < 1:  # probabilities are in [0, 1]: 1 or more (or inf, NaN) would check nothing
+        raise ExportError(f"tolerance {tolerance!r}: expected a number >= 0 and below 1 (e.g. 1e-5)")
     target = Path(output)
     if target.is_dir():
         raise ExportError(f"output {target}: is a folder; give a file name such as {target / 'model.onnx'}")

@@ -259,8 +259,8 @@ def _triggers(store: Store, spec: ProjectSpec, result: MonitorResult, new: NewDa
     triggers = spec.retraining.triggers
     fired = []
     # only judged signals fire: a window too small for a verdict, or labels too few, never retrain
-    if "drift" in triggers and result.drift is not None and result.drift.dataset_drift \
-            and "drift" not in result.not_judged:
+    drifted = result.drift is not None and result.drift.dataset_drift and "drift" not in result.not_judged
+    if "drift" in triggers and (drifted or any(w["dataset_drift"] for w in result.earlier)):
         fired.append("drift")
     performance = new.performance if new is not None else result.performance
     if "performance" in triggers and performance.get("decayed"):

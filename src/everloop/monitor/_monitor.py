@@ -68,6 +68,9 @@ class MonitorResult:
     not_judged: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # reported, not alerts (e.g. ignored settings)
     delivered: list[str] = field(default_factory=list)  # alert kinds the webhook has received for the window
+    # earlier windows this run judged for the first time (a batch job logs several at once) that alerted:
+    # {"window", "status", "alerts", "drift"}; their alerts are in `alerts` too, naming their window
+    earlier: list[dict[str, Any]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
 
     @property
@@ -90,7 +93,7 @@ class MonitorResult:
                          "drift": self.drift.to_dict() if self.drift else None,
                          "prediction_drift": self.prediction_drift.__dict__ if self.prediction_drift else None,
                          "performance": self.performance, "health": self.health, "skew": self.skew,
-                         "distributions": self.distributions})
+                         "distributions": self.distributions, "earlier": self.earlier})
 
 
 def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, record: bool = True,
@@ -113,10 +116,21 @@ def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, r
     references = reference_profiles(store, trained)
     cache: dict[str, Any] = {}  # what every judged window of this model shares, computed once
     out = None
+    earlier: list[MonitorResult] = []
     for window in plan:
         result = judge(store, spec, trained, window, references, latest=window is current, cache=cache)
+        if window is not current and result.alerts:
+            earlier.append(result)
         if window is current:
             out = result
+            # Complete windows judged here for the first time alert too: a batch job logs many windows at
+            # once, and a shift inside it must not be reported as healthy because the last window is.
+            for past in earlier:
+                where = f"window {past.window['index']} (rows {past.window['rows']}, judged now)"
+                out.alerts += [f"{_kind(a)}: in {where}: {a.partition(': ')[2]}" for a in past.alerts]
+                out.earlier.append({"window": past.window, "status": past.status, "alerts": past.alerts,
+                                    "dataset_drift": bool(past.drift and past.drift.dataset_drift
+                                                          and "drift" not in past.not_judged)})
             # a window pages once per kind of alert (drift, decay, ...): a loop turning every few seconds
             # over the same rows, or a window filling up with the same drift, does not page again; a
             # delivery that failed is tried again on the next run
