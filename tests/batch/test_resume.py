@@ -337,5 +337,9 @@ def test_drift_inside_a_batch_job_alerts_though_its_last_window_is_stable(traine
     assert result["status"].startswith("drift") and result["window"]["index"] == 3, result["status"]
     assert [w["window"]["index"] for w in result["earlier"]] == [1] and result["earlier"][0]["dataset_drift"]
     assert any(a.startswith("drift: in window 1 ") for a in result["alerts"])
-    loop = everloop("loop", "--once", "-p", str(folder), "--json")  # the loop judges the same windows
+    run = everloop("monitor", "-p", str(folder))  # judges and records them: the next turn will not again
+    assert run.code == 1 and "drift: in window 1 " in run.out, run
+    loop = everloop("loop", "--once", "-p", str(folder), "--json")  # drift judged since its last turn
     assert "drift" in json.loads(loop.out)["triggers"], loop
+    again = everloop("loop", "--once", "-p", str(folder), "--json")  # once: not on every later turn
+    assert json.loads(again.out)["action"] == "idle" and json.loads(again.out)["triggers"] == [], again

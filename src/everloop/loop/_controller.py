@@ -260,7 +260,8 @@ def _triggers(store: Store, spec: ProjectSpec, result: MonitorResult, new: NewDa
     fired = []
     # only judged signals fire: a window too small for a verdict, or labels too few, never retrain
     drifted = result.drift is not None and result.drift.dataset_drift and "drift" not in result.not_judged
-    if "drift" in triggers and (drifted or any(w["dataset_drift"] for w in result.earlier)):
+    if "drift" in triggers and (drifted or any(w["dataset_drift"] for w in result.earlier)
+                                or _drifted_since_last_turn(store, result.model_version)):
         fired.append("drift")
     performance = new.performance if new is not None else result.performance
     if "performance" in triggers and performance.get("decayed"):
@@ -341,6 +342,19 @@ def _template(store: Store, production: ModelVersion) -> tuple[Any, dict[str, An
         return None, None
     record = {"template_of": production.version, "imported_from": manifest.get("imported_from")}
     return load_model(store, production.version).pipeline, record
+
+
+def _drifted_since_last_turn(store: Store, model_version: int) -> bool:
+    """Did a complete window of `model_version` judged since the loop's last turn drift? A batch job logs
+    many windows at once, and `everloop monitor` run between two turns records (so the next turn does
+    not judge again) the windows it judged: their drift must still reach the trigger."""
+    events, runs = store.tables.loop_events, store.tables.monitor_runs
+    with store.engine.connect() as conn:
+        last_turn = conn.execute(sa.select(sa.func.max(events.c.created_at))).scalar() or 0.0
+        results = conn.execute(sa.select(runs.c.result).where(
+            runs.c.model_version == model_version, runs.c.complete.is_(True), runs.c.created_at > last_turn))
+        return any((r.get("drift") or {}).get("dataset_drift") and "drift" not in (r.get("not_judged") or {})
+                   for r in results.scalars())
 
 
 def _last_retrain(store: Store) -> float | None:
