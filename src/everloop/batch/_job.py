@@ -78,6 +78,13 @@ class Job:
             self._lock.close()
             raise DataError(f"{output}: another everloop predict is writing this output now; wait for it or "
                             "write elsewhere", path=str(output)) from None
+        try:
+            self._open(output, settings, resume)
+        except BaseException:
+            self._lock.close()  # the unfinished run's parts stay for a --resume that matches them
+            raise
+
+    def _open(self, output: Path, settings: dict[str, Any], resume: bool) -> None:
         old = _read_json(self.dir / "job.json")
         state = _read_json(self.dir / "state.json") if old else None
         self.nothing_to_resume = resume and old is None  # finished, or never started: run it afresh
