@@ -320,6 +320,7 @@ def test_two_logging_runs_of_one_job_cannot_double_the_log(trained, tmp_path):
         with pytest.raises(EverloopError, match="logging the same job"):
             score_file(store, tmp_path / "in.parquet", tmp_path / "b.parquet", log=True)
     assert first.logged == 500 and not (tmp_path / "b.parquet").exists()
+    assert not job_dir(tmp_path / "b.parquet").exists()  # refused before any chunk: nothing left behind
     with store.engine.connect() as conn:
         assert sum(t.num_rows for *_, t in prediction_log.iter_batches(conn)) == 500
 
@@ -343,3 +344,32 @@ def test_drift_inside_a_batch_job_alerts_though_its_last_window_is_stable(traine
     assert "drift" in json.loads(loop.out)["triggers"], loop
     again = everloop("loop", "--once", "-p", str(folder), "--json")  # once: not on every later turn
     assert json.loads(again.out)["action"] == "idle" and json.loads(again.out)["triggers"] == [], again
+
+
+def test_a_discarded_run_takes_its_logged_rows_with_it(trained, tmp_path):
+    import sqlalchemy as sa
+
+    from everloop.spec import SqlSource
+
+    folder, spec, store = trained
+    frame = churn_file(tmp_path / "in.parquet", 2000)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    frame.to_sql("customers", engine, index=False)
+    engine.dispose()
+    query = SqlSource(url=f"sqlite:///{tmp_path / 'w.db'}", query="SELECT * FROM customers")
+    with pytest.raises(Killed):  # a SQL run logs under a prefix of its own, then dies
+        score_file(store, query, tmp_path / "out.parquet", chunk_rows=500, log=True, progress=stop_after(2, 500))
+    again = score_file(store, query, tmp_path / "out.parquet", chunk_rows=500, log=True)
+    assert (again.discarded_chunks, again.logged) == (2, 2000)
+    with store.engine.connect() as conn:
+        assert sum(t.num_rows for *_, t in prediction_log.iter_batches(conn)) == 2000  # not 3000
+
+
+def test_a_column_arrow_cannot_cast_to_text_is_written_as_json_text(tmp_path):
+    import pyarrow as pa
+
+    from everloop.batch._job import _cast
+
+    table = pa.table({"js": pa.array([{"a": 1}, None, {"a": 2}])})
+    out = _cast(table, pa.schema([pa.field("js", pa.string())]))
+    assert out.column("js").to_pylist() == ['{"a": 1}', None, '{"a": 2}']

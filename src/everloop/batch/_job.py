@@ -70,6 +70,7 @@ class Job:
         self.output, self.kind = output, kind
         self.dir = job_dir(output)
         self.discarded = 0
+        self.discarded_prefix: str | None = None
         self.dir.mkdir(exist_ok=True)
         self._lock = open(self.dir / "lock", "w")
         try:
@@ -104,6 +105,7 @@ class Job:
         else:
             if state:
                 self.discarded = state["chunks"]
+            self.discarded_prefix = old.get("prefix") if old else None  # its logged rows go too
             self._clear()
             self.settings = dict(settings, prefix=job_prefix(settings), format=JOB_FORMAT)
             _write_json(self.dir / "job.json", self.settings)
@@ -171,7 +173,7 @@ class Job:
                         for part in parts:
                             with pa.memory_map(str(part)) as source:
                                 table = pa.ipc.open_file(source).read_all()
-                            writer.write_table(table.cast(schema) if table.schema != schema else table,
+                            writer.write_table(_cast(table, schema) if table.schema != schema else table,
                                                row_group_size=max(1, table.num_rows))
             os.replace(tmp, target)
         finally:
@@ -206,6 +208,24 @@ class Job:
                 with pa.ipc.new_file(handle, table.schema) as writer:
                     writer.write_table(table)
         os.replace(tmp, path)
+
+
+def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`'s types; a column Arrow cannot cast to text (a JSON object from a SQL source)
+    is written as text value by value (JSON for objects and lists)."""
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        columns = []
+        for field in schema:
+            column = table.column(field.name)
+            try:
+                columns.append(column.cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                text = [None if v is None else v if isinstance(v, str) else json.dumps(v, default=str)
+                        for v in column.to_pylist()]
+                columns.append(pa.array(text, type=pa.string()).cast(field.type))
+        return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _one_schema(parts: list[Path]) -> pa.Schema:

@@ -141,7 +141,12 @@ def score_file(store: Store, source: str | Path | SqlSource, output: str | Path,
     try:
         with contextlib.ExitStack() as held:
             if log:  # one logging run per job: two would delete and insert each other's log rows
-                held.enter_context(_job_lease(store, job.prefix))
+                try:
+                    held.enter_context(_job_lease(store, job.prefix))
+                except EverloopError:
+                    if not job.chunks:  # nothing of this run to resume: leave no job folder behind
+                        job.remove()
+                    raise
             result = _run(store, trained, job, read=functools.partial(
                 iter_batches, source, types=trained.schema.kinds, batch_rows=chunk_rows),
                 chunk_rows=chunk_rows, keep=keep, strict=strict, log=log, progress=progress,
@@ -311,6 +316,8 @@ class BatchWriter:
             with store.engine.begin() as conn:
                 conn.execute(batches.delete().where(batches.c.worker == job.prefix,
                                                     batches.c.first_counter > job.scored))
+                if job.discarded_prefix and job.discarded_prefix != job.prefix:  # an unfinished run started
+                    conn.execute(batches.delete().where(batches.c.worker == job.discarded_prefix))  # afresh
 
     def pending(self, chunks: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         """`chunks` less those a resumed job finished already (read again, as the input is read in order,

@@ -898,8 +898,8 @@ def predict(source: str = typer.Argument(..., help="CSV or Parquet file (or fold
     if result.resumed_chunks:
         text += f"\nresumed: {result.resumed_chunks} chunks were finished by the run that stopped"
     if result.discarded_chunks:
-        text += (f"\nan unfinished earlier run's {result.discarded_chunks} chunks were discarded (--resume "
-                 "continues such a run)")
+        text += (f"\nan unfinished earlier run's {result.discarded_chunks} chunks (and their logged predictions) "
+                 "were discarded (--resume continues a run over the same files)")
     if result.logged:
         text += f"\n{result.logged} predictions logged for monitoring (labels join them by prediction_id)"
     text += "".join(f"\nnote: {n}" for n in result.notes)
