@@ -8,9 +8,7 @@ export is refused when they differ by more than the tolerance.
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from threadpoolctl import threadpool_limits
 from everloop.errors import NotFoundError, StoreError
 from everloop.export._convert import INSTALL_HINT, ExportError, MissingExtra, convert
 from everloop.export._inputs import OnnxInput, graph_inputs, onnx_feed
-from everloop.store import Store
+from everloop.store import Store, write_atomic
 
 DEFAULT_TOLERANCE = 1e-5
 LATENCY_CALLS = 200
@@ -133,7 +131,7 @@ def export_onnx(store: Store, model: int | str, output: str | Path, *, tolerance
             why = (why + "; " if why else "") + f"largest difference {max_diff:.3g} > tolerance {tolerance:g}"
         raise ParityError(f"model v{version}: onnxruntime's answers differ from everloop's ({why}) on {source}; "
                           "nothing was written. Raise --tolerance to accept the difference", result=result)
-    _write_atomically(target, payload)
+    write_atomic(target, payload)  # whole or absent, also when the process is killed
     result.path = str(target)
     result.example = example(str(target), trained.task, _example_row(trained.schema, feed))
     return result
@@ -220,20 +218,6 @@ def _latency(trained: Any, session: Any, one: pd.DataFrame, calls: int) -> dict[
 
 def _outputs(session: Any) -> list[dict[str, str]]:
     return [{"name": o.name, "type": o.type, "shape": str(o.shape)} for o in session.get_outputs()]
-
-
-def _write_atomically(target: Path, payload: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _example_row(schema: Any, feed: dict[str, np.ndarray]) -> dict[str, Any]:

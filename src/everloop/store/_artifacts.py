@@ -67,7 +67,7 @@ class ArtifactStore:
             self.remote.upload(digest, data)
         target = self.path(digest)
         if not target.exists():
-            _write_atomic(target, data)
+            write_atomic(target, data)
         return digest
 
     def temp_path(self, suffix: str = "") -> Path:
@@ -196,7 +196,7 @@ class _Remote:
         if self.local:
             if not os.path.isdir(self.bucket):  # an unmounted share: never fill the mount point
                 raise self._no_bucket()
-            _write_atomic(Path(key), source)
+            write_atomic(Path(key), source)
             return
         try:
             if isinstance(source, Path):
@@ -260,7 +260,7 @@ class _Remote:
         return StoreError(_redact(f"artifact store {self.shown}: {doing} failed: {why}"))
 
 
-def _write_atomic(target: Path, source: bytes | Path) -> None:
+def write_atomic(target: Path, source: bytes | Path) -> None:
     """Write `source` (bytes, or a file to copy) at `target` through a temporary file in the same
     folder, fsync and rename: a reader never sees half a blob, even when the process is killed."""
     target.parent.mkdir(parents=True, exist_ok=True)
