@@ -239,7 +239,7 @@ def speed_up(store: Store, trained: TrainedModel, compile_trees: bool) -> None:
     from threadpoolctl import threadpool_limits
 
     from everloop.registry import eval_frame
-    from everloop.serve._compiled import compile_trees as compile_
+    from everloop.serve._compiled import compile_model
 
     probe = eval_frame(store, trained.manifest).head(200)
     # A few hundred probe rows: OpenMP's threads cost more than they give, and on a busy machine their
@@ -247,9 +247,7 @@ def speed_up(store: Store, trained: TrainedModel, compile_trees: bool) -> None:
     with threadpool_limits(1):
         fast = trained.check_fast_path(probe)
     if fast and compile_trees:
-        trained.compiled = compile_(trained.pipeline.named_steps["model"], trained.task == "classification",
-                                    trained.probe_encoded(probe), store.root / "compiled",
-                                    nthread=os.cpu_count() or 1)
+        compile_model(trained, probe, store.root / "compiled", nthread=os.cpu_count() or 1)
 
 
 @dataclass

@@ -122,3 +122,16 @@ def _build(model: Any, cache: Path) -> Path:
                 tl2cgen.export_lib(model, toolchain=_toolchain(), libpath=str(built), nthread=1, params=params)
                 os.replace(built, library)  # whole or absent, also if this process dies mid-build
     return library
+
+
+def compile_model(model: Any, probe: Any, cache: Path, nthread: int = 1) -> bool:
+    """Compile `model`'s (a TrainedModel's) trees checked on `probe` (its evaluation rows) and, once they
+    match scikit-learn, use them: one attribute write, so a service's next micro-batch picks them up
+    (it calls this off the request path) and a batch job's next chunk. True when compiled."""
+    compiled = compile_trees(model.pipeline.named_steps["model"], model.task == "classification",
+                             model.probe_encoded(probe), cache, nthread)
+    if compiled is None:
+        return False
+    model.compiled = compiled
+    log.info("model v%s: serving its compiled trees", model.version)
+    return True

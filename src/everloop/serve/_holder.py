@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import pandas as pd
@@ -20,7 +19,7 @@ import sqlalchemy as sa
 
 from everloop.errors import IntegrityError, NotFoundError, StoreError
 from everloop.registry import PRODUCTION, alias_version, eval_frame, get_model
-from everloop.serve._compiled import compile_trees
+from everloop.serve._compiled import compile_model
 from everloop.store import Store
 from everloop.train import TrainedModel, load_artifact
 
@@ -104,7 +103,7 @@ class ModelHolder:
                 self._on_swap(model)
             log.info("serving model v%s", target)
             if self.compile_trees and model.fast is not None:
-                threading.Thread(target=_compile, args=(model, probe, self.store.root / "compiled"),
+                threading.Thread(target=compile_model, args=(model, probe, self.store.root / "compiled"),
                                  name="everloop-compile", daemon=True).start()
             return True
 
@@ -156,15 +155,6 @@ def _unreachable(exc: Exception) -> bool:
     if isinstance(exc, IntegrityError):
         return False
     return isinstance(exc, (StoreError, NotFoundError, sa.exc.OperationalError, sa.exc.InterfaceError, OSError))
-
-
-def _compile(model: TrainedModel, probe: pd.DataFrame, cache: Path) -> None:
-    """Off the request path: compile the model's trees and, once they match scikit-learn, serve them."""
-    compiled = compile_trees(model.pipeline.named_steps["model"], model.task == "classification",
-                             model.probe_encoded(probe), cache)
-    if compiled is not None:
-        model.compiled = compiled  # one attribute write: the next micro-batch picks it up
-        log.info("model v%s: serving its compiled trees", model.version)
 
 
 def _warm(model: TrainedModel) -> None:
