@@ -303,11 +303,17 @@ def rollback(store: Store, *, reason: str = "rollback", actor: str | None = None
     when there is none, AliasMoved when another move landed between reading the history and moving.
     Moves from a version to itself (stores from before promote refused them) are skipped: going "back"
     along one would change nothing."""
-    t = store.tables.alias_history
+    t, aliases = store.tables.alias_history, store.tables.aliases
+    # One statement, so one snapshot: read separately, a move committing in between (PostgreSQL reads
+    # each statement afresh) made the history and the alias disagree and the rollback refuse wrongly.
+    now = sa.select(aliases.c.version).where(aliases.c.name == PRODUCTION).scalar_subquery()
     with store.engine.connect() as conn:
-        last = conn.execute(sa.select(t).where(t.c.alias == PRODUCTION, t.c.from_version.is_distinct_from(t.c.to_version))
-                            .order_by(t.c.id.desc()).limit(1)).first()
-        current = alias_version(store, PRODUCTION)
+        row = conn.execute(sa.select(now.label("current"), sa.select(t.c.id).where(
+            t.c.alias == PRODUCTION, t.c.from_version.is_distinct_from(t.c.to_version))
+            .order_by(t.c.id.desc()).limit(1).scalar_subquery().label("last_id"))).first()
+        current = row.current
+        last = (conn.execute(sa.select(t).where(t.c.id == row.last_id)).first()
+                if row.last_id is not None else None)  # history rows are never changed: safe to read apart
     if last is None or last.from_version is None or current is None:
         raise NotFoundError("production has no earlier version to roll back to")
     if last.to_version != current:  # the latest real move was not to the model serving now: say so
