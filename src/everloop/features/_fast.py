@@ -28,6 +28,7 @@ NUMPY_BRANCHES = ("numeric", "categorical")  # branches whose steps take plain a
 UNKNOWN = "\x00everloop-unseen\x00"  # a category no training set holds: probes the encoder's unknown handling
 
 Columns = Mapping[str, Any]  # a DataFrame, or a dict of column arrays by name
+Codes = dict[str, "tuple[np.ndarray, Vocabulary]"]  # per text feature: each row's code, and what codes mean
 VECTOR_ROWS = 2048  # from this many rows, categories are looked up by pandas' hash table (see _Lookup.encode)
 
 
@@ -51,17 +52,20 @@ class FastFeatures:
                 self.needs_config = True
                 self.branches.append((name, transformer, list(columns)))
 
-    def transform(self, columns: Columns) -> np.ndarray:
+    def transform(self, columns: Columns, codes: Codes | None = None) -> np.ndarray:
+        """The encoded matrix (rows x encoded features, float64). With `codes` (a dict), also each
+        looked-up text feature's codes as the encoder found them (see `Vocabulary`): the prediction log
+        stores those instead of hashing every value a second time."""
         if self.needs_config:
             with config_context(assume_finite=True):
-                return self._transform(columns)
-        return self._transform(columns)
+                return self._transform(columns, codes)
+        return self._transform(columns, codes)
 
-    def _transform(self, columns: Columns) -> np.ndarray:
+    def _transform(self, columns: Columns, codes: Codes | None) -> np.ndarray:
         parts = []
         for name, steps, names in self.branches:
             if isinstance(steps, _EncodeColumns):
-                data: Any = steps.transform(columns, names)
+                data: Any = steps.transform(columns, names, codes)
             elif name in NUMPY_BRANCHES:
                 kind = float if name == "numeric" else object
                 data = np.column_stack([_array(columns[c], kind) for c in names])
@@ -165,9 +169,10 @@ class _Lookup:
     def transform(self, data: np.ndarray) -> np.ndarray:
         return self.encode([data[:, j] for j in range(data.shape[1])])
 
-    def encode(self, columns: list[Any], fill_missing: bool = False) -> np.ndarray:
+    def encode(self, columns: list[Any], fill_missing: bool = False, found_out: list | None = None) -> np.ndarray:
         """Each column's values through its table (unseen values to its last row); with `fill_missing`,
-        None and NaN count as the missing token first (what `fill_missing_category` does)."""
+        None and NaN count as the missing token first (what `fill_missing_category` does). `found_out`
+        (a list) receives each column's row codes (intp; `len(categories)` for unseen)."""
         n = len(columns[0])
         out = np.empty((n, self.width), dtype=float)
         for values, (start, end, codes, table) in zip(columns, self.tables):
@@ -177,14 +182,16 @@ class _Lookup:
                 found[found < 0] = unseen
                 if fill_missing:
                     found[missing] = codes.get(MISSING_CATEGORY, unseen)
-                out[:, start:end] = table[found]
-                continue
-            if fill_missing:
-                missing = codes.get(MISSING_CATEGORY, unseen)
-                found = (missing if v is None or v != v else codes.get(v, unseen) for v in values)  # v != v: NaN
             else:
-                found = (codes.get(v, unseen) for v in values)
-            out[:, start:end] = table[np.fromiter(found, dtype=np.intp, count=n)]
+                if fill_missing:
+                    missing = codes.get(MISSING_CATEGORY, unseen)
+                    each = (missing if v is None or v != v else codes.get(v, unseen) for v in values)  # v != v: NaN
+                else:
+                    each = (codes.get(v, unseen) for v in values)
+                found = np.fromiter(each, dtype=np.intp, count=n)
+            out[:, start:end] = table[found]
+            if found_out is not None:
+                found_out.append(found)
         return out
 
 
@@ -209,11 +216,39 @@ class _EncodeColumns:
 
     def __init__(self, lookup: _Lookup):
         self.lookup = lookup
+        self.vocabularies = [Vocabulary(list(codes), codes.get(MISSING_CATEGORY)) for _, _, codes, _ in lookup.tables]
 
-    def transform(self, columns: Columns, names: list[str]) -> np.ndarray:
+    def transform(self, columns: Columns, names: list[str], codes: Codes | None = None) -> np.ndarray:
         many = len(columns[names[0]]) >= VECTOR_ROWS  # columns as they are: see _lookup_many
-        return self.lookup.encode([columns[name] if many else _array(columns[name], object) for name in names],
-                                  fill_missing=True)
+        found: list[np.ndarray] | None = [] if codes is not None else None
+        out = self.lookup.encode([columns[name] if many else _array(columns[name], object) for name in names],
+                                 fill_missing=True, found_out=found)
+        if codes is not None:
+            codes.update(zip(names, zip(found, self.vocabularies)))
+        return out
+
+
+class Vocabulary:
+    """What a text feature's codes mean: code `i < len(categories)` is `categories[i]`, `unseen`
+    (`len(categories)`) a value the encoder does not know, and `missing` (or None) the code missing
+    values (None, NaN) share with the literal missing token. `dictionary` is the categories as one
+    Arrow text array (built once), or None when they are not all text: codes then cannot stand in
+    for the values."""
+
+    def __init__(self, categories: list[Any], missing: int | None):
+        self.categories = categories
+        self.unseen = len(categories)
+        self.missing = missing
+        self._dictionary: Any = False
+
+    @property
+    def dictionary(self) -> Any:
+        if self._dictionary is False:
+            import pyarrow as pa
+
+            text = all(type(c) is str for c in self.categories)
+            self._dictionary = pa.array(self.categories, type=pa.string()) if text else None
+        return self._dictionary
 
 
 _REPLAYS = (_FillMissing, _Impute, _Scale, _Lookup)

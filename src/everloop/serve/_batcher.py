@@ -283,7 +283,8 @@ class MicroBatcher:
         if columns is None:
             self._process_checked(jobs, records)
             return
-        predictions = model.predict_conformed(columns)
+        codes: dict[str, Any] | None = {} if self.on_predicted else None  # the encoder's codes, for the log
+        predictions = model.predict_conformed(columns, codes)
         ids = ids_for(len(records))
         outputs = predictions.records(ids)
         if self.on_batch:
@@ -293,14 +294,16 @@ class MicroBatcher:
             return
         if answered is None:  # the common case: every row answered, logged as it is
             self.on_predicted(LogEntry(ids, time.time(), model.version, columns, predictions.labels,
-                                       predictions.proba, predictions.classes, latencies), outputs)
+                                       predictions.proba, predictions.classes, latencies, codes), outputs)
             return
         at = np.asarray(answered)  # some requests refused (strict): log the others' rows only
         self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
                                    {name: values[at] for name, values in columns.items()},
                                    predictions.labels[at],
                                    None if predictions.proba is None else predictions.proba[at],
-                                   predictions.classes, latencies), [outputs[p] for p in answered])
+                                   predictions.classes, latencies,
+                                   {name: (found[at], vocabulary) for name, (found, vocabulary) in codes.items()}),
+                          [outputs[p] for p in answered])
 
     def _process_checked(self, jobs: list[_Job], records: list[dict[str, Any]]) -> None:
         model = jobs[0].model

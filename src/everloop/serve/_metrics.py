@@ -54,6 +54,8 @@ class ServiceMetrics:
         self.log_dropped = Counter("everloop_prediction_log_dropped", "rows dropped: the log queue was full",
                                    registry=r)
         self.log_failed = Counter("everloop_prediction_log_failed", "rows the store refused to write", registry=r)
+        self.log_lost = Counter("everloop_prediction_log_lost", "rows a killed worker answered but never logged, "
+                                "counted when a service starts after it", registry=r)
         self.batch_rows = Histogram("everloop_batch_rows", "rows per model call (micro-batching)", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
         self.batch_queue = Gauge("everloop_batch_queue", "requests waiting for the next model call", registry=r,

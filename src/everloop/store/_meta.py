@@ -143,6 +143,29 @@ loop_events = sa.Table(
 )
 
 
+# The compiled-tree cache (serve/_compiled.py): each shared library's sha256, recorded by the process
+# that built it; a cached file is loaded only when it still has this hash (a planted one never runs).
+compiled_libraries = sa.Table(
+    "compiled_libraries", metadata,
+    sa.Column("key", sa.String(128), primary_key=True),  # the cache file's name: "<key>.so"
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=True),  # the model it was first built for
+    _now_column(),
+)
+
+
+# Predictions a service answered but could not log because its worker was killed (SIGKILL, OOM) before
+# its writer wrote them: counted by the next service to start on that machine (serve/_log.py's ledger).
+lost_predictions = sa.Table(
+    "lost_predictions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("worker", sa.String(64), nullable=False),  # the killed worker's id prefix
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+
+
 # Leases (see _lease.py): one row per name; whoever holds an unexpired row may do that work.
 leases = sa.Table(
     "leases", metadata,

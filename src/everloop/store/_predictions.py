@@ -68,7 +68,7 @@ def split_id(prediction_id: str) -> tuple[str, int] | None:
 def batch_row(worker: str, first_counter: int, features: pa.Table, labels: np.ndarray, proba: np.ndarray | None,
               classes: Sequence[Any] | None, created_at: float | np.ndarray, model_version: int | None,
               latencies_ms: np.ndarray | None = None, keys: pa.Array | pa.ChunkedArray | None = None, *,
-              counters: np.ndarray | None = None) -> dict[str, Any]:
+              counters: np.ndarray | None = None, labels_from_proba: bool = False) -> dict[str, Any]:
     """One row of `prediction_batches` (a dict to insert) holding `n = features.num_rows` predictions.
 
     Their ids are `worker` + hex counters `first_counter .. first_counter + n - 1` (the service's id
@@ -84,7 +84,8 @@ def batch_row(worker: str, first_counter: int, features: pa.Table, labels: np.nd
     (regression). classes: the model's classes, in proba's column order. created_at: seconds since the
     epoch, one for all rows or (n,). model_version: None for none. latencies_ms: (n,) milliseconds per
     row, or None (stored as nulls: decoded as NaN). keys: (n,) the input's id per row (stored as
-    `__key`, never a feature), or None.
+    `__key`, never a feature), or None. labels_from_proba: the caller's labels are proba's argmax by
+    construction (`predict_conformed`'s): stored as codes without comparing them value by value.
 
     Raises ValueError when a length does not match n, n is 0, the worker is not 16 characters, counters
     do not increase, or a counter would not fit an id (at most 15 hex digits)."""
@@ -112,7 +113,7 @@ def batch_row(worker: str, first_counter: int, features: pa.Table, labels: np.nd
         raise ValueError(f"batch_row: counters {first_counter}..{last_counter} do not fit an id "
                          f"(0..{MAX_COUNTER}: at most 15 hex digits)")
     payload = encode(worker, first_counter, features, labels, proba, classes, created_at, latencies_ms, keys,
-                     offsets)
+                     offsets, labels_from_proba)
     first_time = float(created_at if np.ndim(created_at) == 0 else created_at[0])
     return {"worker": worker, "first_counter": first_counter, "last_counter": last_counter, "rows": n,
             "created_at": first_time, "model_version": model_version or 0, "payload": payload}
@@ -120,7 +121,8 @@ def batch_row(worker: str, first_counter: int, features: pa.Table, labels: np.nd
 
 def encode(worker: str, first_counter: int, features: pa.Table, labels: np.ndarray, proba: np.ndarray | None,
            classes: Sequence[Any] | None, created_at: float | np.ndarray, latencies_ms: np.ndarray | None = None,
-           keys: pa.Array | pa.ChunkedArray | None = None, offsets: np.ndarray | None = None) -> bytes:
+           keys: pa.Array | pa.ChunkedArray | None = None, offsets: np.ndarray | None = None,
+           labels_from_proba: bool = False) -> bytes:
     """Logged rows as a format 2 Arrow IPC stream (see the module's docstring; `batch_row` checks the
     arguments). Uncompressed: on the demo's rows (31 bytes a prediction) lz4 took ~50 ns of CPU a row
     more to save 3 bytes, which SQLite inserts for ~8 ns (zstd: 12 bytes for ~150 ns)."""
@@ -141,7 +143,7 @@ def encode(worker: str, first_counter: int, features: pa.Table, labels: np.ndarr
     put(CREATED, _runs(created_at, n))
     put(LATENCY, _runs(latencies_ms, n))
     metadata = {FORMAT: b"2", b"worker": worker.encode(), b"first": str(first_counter).encode()}
-    put(PREDICTION, _labels(labels, proba, classes))
+    put(PREDICTION, _labels(labels, proba, classes, labels_from_proba))
     if proba is not None:
         proba = np.asarray(proba, dtype=np.float64)
         metadata[b"classes"] = orjson.dumps([str(c) for c in classes or []])
@@ -267,9 +269,11 @@ def _runs(values: float | np.ndarray | None, n: int) -> pa.Array:
     return pa.RunEndEncodedArray.from_arrays(pa.array(np.append(ends, np.int32(n))), pa.array(values[starts]))
 
 
-def _labels(labels: np.ndarray, proba: np.ndarray | None, classes: Sequence[Any] | None) -> pa.Array:
+def _labels(labels: np.ndarray, proba: np.ndarray | None, classes: Sequence[Any] | None,
+            from_proba: bool = False) -> pa.Array:
     """Predicted classes as codes into the classes (when they are proba's argmax, as the service and batch
-    scoring predict them), else the values as they are."""
+    scoring predict them; `from_proba`: the caller knows they are, so they are not compared), else the
+    values as they are."""
     labels = np.asarray(labels)
     if proba is not None and classes:
         codes = np.asarray(proba).argmax(axis=1)
@@ -277,7 +281,7 @@ def _labels(labels: np.ndarray, proba: np.ndarray | None, classes: Sequence[Any]
         values[:] = list(classes)
         dictionary = pa.array(list(classes))
         # equal, and of the same Arrow type (1 == True == 1.0, but each decodes as its own type)
-        if np.array_equal(values[codes], labels) and pa.array(labels[:1]).type == dictionary.type:
+        if (from_proba or np.array_equal(values[codes], labels)) and pa.array(labels[:1]).type == dictionary.type:
             codes = codes.astype(np.int8 if len(classes) < 128 else np.int32)
             return pa.DictionaryArray.from_arrays(pa.array(codes), dictionary)
     return pa.array(labels) if labels.dtype != object else pa.array(labels.tolist())

@@ -20,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from everloop.data import Schema, ValidationReport
 from everloop.errors import StoreError, TrainError
 from everloop.features import FastFeatures
-from everloop.features._fast import VECTOR_ROWS, Columns
+from everloop.features._fast import VECTOR_ROWS, Codes, Columns
 from everloop.store import Store
 
 ARTIFACT_FORMAT = 1
@@ -100,9 +100,9 @@ class TrainedModel:
             return None
         return pd.concat([features, _unusual_rows(features)], ignore_index=True)
 
-    def _outputs(self, features: Columns) -> np.ndarray:
+    def _outputs(self, features: Columns, codes: Codes | None = None) -> np.ndarray:
         if self.fast is not None:
-            encoded = self.fast.transform(features)
+            encoded = self.fast.transform(features, codes)
             if self.compiled is not None:
                 return self.compiled(encoded)
             estimator = self.pipeline.named_steps["model"]
@@ -122,10 +122,11 @@ class TrainedModel:
         """Validate and coerce request rows (features only) through the schema."""
         return self.schema.conform(frame, mode="request")
 
-    def predict_conformed(self, features: Columns) -> Predictions:
+    def predict_conformed(self, features: Columns, codes: Codes | None = None) -> Predictions:
         """Predict rows that already went through `conform` (a frame, or with the fast path on, the
-        columns `Schema.conform_records` returns)."""
-        outputs = self._outputs(features)
+        columns `Schema.conform_records` returns). `codes` (a dict), with the fast path on, receives
+        the text features' codes as the encoder looked them up (`FastFeatures.transform`)."""
+        outputs = self._outputs(features, codes)
         if self.task == "classification":
             classes = self.classes  # proba columns are class codes 0..k-1, in manifest order
             labels = np.asarray(classes, dtype=object)[outputs.argmax(axis=1)]
