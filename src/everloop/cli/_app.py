@@ -1193,6 +1193,45 @@ def deploy_k8s(output: Optional[Path] = typer.Option(None, "--output", "-o", hel
     _emit(result.to_dict(), as_json, text="\n".join(lines + [f"note: {n}" for n in result.notes]))
 
 
+@app.command("doctor")
+def doctor_cmd(repair: bool = typer.Option(False, "--repair", help="delete what is safe to delete: temporary "
+                                           "files of killed writers, artifacts no row references, compiled "
+                                           "libraries that do not match their recorded hash (rebuilt when "
+                                           "needed); never a referenced artifact or a database row"),
+               grace: Optional[float] = typer.Option(None, "--grace", min=0, metavar="SECONDS",
+                                                     help="leave temporary and unreferenced files younger than "
+                                                          "this alone (a writer may be at work); default 3600"),
+               project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Check the store's integrity: artifacts and their hashes, references, leftover files, the loop's audit
+    rows, compiled libraries, the prediction log. Exit 1 while errors remain."""
+    from everloop.store import DB_URL_ENV, STORE_DIR, Store, doctor
+
+    folder = _project_folder(project)
+    if not (folder / STORE_DIR).is_dir() and not os.environ.get(DB_URL_ENV):
+        raise EverloopError(f"no store in {folder / STORE_DIR}: nothing to check (run 'everloop ingest' first)")
+    store = Store.for_project(folder)
+    report = doctor(store, repair=repair, **({} if grace is None else {"grace": grace}))
+    table = Table(title="doctor: findings")
+    for column in ("severity", "check", "where", "finding", "repaired"):
+        table.add_column(column, overflow="fold")  # a path cut short could not be found
+    for f in report.findings:
+        table.add_row(_styled("red" if f.severity == "error" else "yellow", f.severity), f.code, f.where,
+                      f.message, f.repaired or "-")
+    checked = ", ".join(f"{what}: {n}" for what, n in report.checked.items())
+    verdict = (_styled("red", "errors", f": {len(report.errors)}") if report.errors else
+               _styled("green", "ok", " (no errors)"))
+    lines = [Text.assemble(verdict, f"; warnings: {len(report.warnings)}; repaired: {len(report.repaired)}"),
+             Text(f"checked: {checked}")]
+    lines += [Text(f"note: {n}") for n in report.notes]
+    if not repair and any(f.code in ("temp_file", "artifact_orphan", "compiled_mismatch", "compiled_unrecorded")
+                          for f in report.findings):
+        lines.append(Text(f"run '{_command(project, 'doctor', '--repair')}' to delete the leftover files"))
+    _emit(report.to_dict(), as_json, table if report.findings else None, Text("\n").join(lines))
+    store.close()
+    if not report.ok:
+        raise CheckFailed()
+
+
 def main() -> None:
     """Entry point: errors become one clean message (no traceback) and the README's exit codes:
     0 success; 1 a check failed (CheckFailed, or rows refused by validation: a DataError carrying a
