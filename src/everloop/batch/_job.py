@@ -29,6 +29,7 @@ import pyarrow as pa
 from everloop.data import Anomaly, ValidationReport, source_files
 from everloop.errors import DataError
 from everloop.spec import SqlSource
+from everloop.spec._secrets import scrub_url
 
 JOB_FORMAT = 1
 PART = "part"
@@ -55,7 +56,7 @@ def fingerprint(source: Path | SqlSource) -> dict[str, Any]:
     """What identifies the input for `--resume`: each file's path, size and modification time (a folder's
     or glob's files in order), or a SQL source's URL and query (whose rows cannot be checked)."""
     if isinstance(source, SqlSource):
-        return {"sql": {"url": source.url, "query": source.query}}
+        return {"sql": {"url": scrub_url(source.url, "EVERLOOP_SQL"), "query": source.query}}  # no password on disk
     files = source_files(source)
     return {"files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()]}
 

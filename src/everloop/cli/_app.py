@@ -874,10 +874,14 @@ def predict(source: str = typer.Argument(..., help="CSV or Parquet file (or fold
     --engine ray without Ray installed exits 3."""
     from everloop.batch import count_rows, score_file
     from everloop.batch._ray import RayUnavailable
-    from everloop.spec import SqlSource
+    from everloop.spec import SqlSource, redact_url
 
     spec, store = _project(project)
-    where = SqlSource(url=source, query=query) if query else _user_path(Path(source))
+    try:
+        where = SqlSource(url=source, query=query) if query else _user_path(Path(source))
+    except ValueError as exc:  # pydantic's ValidationError: a malformed ${NAME} reference in the URL
+        why = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+        raise EverloopError(f"SOURCE {redact_url(source)!r} is not a usable database URL: {why}") from None
     if address and engine is not Engine.ray:
         raise EverloopError("--address is the Ray cluster for --engine ray; add --engine ray")
     try:

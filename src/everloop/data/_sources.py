@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from everloop.data._schema import NULL_TOKENS
 from everloop.errors import DataError
 from everloop.spec import SqlSource
+from everloop.spec._secrets import redact_text
 
 SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 BATCH_ROWS = 100_000
@@ -323,13 +324,13 @@ def _sql_batches(source: SqlSource, batch_rows: int) -> Iterator[pd.DataFrame]:
     import sqlalchemy as sa
 
     try:
-        engine = sa.create_engine(source.url)
+        engine = sa.create_engine(source.resolved_url())  # ${NAME} references: the secret lives in the environment
     except (sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-        raise DataError(f"sql source: the URL cannot be used: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"sql source: the URL cannot be used: {redact_text(str(exc).splitlines()[0])}") from None
     try:
         with engine.connect() as conn:
             yield from pd.read_sql(sa.text(source.query), conn, chunksize=batch_rows)
     except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError, ImportError) as exc:
-        raise DataError(f"sql source: the query failed: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"sql source: the query failed: {redact_text(str(exc).splitlines()[0])}") from None
     finally:
         engine.dispose()

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from everloop._jsonable import jsonable
 from everloop.data import Profile
-from everloop.errors import StoreError
+from everloop.errors import SpecError, StoreError
 from everloop.monitor import _windows
 from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport, unknown_settings
 from everloop.monitor._estimate import estimate_interval
@@ -38,7 +38,7 @@ from everloop.monitor._health import health_alerts, service_errors
 from everloop.monitor._report import coarse_distributions
 from everloop.monitor._skew import replay_skew, skew_alert
 from everloop.registry import PRODUCTION, load_model
-from everloop.spec import ProjectSpec
+from everloop.spec import ProjectSpec, redact_text, redact_url, resolve_env
 from everloop.store import Store, prediction_log
 from everloop.train import (TrainedModel, allowed_loss, bootstrap_labels, describe_tolerance, higher_is_better,
                             improvement, score_labels, valid_labels)
@@ -253,17 +253,21 @@ def list_runs(store: Store, limit: int = 100, model_version: int | None = None) 
 
 def send_alert(spec: ProjectSpec, payload: dict[str, Any]) -> bool:
     """POST `payload` as JSON to the webhook (monitoring.webhook or EVERLOOP_WEBHOOK_URL), if one is set.
-    A failure is logged, never raised: alerting must not break monitoring."""
+    A failure is logged, never raised: alerting must not break monitoring. `${NAME}` references in
+    the URL are read from the environment now; the log shows the URL and the error with secrets redacted."""
     url = spec.monitoring.webhook or os.environ.get(WEBHOOK_ENV)
     if not url:
         return False
     import httpx
 
     try:
-        httpx.post(url, json=jsonable(payload), timeout=5).raise_for_status()
+        httpx.post(resolve_env(url, "monitoring.webhook"), json=jsonable(payload), timeout=5).raise_for_status()
         return True
-    except httpx.HTTPError as exc:
-        log.warning("alert webhook %s failed: %s", url, exc)
+    except SpecError as exc:
+        log.warning("alert not sent: %s", exc)
+        return False
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # its message may carry the URL: redacted too
+        log.warning("alert webhook %s failed: %s", redact_url(url), redact_text(str(exc)))
         return False
 
 

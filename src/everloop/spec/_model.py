@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from everloop.spec._secrets import check_references, resolve_env
 
 CLASSIFICATION_METRICS = ("roc_auc", "accuracy", "f1", "log_loss")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
@@ -17,13 +19,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# A setting that may hold a secret: `${NAME}` references the environment variable NAME, resolved where
+# the value is used (never when the file is read), so the file and the stored specs hold no secret.
+WithSecrets = Annotated[str, AfterValidator(check_references)]
+
+
 class SqlSource(_Strict):
-    url: str = Field(description="SQLAlchemy URL of the database, e.g. sqlite:///data.db")
+    url: WithSecrets = Field(description="SQLAlchemy URL of the database, e.g. sqlite:///data.db; keep a "
+                             "password in the environment: postgresql+psycopg://bob:${PG_PASSWORD}@db/sales")
     query: str = Field(description="SELECT statement whose rows are the dataset")
+
+    def resolved_url(self) -> str:
+        """The URL with its `${NAME}` references replaced from the environment, for connecting; raises
+        SpecError naming the variables that are not set."""
+        return resolve_env(self.url, "data.source.url")
 
 
 class DataSpec(_Strict):
-    source: str | SqlSource = Field(description="csv/parquet file (relative to the project), or sql: {url, query}")
+    source: str | SqlSource = Field(description="csv/parquet file, folder or glob (relative to the project), or "
+                                    "a database query as a mapping {url, query}")
     target: str = Field(description="the label column")
     id: str | None = Field(None, description="entity id column, excluded from features")
     timestamp: str | None = Field(None, description="event time column, used for time splits and windows")
@@ -254,7 +268,9 @@ class MonitoringSpec(_Strict):
     alert_on: list[Literal["drift", "decay", "estimated_decay", "prediction_drift", "skew", "health"]] = Field(
         default_factory=lambda: ["drift", "decay", "estimated_decay", "prediction_drift", "skew", "health"],
         description="which signals raise an alert (exit 1 and the webhook); the others are reported only")
-    webhook: str | None = Field(None, description="URL that alerts are POSTed to as JSON (or EVERLOOP_WEBHOOK_URL)")
+    webhook: WithSecrets | None = Field(
+        None, description="URL that alerts are POSTed to as JSON (or EVERLOOP_WEBHOOK_URL); a key in it is best "
+        "kept in the environment: https://hooks.example.com/x?token=${HOOK_TOKEN}")
 
 
 class RetrainDataSpec(_Strict):

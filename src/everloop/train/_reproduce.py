@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from everloop.data import get_dataset, get_schema, load_frame
 from everloop.errors import EverloopError, NotFoundError, StoreError
 from everloop.features import custom_source_hash
-from everloop.spec import parse_spec
+from everloop.spec import missing_env, parse_spec, redact_url
 from everloop.store import Store
 from everloop.train._artifact import load_artifact
 from everloop.train._train import fit, packages
@@ -39,7 +39,11 @@ def reproduce(store: Store, version: int) -> ReproduceReport:
     A model refit from a template (`pipeline_source: clone`: the loop's retraining of an imported model,
     or an import with features) is refit as a fresh clone of its own stored pipeline, whose parameters
     are the template's. An imported model (`pipeline_source: imported`) was not trained by everloop: the
-    report has `record` False and says so in `problems` (the CLI exits 2)."""
+    report has `record` False and says so in `problems` (the CLI exits 2).
+
+    The recorded spec holds no secret (see `everloop.spec.scrub_spec`) and needs none: the data is the
+    stored dataset version. When that is gone, `problems` names the source and the environment
+    variables its URL needs to ingest it again."""
     t = store.tables.models
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(t).where(t.c.version == version)).first()
@@ -71,7 +75,7 @@ def reproduce(store: Store, version: int) -> ReproduceReport:
         report.problems.append(str(exc))
         return report
     except NotFoundError as exc:
-        report.problems.append(f"{exc}; the data this model was trained on is gone")
+        report.problems.append(f"{exc}; the data this model was trained on is gone{_source_hint(m)}")
         return report
     try:
         spec = parse_spec(m["spec"], origin=f"model v{version}'s recorded spec")
@@ -90,6 +94,21 @@ def reproduce(store: Store, version: int) -> ReproduceReport:
     if not report.identical:
         report.problems.append(f"outputs differ on the evaluation rows by up to {report.max_abs_diff:.3g}")
     return report
+
+
+def _source_hint(manifest: dict[str, Any]) -> str:
+    """Where the recorded spec's data came from, to ingest it again, and which environment variables
+    its URL needs: the stored spec names secrets (`${NAME}`), never holds them."""
+    source = (manifest.get("spec") or {}).get("data", {}).get("source")
+    url = source.get("url") if isinstance(source, dict) else source
+    if not isinstance(url, str):
+        return ""
+    hint = f"; its source was {redact_url(url)}"
+    missing = missing_env(url)
+    if missing:
+        plural = "s" if len(missing) > 1 else ""
+        hint += f" (to ingest it again, set the environment variable{plural} {', '.join(missing)})"
+    return hint
 
 
 def _outputs(pipeline: Any, task: str, features: Any) -> np.ndarray:

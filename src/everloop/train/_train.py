@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from everloop.data import DatasetVersion, Profile, Schema, get_dataset, get_schema, load_frame
 from everloop.errors import TrainError
 from everloop.features import build_features, custom_source_hash
-from everloop.spec import ProjectSpec
+from everloop.spec import ProjectSpec, scrub_spec
 from everloop.store import Store
 from everloop.train._artifact import save_model
 from everloop.train._labels import whole_numbers
@@ -374,8 +374,10 @@ def calibration_maps(proba: np.ndarray, y_codes: np.ndarray) -> dict[str, Any]:
 
 
 def reproducibility_record(spec: ProjectSpec, project_dir: Path) -> dict[str, Any]:
-    """Everything besides the data that made a model: the whole spec, user code, packages, platform."""
-    spec_body = spec.model_dump(mode="json")
+    """Everything besides the data that made a model: the whole spec, user code, packages, platform.
+    The spec is stored scrubbed of secrets (a literal password or webhook key becomes a `${NAME}`
+    reference to the environment): every reader of the store reads manifests."""
+    spec_body = scrub_spec(spec.model_dump(mode="json"))
     return {
         "spec": spec_body,
         "spec_hash": hashlib.sha256(json.dumps(spec_body, sort_keys=True).encode()).hexdigest(),
