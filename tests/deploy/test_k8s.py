@@ -200,3 +200,19 @@ def test_an_image_without_a_registry_gets_one_suggested(everloop, project, tmp_p
     assert docs["kustomization.yaml"]["images"] == [{"name": "everloop-m1", "newName": "everloop-m1",
                                                      "newTag": "0.1.0"}]
     assert "#      newName: registry.example.com/everloop-m1\n" in (tmp_path / "k8s" / "kustomization.yaml").read_text()
+
+
+def test_a_literal_secret_in_the_project_file_is_named_in_the_notes(everloop, project, tmp_path, monkeypatch):
+    """everloop.yaml is copied as it is into the ConfigMap: a webhook key written in it is pointed out,
+    with the ${NAME} form to write instead."""
+    monkeypatch.setenv("EVERLOOP_ARTIFACTS_URL", "s3://models/churn")
+    monkeypatch.setenv("EVERLOOP_DB_URL", "postgresql+psycopg://u@db/everloop")
+    spec_file = project / "everloop.yaml"
+    body = yaml.safe_load(spec_file.read_text())
+    body.setdefault("monitoring", {})["webhook"] = "https://hooks.example.com/alert?token=hook-s3cret"
+    spec_file.write_text(yaml.safe_dump(body, sort_keys=False))
+    out, _ = _manifests(everloop, project, tmp_path / "k8s")
+    assert out["notes"] == ["everloop.yaml's monitoring.webhook holds a literal secret, and these files copy "
+                            "everloop.yaml as it is: write it as https://hooks.example.com/alert?token="
+                            "${EVERLOOP_WEBHOOK_TOKEN} and set the variable in the environment (a Secret on "
+                            "Kubernetes)"]

@@ -9,6 +9,7 @@ import shutil
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from typing import Any
 
 from everloop.errors import EverloopError
 
@@ -176,3 +177,22 @@ def everloop_source(target: Path) -> str | None:
 def python_minor() -> str:
     """The running Python's `major.minor`, e.g. `3.11`: the tag of the image's base."""
     return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def secret_notes(spec: Any) -> list[str]:
+    """Notes naming each project-file value that holds a literal secret (a SQL source's password, a
+    webhook's key): the deploy files copy everloop.yaml as it is, into an image or a ConfigMap, where a
+    secret does not belong. The fix is a `${NAME}` reference and the value in the environment."""
+    from everloop.spec import scrub_spec
+
+    body = spec.model_dump(mode="json")
+    scrubbed = scrub_spec(body)
+    found = []
+    source = (body.get("data") or {}).get("source")
+    if source != (scrubbed.get("data") or {}).get("source"):
+        found.append(("data.source", (scrubbed["data"]["source"] or {}).get("url") if isinstance(source, dict)
+                      else scrubbed["data"]["source"]))
+    if (body.get("monitoring") or {}).get("webhook") != (scrubbed.get("monitoring") or {}).get("webhook"):
+        found.append(("monitoring.webhook", scrubbed["monitoring"]["webhook"]))
+    return [f"everloop.yaml's {field} holds a literal secret, and these files copy everloop.yaml as it is: write "
+            f"it as {value} and set the variable in the environment (a Secret on Kubernetes)" for field, value in found]

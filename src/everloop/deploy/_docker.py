@@ -21,7 +21,7 @@ from typing import Any
 
 from everloop.deploy._context import (APP_DIR, PORT, UID, everloop_source, has_registry, image_name,
                                       pinned_requirements, prepare_output, python_minor, requirements_text,
-                                      system_packages)
+                                      secret_notes, system_packages)
 from everloop.errors import EverloopError
 
 SOURCE_DIR = "everloop-src"  # where the context holds everloop's source, when it runs from one
@@ -65,8 +65,9 @@ def write_docker(project: Path, spec: Any, output: Path, *, image: str | None = 
               f"worker(s), one OpenMP thread each.",
               "Tree ensembles serve on scikit-learn here: the image has no C compiler to compile them "
               "(serving.compile_trees)."]
-    notes = [] if workers == 1 else [f"{workers} workers in one container: on Kubernetes, prefer one worker per "
-                                     "pod and more replicas (everloop deploy k8s)"]
+    notes = secret_notes(spec) + ([] if workers == 1 else [
+        f"{workers} workers in one container: on Kubernetes, prefer one worker per pod and more replicas "
+        "(everloop deploy k8s)"])
     prepare_output(output, force, project)
     return _write(project, output, image, command, header, tail, f"python:{python_minor()}-slim",
                   run=f"-p {port}:{port} ", env={"OMP_NUM_THREADS": "1"}, notes=notes)

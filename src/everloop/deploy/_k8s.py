@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from everloop.deploy._context import APP_DIR, PORT, UID, has_registry, image_name, prepare_output
+from everloop.deploy._context import APP_DIR, PORT, UID, has_registry, image_name, prepare_output, secret_notes
 from everloop.deploy._docker import DeployResult, serve_command
 from everloop.deploy._sizing import Sizing
 from everloop.errors import EverloopError
@@ -54,7 +54,7 @@ def write_k8s(project: Path, spec: Any, output: Path, *, image: str | None = Non
 
     name = k8s_name(spec.name)
     image = image or image_name(spec.name)
-    notes: list[str] = []
+    notes: list[str] = secret_notes(spec)
     url = artifacts_url or os.environ.get("EVERLOOP_ARTIFACTS_URL")
     if not url:
         url = f"s3://CHANGE-ME/{name}"
