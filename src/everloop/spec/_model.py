@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from everloop.spec._secrets import check_references, resolve_env
 
@@ -123,7 +123,23 @@ def parse_tolerance(value: object) -> float | str:
 Tolerance = Annotated[float | str, BeforeValidator(parse_tolerance)]
 
 
+class LiveSpec(_Strict):
+    """How a shadow or canary candidate is judged on live traffic against production (`promotion.live`)."""
+
+    min_rows: int = Field(1000, ge=1, description="fewest rows the candidate must have scored before any verdict "
+                          "but an immediate rollback")
+    min_labelled_rows: int = Field(500, ge=1, description="fewest labelled rows (the candidate's, and in shadow "
+                                   "the same rows production answered) before it can be promoted")
+    max_regression: Tolerance = Field(0.01, description="largest allowed loss of metric vs production on the "
+                                      "live labelled rows: a number (metric units) or a percentage such as '1%'")
+    max_latency_ratio: float = Field(1.5, gt=0, description="rolled back at once when the candidate's p99 "
+                                     "latency is more than this multiple of production's")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="rolled back at once when more than this share "
+                                  "of the candidate's calls fail")
+
+
 class PromotionSpec(_Strict):
+    live: LiveSpec = Field(default_factory=LiveSpec, description="shadow/canary: judged on live traffic")
     min_metric: float | None = Field(None, description="a candidate below this metric is refused")
     max_regression: Tolerance = Field(
         0.0, description="largest allowed loss of metric vs production, on rows neither model trained on: a number "
@@ -329,6 +345,25 @@ class ServingSpec(_Strict):
                                    "[the labels, in row order], beside everloop's own (see docs/from-flask.md)")
 
 
+class RolloutSpec(_Strict):
+    """How the loop puts a candidate that passed the gate live."""
+
+    mode: Literal["direct", "shadow", "canary"] = Field(
+        "direct", description="direct: all traffic at once; shadow: scored beside production, off the response "
+        "path, then promoted when judged live; canary: answers steps of the traffic, stepped up when judged live")
+    steps: list[float] = Field([10, 50, 100], min_length=1, description="canary: percent of traffic per step, "
+                               "increasing, ending at 100")
+    shadow_sample: float = Field(100, gt=0, le=100, description="shadow: percent of production's rows the "
+                                 "candidate also scores")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < s <= 100 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])) or steps[-1] != 100:
+            raise ValueError("steps must be percents in (0, 100], increasing, ending at 100 (e.g. [10, 50, 100])")
+        return steps
+
+
 class ProjectSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="project name, also the model's name")
     data: DataSpec
@@ -339,6 +374,7 @@ class ProjectSpec(_Strict):
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
     retraining: RetrainingSpec = Field(default_factory=RetrainingSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ProjectSpec":

@@ -166,6 +166,59 @@ lost_predictions = sa.Table(
 )
 
 
+# Shadow and canary rollouts (registry/_rollout.py): at most one `active` at a time. The candidate is
+# judged against `production` on live traffic and then promoted or rolled back by the loop or by hand.
+rollouts = sa.Table(
+    "rollouts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("candidate", sa.Integer, nullable=False),
+    sa.Column("production", sa.Integer, nullable=True),  # the version it is compared with (production at start)
+    sa.Column("mode", sa.String(16), nullable=False),  # shadow | canary
+    sa.Column("share", sa.Float, nullable=False),  # canary: percent of traffic the candidate answers; shadow: 0
+    sa.Column("sample", sa.Float, nullable=False),  # shadow: percent of rows the candidate also scores
+    sa.Column("steps", sa.JSON, nullable=False),  # canary: the percents to step through
+    sa.Column("status", sa.String(16), nullable=False),  # active | promoted | rolled_back | aborted
+    sa.Column("actor", sa.String(255), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("evidence", sa.JSON, nullable=True),  # the last judgement's numbers
+    sa.Index("ix_rollouts_status", "status"),
+)
+
+# A shadow candidate's predictions: the same format as prediction_batches (store/_predictions.py), the
+# same prediction ids as the production rows they shadow, kept apart so that nothing reading the log
+# (monitoring, feedback, retraining) ever mistakes them for answers a client got.
+shadow_batches = sa.Table(
+    "shadow_batches", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rollout", sa.Integer, nullable=False),
+    sa.Column("worker", sa.String(32), nullable=False),
+    sa.Column("first_counter", sa.BigInteger, nullable=False),
+    sa.Column("last_counter", sa.BigInteger, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    _now_column(),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Index("ix_shadow_batches_rollout", "rollout", "seq"),
+)
+
+# Per worker and version under a rollout, written with service_stats: model calls and the failed ones
+# (a shadow candidate's errors never reach a client, so they are counted here).
+rollout_stats = sa.Table(
+    "rollout_stats", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    _now_column(),
+    sa.Column("rollout", sa.Integer, nullable=False),
+    sa.Column("worker", sa.String(64), nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("calls", sa.Integer, nullable=False),
+    sa.Column("errors", sa.Integer, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Index("ix_rollout_stats_rollout", "rollout"),
+)
+
+
 # Leases (see _lease.py): one row per name; whoever holds an unexpired row may do that work.
 leases = sa.Table(
     "leases", metadata,
