@@ -4,12 +4,15 @@ their rows and the schema version that read them: see `dataset_identity`).
 Ingest streams the source batch by batch: each batch is checked, its good rows are appended to a
 Parquet file inside the store, and per-column statistics are merged, so memory stays flat however
 large the source. Nothing becomes visible until one metadata transaction at the end; a refused or
-interrupted ingest leaves the store as it was (at most a temporary file, removed on the way out).
+interrupted ingest leaves the store as it was (at most a temporary file, removed on the way out, or
+after a kill when the store is next opened). Ingests commit one at a time (`Store.write_lock`): two
+ingests of one file at once give one version, the second reporting it as already stored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -227,13 +230,19 @@ def _ingest(store: Store, spec: ProjectSpec, batches: Iterable[pd.DataFrame], so
         artifact = store.artifacts.put_file(good_path)
         quarantine = store.artifacts.put_file(bad_path) if scan.bad_rows else None
         with store.engine.begin() as conn:
-            if schema_row is None:
+            # One ingest commits at a time: a second ingest of the same file, started together with this
+            # one, waits here and then finds what this one stored (the schema it inferred, the version).
+            store.write_lock(conn)
+            schema_version = schema_row[0] if schema_row else _same_schema(conn, store, schema)
+            if schema_version is None:
                 schema_version = conn.execute(
                     t.schemas.insert().values(body=schema.to_dict(), reason=f"inferred from {source}")
                 ).inserted_primary_key[0]
-            else:
-                schema_version = schema_row[0]
             content_hash = dataset_identity(content, schema_version)
+            found = conn.execute(sa.select(t.datasets)
+                                 .where(t.datasets.c.content_hash == content_hash)).first()
+            if found:
+                return replace(_row_to_version(found, deduplicated=True), warnings=warnings)
             values = dict(content_hash=content_hash, artifact=artifact, source=source, rows=scan.good_rows,
                           columns=len(schema.columns), schema_version=schema_version, parent=parent,
                           warnings=warnings, stats=scan.stats.to_dict(), quarantine=quarantine,
@@ -241,6 +250,15 @@ def _ingest(store: Store, spec: ProjectSpec, batches: Iterable[pd.DataFrame], so
             version = conn.execute(t.datasets.insert().values(**values)).inserted_primary_key[0]
             row = conn.execute(sa.select(t.datasets).where(t.datasets.c.version == version)).first()
         return _row_to_version(row)
+
+
+def _same_schema(conn: sa.Connection, store: Store, schema: Schema) -> int | None:
+    """The version of the newest stored schema when it is `schema` (an ingest of the same source that
+    committed while this one read it inferred it too), else None."""
+    t = store.tables.schemas
+    row = conn.execute(sa.select(t.c.version, t.c.body).order_by(t.c.version.desc()).limit(1)).first()
+    as_stored = json.loads(store.tables.dumps_json(schema.to_dict()))  # as the JSON column gives it back
+    return row.version if row is not None and row.body == as_stored else None
 
 
 def dataset_identity(content: str, schema_version: int) -> str:

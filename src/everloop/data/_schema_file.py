@@ -25,7 +25,7 @@ from everloop.data._sources import iter_batches
 from everloop.data._stats import DatasetStats
 from everloop.errors import DataError, SpecError
 from everloop.spec import ProjectSpec, SqlSource, describe_errors
-from everloop.store import Store
+from everloop.store import Store, write_atomic
 
 SCHEMA_FILE = "schema.yaml"
 # How a column's values are written (ColumnSchema's fields after its domain; see docs/data.md).
@@ -360,5 +360,5 @@ def write_schema_file(store: Store, folder: str | Path, *, overwrite: bool = Fal
     path = Path(folder) / SCHEMA_FILE
     if row is None or (path.exists() and not overwrite):
         return None
-    path.write_text(schema_yaml(Schema.from_dict(row.body), row.version), encoding="utf-8")
+    write_atomic(path, schema_yaml(Schema.from_dict(row.body), row.version).encode("utf-8"))  # whole or absent
     return path

@@ -139,20 +139,28 @@ def _turn(store: Store, spec: ProjectSpec, lease: Lease) -> LoopDecision:
     if new is not None:
         evidence = evidence | {"trained_on": {"dataset": dataset.version, "rows": dataset.rows, "new_rows": recent}}
         trained_on = f"dataset v{dataset.version} ({dataset.rows} rows: {dataset.source.removeprefix(LOOP_SOURCE)})"
+    if gate.passed:
+        decision = LoopDecision("promoted", f"{said}; model v{version} trained on {trained_on} passed "
+                                "the gate and is in production", fired, summary, version, gate.to_dict(),
+                                evidence)
+    else:
+        decision = LoopDecision("kept_candidate", f"{said}; model v{version} was refused by the gate: "
+                                f"{'; '.join(gate.reasons)}", fired, summary, version, gate.to_dict(),
+                                evidence)
+    # The move and its audit row commit together: a kill between them would leave a promotion the
+    # cooldown cannot see (it reads loop_events).
     try:  # production must still be the model the gate compared with, and this turn still the leader
         if gate.passed:
             set_alias(store, PRODUCTION, version, actor="everloop loop", from_version=gate.production, lease=lease,
-                      reason=f"retrained on {trained_on} after {', '.join(fired)}; passed the gate")
-            return _record(store, LoopDecision("promoted", f"{said}; model v{version} trained on "
-                                               f"{trained_on} passed the gate and is in production", fired, summary,
-                                               version, gate.to_dict(), evidence), spec)
-        set_alias(store, CANDIDATE, version, actor="everloop loop", reason="; ".join(gate.reasons), lease=lease)
+                      reason=f"retrained on {trained_on} after {', '.join(fired)}; passed the gate",
+                      then=lambda conn: _insert_event(conn, decision))
+        else:
+            set_alias(store, CANDIDATE, version, actor="everloop loop", reason="; ".join(gate.reasons),
+                      lease=lease, then=lambda conn: _insert_event(conn, decision))
     except EverloopError as exc:  # AliasMoved, LeaseLost
         return _record(store, LoopDecision("failed", f"model v{version} trained on {trained_on} was not put live: "
                                            f"{exc}", fired, summary, version, gate.to_dict(), evidence), spec)
-    return _record(store, LoopDecision("kept_candidate", f"{said}; model v{version} was refused by the gate: "
-                                       f"{'; '.join(gate.reasons)}", fired, summary, version, gate.to_dict(),
-                                       evidence), spec)
+    return _alert(spec, decision)
 
 
 def recent_labelled(store: Store, spec: ProjectSpec, limit: int) -> pd.DataFrame:
@@ -383,13 +391,24 @@ def _versions(versions: list[int]) -> str:
 
 
 def _record(store: Store, decision: LoopDecision, spec: ProjectSpec | None = None) -> LoopDecision:
+    """Write `decision`'s loop_events row (its own transaction), then alert (see `_alert`)."""
+    with store.engine.begin() as conn:
+        _insert_event(conn, decision)
+    return _alert(spec, decision)
+
+
+def _insert_event(conn: sa.Connection, decision: LoopDecision) -> None:
+    """Append `decision` to loop_events in `conn`'s transaction (the caller's, e.g. an alias move's)."""
     evidence = {"triggers": decision.triggers, "monitor": decision.monitor, "model_version": decision.model_version,
                 "gate": decision.gate}
     if decision.datasets is not None:
         evidence["datasets"] = decision.datasets
-    with store.engine.begin() as conn:
-        conn.execute(store.tables.loop_events.insert().values(action=decision.action, reason=decision.reason,
-                                                              evidence=jsonable(evidence)))
+    conn.execute(Store.tables.loop_events.insert().values(action=decision.action, reason=decision.reason,
+                                                          evidence=jsonable(evidence)))
+
+
+def _alert(spec: ProjectSpec | None, decision: LoopDecision) -> LoopDecision:
+    """Send the webhook alert of a decision a person should hear about, once it is recorded."""
     if spec is not None and decision.action in ALERTING:
         payload = {"event": "loop", "action": decision.action, "reason": decision.reason,
                    "model_version": decision.model_version, "gate": decision.gate}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import getpass
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -339,8 +339,11 @@ _READ_NOW: Any = object()  # set_alias's default from_version: whatever the alia
 
 
 def set_alias(store: Store, alias: str, version: int, *, reason: str, forced: bool = False,
-              actor: str | None = None, from_version: int | None = _READ_NOW, lease: Lease | None = None) -> None:
-    """Point `alias` at model `version` and append the move to the alias history, in one transaction.
+              actor: str | None = None, from_version: int | None = _READ_NOW, lease: Lease | None = None,
+              then: Callable[[sa.Connection], None] | None = None) -> None:
+    """Point `alias` at model `version` and append the move to the alias history, in one transaction;
+    `then(conn)`, when given, writes more in that same transaction (the loop's audit row): either all
+    of it commits or none of it, and whatever `then` raises undoes the move and propagates.
 
     A compare-and-set: the alias moves only if it still points at `from_version` (None: at nothing),
     the version the caller decided on; by default, the one read when called. Raises AliasMoved when
@@ -351,6 +354,7 @@ def set_alias(store: Store, alias: str, version: int, *, reason: str, forced: bo
     t = store.tables
     if from_version is _READ_NOW:
         from_version = alias_version(store, alias)
+    moved_here = False  # an IntegrityError before the alias row is written: a concurrent first move
     try:
         with store.engine.begin() as conn:
             if lease is not None:
@@ -364,10 +368,13 @@ def set_alias(store: Store, alias: str, version: int, *, reason: str, forced: bo
                 if moved.rowcount != 1:
                     found = conn.execute(sa.select(t.aliases.c.version).where(t.aliases.c.name == alias)).scalar()
                     raise AliasMoved(alias, from_version, found)
+            moved_here = True
             conn.execute(t.alias_history.insert().values(alias=alias, from_version=from_version, to_version=version,
                                                          actor=actor or _user(), reason=reason, forced=forced))
+            if then is not None:
+                then(conn)
     except sa.exc.IntegrityError:
-        if from_version is not None:
+        if from_version is not None or moved_here:
             raise
         raise AliasMoved(alias, None, alias_version(store, alias)) from None
 

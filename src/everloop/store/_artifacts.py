@@ -17,12 +17,16 @@ import logging
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from everloop.errors import IntegrityError, NotFoundError, StoreError
+from everloop.store._lease import _this_process
 
 ARTIFACTS_URL_ENV = "EVERLOOP_ARTIFACTS_URL"
+TEMP_PREFIX = ".tmp-"  # a file being written; renamed to its digest when whole
+STALE_TEMP_SECONDS = 3600.0  # a temporary file of an unknown writer, untouched this long, is a leftover
 log = logging.getLogger("everloop.store")
 T = TypeVar("T")
 
@@ -73,9 +77,40 @@ class ArtifactStore:
     def temp_path(self, suffix: str = "") -> Path:
         """A fresh local path for writing a large artifact in pieces; hand it to `put_file`."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=suffix)
+        fd, tmp = _mkstemp(self.root, suffix)
         os.close(fd)
         return Path(tmp)
+
+    def sweep_temp(self, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+        """Remove the temporary files (`.tmp-*`, in the folder and its `ab/` subfolders) that killed
+        writers left behind, and return their paths: a file whose writer ran on this machine (same
+        kernel boot and pid namespace) and whose pid is gone, or whose writer cannot be told (another
+        machine sharing the folder, an older build's name) and that nobody wrote to for `max_age`
+        seconds. A file of a live writer is never touched, however old. Unreadable folders are skipped."""
+        removed: list[Path] = []
+        now = time.time()
+        folders = [self.root]
+        try:
+            with os.scandir(self.root) as entries:
+                folders += [Path(e.path) for e in entries
+                            if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return removed
+        for folder in folders:
+            try:
+                with os.scandir(folder) as entries:
+                    temps = [e for e in entries
+                             if e.name.startswith(TEMP_PREFIX) and e.is_file(follow_symlinks=False)]
+                for entry in temps:
+                    alive = _writer_alive(entry.name)
+                    if alive is False or (alive is None and now - entry.stat().st_mtime > max_age):
+                        Path(entry.path).unlink(missing_ok=True)
+                        removed.append(Path(entry.path))
+            except OSError:  # gone meanwhile (another sweeper), or not ours to remove: leave it
+                continue
+        if removed:
+            log.info("removed %d temporary files left by killed writers in %s", len(removed), self.root)
+        return removed
 
     def put_file(self, path: Path) -> str:
         """Move a file written at `temp_path()` into the store under its sha256 (read in chunks);
@@ -212,7 +247,7 @@ class _Remote:
         """Download the blob into the cache at `target`, verified before it replaces what was there.
         NotFoundError when it is absent; IntegrityError, naming the object, when it differs."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        fd, tmp = _mkstemp(target.parent)
         os.close(fd)
         try:
             try:
@@ -264,7 +299,7 @@ def write_atomic(target: Path, source: bytes | Path) -> None:
     """Write `source` (bytes, or a file to copy) at `target` through a temporary file in the same
     folder, fsync and rename: a reader never sees half a blob, even when the process is killed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    fd, tmp = _mkstemp(target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             if isinstance(source, Path):
@@ -279,6 +314,36 @@ def write_atomic(target: Path, source: bytes | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mkstemp(folder: Path, suffix: str = "") -> tuple[int, str]:
+    """A new temporary file in `folder` named after its writer, `.tmp-<machine>-<pid>-<random>`, so
+    that `ArtifactStore.sweep_temp` can tell a killed writer's leftovers from a live writer's file."""
+    return tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{_machine()}-{os.getpid()}-", suffix=suffix)
+
+
+def _machine() -> str:
+    """8 hex digits naming this kernel boot and pid namespace (where a pid means one process), or
+    'unknown' where that cannot be read (not Linux)."""
+    where = _this_process().rpartition(" ")[0]
+    return hashlib.sha256(where.encode()).hexdigest()[:8] if where else "unknown"
+
+
+def _writer_alive(name: str) -> bool | None:
+    """Is the process that made temporary file `name` alive? None when that cannot be told: another
+    machine or container, or a name without a writer (an older build's)."""
+    match = re.match(rf"{re.escape(TEMP_PREFIX)}([0-9a-f]{{8}})-(\d+)-", name)
+    if match is None or match[1] != _machine():
+        return None
+    try:
+        os.kill(int(match[2]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OverflowError:  # no such pid could exist: not a name this code made
+        return None
+    return True
 
 
 def _line(exc: BaseException) -> str:

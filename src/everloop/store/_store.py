@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ class Store:
                  artifacts_url: str | None = None):
         """Open the store in the folder `root`: metadata at `db_url` (else `EVERLOOP_DB_URL`, else
         SQLite in `root`), artifacts at `artifacts_url` (else `EVERLOOP_ARTIFACTS_URL`, else
-        `root/artifacts`; with a URL, `root/artifacts` is its read-through cache). Raises StoreError
-        for a database that cannot be opened or an artifact URL that cannot be used."""
+        `root/artifacts`; with a URL, `root/artifacts` is its read-through cache). Temporary files
+        killed writers left in the artifact folder are removed (`ArtifactStore.sweep_temp`; their
+        paths in `.swept`). Raises StoreError for a database that cannot be opened or an artifact
+        URL that cannot be used."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.artifacts = ArtifactStore(self.root / "artifacts",
@@ -38,16 +41,39 @@ class Store:
         self.db_url = db_url or os.environ.get(DB_URL_ENV) or f"sqlite:///{self.root / 'meta.db'}"
         try:
             self.engine = _meta.make_engine(self.db_url)
-            _meta.metadata.create_all(self.engine)
-            self._check_format()
+            self._create_tables()
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"metadata database {_redact(self.db_url)} cannot be opened: {exc.__class__.__name__}: "
                              f"{str(exc).splitlines()[0]}") from None
+        # A killed ingest or artifact write leaves its temporary file (tens of MB) behind: gone now.
+        self.swept = self.artifacts.sweep_temp()
 
     @classmethod
     def for_project(cls, project_dir: str | Path, db_url: str | None = None,
                     artifacts_url: str | None = None) -> "Store":
         return cls(Path(project_dir) / STORE_DIR, db_url, artifacts_url)
+
+    def _create_tables(self, attempts: int = 5) -> None:
+        """Create the missing tables and check the store's format. Two processes opening a new store
+        at once both find a table missing and both create it: the loser's "already exists" (or, on
+        PostgreSQL, a duplicate key in its catalog) means the other made it, so look again."""
+        for attempt in range(attempts):
+            try:
+                _meta.metadata.create_all(self.engine)
+                self._check_format()
+                return
+            except sa.exc.SQLAlchemyError as exc:
+                if attempt == attempts - 1 or not _created_meanwhile(exc):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def write_lock(self, conn: sa.Connection) -> None:
+        """Take the store's write lock for the rest of `conn`'s transaction: whoever takes it next waits
+        until this transaction ends, then reads what it wrote. For work that reads, then writes on what
+        it read (two ingests of one file: the second finds the first's version). SQLite: the database's
+        one write lock (waits up to its busy timeout, 30 s); PostgreSQL: a row lock on the format row."""
+        table = _meta.meta
+        conn.execute(table.update().where(table.c.key == "format").values(value=table.c.value))
 
     def _check_format(self) -> None:
         table = _meta.meta
@@ -93,5 +119,14 @@ class Store:
         self.engine.dispose()
 
 
+def _created_meanwhile(exc: sa.exc.SQLAlchemyError) -> bool:
+    """Did creating a table, index, column or the format row fail because another process just did?"""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return isinstance(exc, sa.exc.IntegrityError) or any(
+        words in text for words in ("already exists", "duplicate column", "duplicate key"))
+
+
 def _redact(url: str) -> str:
-    return sa.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    from everloop.spec._secrets import redact_url  # the store is below the spec: imported when an error is shown
+
+    return redact_url(url)
