@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import ipaddress
 import logging
 import os
@@ -36,7 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from everloop.errors import EverloopError
+from everloop.errors import EverloopError, IntegrityError
 
 if TYPE_CHECKING:
     from everloop.batch._score import BatchWriter, ChunkScorer
@@ -188,10 +189,14 @@ def _shippable(scorer: ChunkScorer) -> ChunkScorer:
     compiled = scorer.trained.compiled
     if compiled is None or isinstance(compiled, _ShippedTrees):
         return scorer
-    library = compiled.library
+    data = Path(compiled.library).read_bytes()
+    if compiled.sha256 is not None and hashlib.sha256(data).hexdigest() != compiled.sha256:
+        # the file changed since it was checked and loaded: ship nothing that was not verified
+        raise IntegrityError(f"compiled library {compiled.library} no longer has the sha256 recorded when it "
+                             "was built; not shipped to the Ray actors", digest=compiled.sha256)
     shipped = copy.copy(scorer)
     shipped.trained = dataclasses.replace(scorer.trained, compiled=_ShippedTrees(
-        Path(library).read_bytes(), compiled.classification, compiled.n_classes))
+        data, compiled.classification, compiled.n_classes))
     return shipped
 
 

@@ -247,7 +247,7 @@ def speed_up(store: Store, trained: TrainedModel, compile_trees: bool) -> None:
     with threadpool_limits(1):
         fast = trained.check_fast_path(probe)
     if fast and compile_trees:
-        compile_model(trained, probe, store.root / "compiled", nthread=os.cpu_count() or 1)
+        compile_model(trained, probe, store, nthread=os.cpu_count() or 1)
 
 
 @dataclass
