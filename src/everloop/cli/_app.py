@@ -745,12 +745,28 @@ def lineage(model: Optional[str] = typer.Option(None, help="a model version or a
 def promote(version: int = typer.Argument(..., help="the model version to put in production"),
             force: bool = typer.Option(False, help="promote even if the gate refuses (recorded as forced)"),
             reason: str = typer.Option("", help="why, for the alias history"),
+            shadow: bool = typer.Option(False, "--shadow", help="do not move production: run the version beside "
+                                        "it on live traffic (it scores rollout.shadow_sample percent of the rows, "
+                                        "clients get production's answers); see 'everloop rollout'"),
+            canary: Optional[float] = typer.Option(None, "--canary", metavar="PERCENT", help="do not move "
+                                                   "production: let the version answer this percent of live "
+                                                   "traffic; see 'everloop rollout'"),
             project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
-    """Move the production alias to a model version through the promotion gate."""
+    """Move the production alias to a model version through the promotion gate (or, with --shadow or
+    --canary, start trying it on live traffic beside production)."""
     from everloop import registry
 
+    if shadow and canary is not None:
+        raise EverloopError("--shadow and --canary: choose one (a shadow answers no traffic, a canary answers "
+                            "its share)")
     spec, store = _project(project)
     try:
+        if shadow or canary is not None:
+            mode = "shadow" if shadow else "canary"
+            rollout = registry.start_rollout(store, spec, version, mode, share=canary, force=force,
+                                             reason=reason or f"everloop promote --{mode}")
+            _emit(rollout.to_dict(), as_json, text=_rollout_line(rollout) + "\n" + _rollout_next(rollout))
+            return
         decision = registry.promote(store, spec, version, reason=reason or "everloop promote", force=force)
     except GateError as exc:
         if as_json:
@@ -776,6 +792,127 @@ def rollback(reason: str = typer.Option("rollback", help="why, for the alias his
     _emit({"production": version}, as_json, text=f"production is back on model v{version}")
 
 
+rollout_app = typer.Typer(help="Shadow and canary rollouts (start one with 'everloop promote V --shadow' or "
+                               "'--canary N'): status, step, promote, rollback, abort.", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
+RolloutReasonOpt = typer.Option("", help="why, recorded with the rollout (and the alias history on promote)")
+
+
+def _rollout_line(r: Any) -> str:
+    """What is live under rollout `r`, in one line."""
+    if r.status != "active":
+        after = (f"production moved to v{r.candidate}" if r.status == "promoted"
+                 else f"production stayed on v{r.production}; v{r.candidate} is no longer served")
+        return f"rollout {r.id} ({r.mode} of model v{r.candidate}) {r.status.replace('_', ' ')}: {after}"
+    if r.mode == "shadow":
+        return (f"rollout {r.id}: model v{r.candidate} in shadow beside production v{r.production}: it also "
+                f"scores {r.sample:g}% of the rows, off the response path; clients get v{r.production}'s "
+                "answers")
+    return (f"rollout {r.id}: model v{r.candidate} in canary: it answers {r.share:g}% of the traffic, "
+            f"production v{r.production} the other {100 - r.share:g}%")
+
+
+def _rollout_next(r: Any) -> str:
+    steps = f"; the loop steps it through {_percents(r.steps)}" if r.mode == "canary" else ""
+    return (f"judged live by 'everloop loop' (promotion.live){steps}; by hand: everloop rollout status | "
+            "step N | promote | rollback | abort")
+
+
+def _percents(steps: list[float]) -> str:
+    return ", ".join(f"{s:g}" for s in steps) + "%"
+
+
+def _evidence_lines(evidence: Any, prefix: str = "") -> list[str]:
+    """`key: value` per number, word or short list in the judgement's evidence, nested keys dotted; only
+    what it holds (the loop writes it, from monitor/_live.py)."""
+    lines: list[str] = []
+    for key, value in (evidence or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            lines += _evidence_lines(value, f"{name}.")
+        elif isinstance(value, list):
+            lines.append(f"{name}: " + (", ".join(map(_num, value)) if len(value) <= 6 else f"{len(value)} values"))
+        else:
+            lines.append(f"{name}: {_num(value)}")
+    return lines
+
+
+def _active(store: Any) -> Any:
+    from everloop import registry
+
+    rollout = registry.active_rollout(store)
+    if rollout is None:
+        from everloop.errors import NotFoundError
+
+        latest = registry.latest_rollout(store)
+        last = f" (the latest, rollout {latest.id}, was {latest.status.replace('_', ' ')})" if latest else ""
+        raise NotFoundError(f"no rollout is active{last}; start one with 'everloop promote V --shadow' or "
+                            "'everloop promote V --canary PERCENT'")
+    return rollout
+
+
+@rollout_app.command("status")
+def rollout_status(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """The active rollout (else the latest finished one), with its latest judgement's numbers."""
+    from everloop import registry
+
+    _, store = _project(project)
+    rollout = registry.latest_rollout(store)
+    if rollout is None:
+        _emit(None, as_json, text="no rollout yet; start one with 'everloop promote V --shadow' or "
+                                  "'everloop promote V --canary PERCENT'")
+        return
+    lines = [_rollout_line(rollout),
+             f"started {_when(rollout.created_at)}; last change {_when(rollout.updated_at)} by "
+             f"{rollout.actor}: {rollout.reason}"]
+    if rollout.mode == "canary":
+        lines.append(f"steps: {_percents(rollout.steps)}")
+    evidence = [f"  {line}" for line in _evidence_lines(rollout.evidence)]
+    lines += ["evidence:", *evidence] if evidence else ["evidence: none recorded (not judged live yet)"]
+    _emit(rollout.to_dict(), as_json, text="\n".join(lines))
+
+
+@rollout_app.command("step")
+def rollout_step(share: float = typer.Argument(..., metavar="PERCENT",
+                                               help="the canary's new share of traffic, in (0, 100]"),
+                 reason: str = RolloutReasonOpt, project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """Set the active canary's share of traffic."""
+    from everloop import registry
+
+    _, store = _project(project)
+    rollout = registry.step_rollout(store, _active(store).id, share,
+                                    reason=reason or f"everloop rollout step {share:g}")
+    _emit(rollout.to_dict(), as_json, text=_rollout_line(rollout))
+
+
+def _finish(project: Path, outcome: str, reason: str, as_json: bool) -> None:
+    from everloop import registry
+
+    _, store = _project(project)
+    rollout = registry.finish_rollout(store, _active(store).id, outcome, reason=reason)
+    _emit(rollout.to_dict(), as_json, text=_rollout_line(rollout))
+
+
+@rollout_app.command("promote")
+def rollout_promote(reason: str = RolloutReasonOpt, project: Path = ProjectOpt,
+                    as_json: bool = JsonOpt) -> None:
+    """Promote the active rollout's candidate: production moves to it, if still on the model it compared with."""
+    _finish(project, "promoted", reason or "everloop rollout promote", as_json)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(reason: str = RolloutReasonOpt, project: Path = ProjectOpt,
+                     as_json: bool = JsonOpt) -> None:
+    """End the active rollout as worse than production: production stays, the candidate is served no more."""
+    _finish(project, "rolled_back", reason or "everloop rollout rollback", as_json)
+
+
+@rollout_app.command("abort")
+def rollout_abort(reason: str = RolloutReasonOpt, project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
+    """End the active rollout without a verdict: production stays, the candidate is served no more."""
+    _finish(project, "aborted", reason or "everloop rollout abort", as_json)
+
+
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
           port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
@@ -797,10 +934,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
         import tempfile
 
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="everloop-metrics-")
-    try:  # no access log (the metrics count every request), no "server: uvicorn" header, and no
-        # X-Forwarded-* rewriting (the service never uses the client's address)
-        uvicorn.run("everloop.serve._main:app", factory=True, host=host, port=port, workers=workers,
-                    access_log=False, server_header=False, proxy_headers=False)
+    from everloop.serve._process import APP, uvicorn_options
+
+    try:  # the settings ServerProcess uses too: no access log, no server header, slow clients cut off
+        uvicorn.run(APP, factory=True, host=host, port=port, **uvicorn_options(workers))
     except SystemExit as exc:  # uvicorn exits 1 or 3 when the server could not start; it logged why
         if exc.code not in (0, None):
             raise EverloopError(f"the server on {host}:{port} did not start (exit {exc.code}); "

@@ -4,6 +4,7 @@ from everloop.monitor._drift import ColumnDrift, DriftDetector, DriftReport, unk
 from everloop.data import ColumnProfile, Profile
 from everloop.monitor._estimate import Estimate, estimate_interval, estimate_metric
 from everloop.monitor._health import health_alerts, service_errors
+from everloop.monitor._live import LiveVerdict, judge_rollout
 from everloop.monitor._monitor import (
     MonitorResult,
     decay_threshold,
@@ -21,6 +22,6 @@ from everloop.monitor._report import write_report
 from everloop.monitor._skew import replay_skew, skew_alert
 
 __all__ = ["ColumnDrift", "ColumnProfile", "DriftDetector", "DriftReport", "MonitorResult", "Profile",
-           "Estimate", "estimate_interval", "estimate_metric",
+           "Estimate", "LiveVerdict", "estimate_interval", "estimate_metric", "judge_rollout",
            "Window", "decay_threshold", "health_alerts", "judge", "judge_labelled", "labelled_decay", "labelled_rows_limit", "list_runs", "monitor", "reference_profiles", "send_alert", "service_errors",
            "replay_skew", "skew_alert", "unknown_settings", "write_report"]

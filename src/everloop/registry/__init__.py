@@ -1,4 +1,4 @@
-"""Model versions, aliases and their history, the promotion gate, rollback."""
+"""Model versions, aliases and their history, the promotion gate, rollback, shadow and canary rollouts."""
 
 from everloop.registry._card import write_card
 from everloop.registry._import import ImportResult, import_model, origin_text
@@ -21,8 +21,12 @@ from everloop.registry._registry import (
     rollback,
     set_alias,
 )
+from everloop.registry._rollout import (Rollout, active_rollout, finish_rollout, get_rollout, latest_rollout,
+                                        start_rollout, step_rollout)
 
 __all__ = ["PRODUCTION", "AliasMoved", "GateDecision", "ImportResult", "ModelVersion", "import_model", "origin_text",
            "alias_at", "alias_history", "dataset_lineage",
            "model_lineage", "prediction_lineage", "write_card", "alias_version", "check_gate",
-           "eval_frame", "get_model", "list_models", "load_model", "promote", "resolve", "rollback", "set_alias"]
+           "eval_frame", "get_model", "list_models", "load_model", "promote", "resolve", "rollback", "set_alias",
+           "Rollout", "active_rollout", "finish_rollout", "get_rollout", "latest_rollout", "start_rollout",
+           "step_rollout"]
