@@ -297,7 +297,8 @@ def test_a_refused_new_version_is_named_while_the_old_one_serves(served, monkeyp
         assert not holder.refresh()
         ready = running.get("/ready").json()
         assert ready == {"ready": True, "model_version": 1,
-                         "refused": "model v2 refused: column 'seen_at': 1 values are not dates or times"}
+                         "refused": "model v2 refused: column 'seen_at': 1 values are not dates or times; "
+                                    "trying again in 1s"}
         assert running.post("/predict", json={"features": ROW}).json()["model_version"] == 1
         target[0] = 1  # the alias back on the model being served: nothing refused any more
         assert not holder.refresh() and running.get("/ready").json() == {"ready": True, "model_version": 1}

@@ -162,10 +162,11 @@ def test_http_bad_labels_answer_422_naming_each_item_and_store_none(client):
     assert single.status_code == 422 and single.json()["detail"][0]["loc"] == ["label"]
     for body in ({"labels": []}, {"labels": "x"}):
         assert client.post("/feedback", json=body).status_code == 422
-    # NaN sends the body to the standard parser, which lets a lone surrogate through: still no 500
+    # NaN sends the body to the standard parser, which lets a lone surrogate through: refused at the door
     odd = client.post("/feedback", content=b'{"labels": [{"id": "\\ud800", "label": NaN}]}',
                       headers={"content-type": "application/json"})
-    assert odd.status_code == 404 and odd.json() == {"accepted": 0, "unknown_ids": ["\ud800"]}
+    assert odd.status_code == 422 and odd.json()["detail"][0]["loc"] == ["labels", 0, "id"]
+    assert "lone surrogate" in odd.json()["detail"][0]["msg"]
     assert _stored(client.store) == {}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import orjson
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -37,9 +39,11 @@ from everloop.serve._metrics import ServiceMetrics
 from everloop.serve._openapi import request_schemas
 from everloop.serve._protocols import (
     MAX_BODY_BYTES,
+    TOO_DEEP,
     V2_TYPES,
     ClientError,
     Rows,
+    check_nesting,
     ids_headers,
     load_body,
     loads,
@@ -132,13 +136,19 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
     app.metrics, app.batcher, app.counts = metrics, batcher, prediction_log
 
     @app.exception_handler(ClientError)
-    async def _client_error(_request: Request, exc: ClientError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+    async def _client_error(_request: Request, exc: ClientError) -> Response:
+        return Response(_dumps({"detail": exc.detail}), status_code=exc.status, media_type="application/json")
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_request: Request, _exc: RecursionError) -> Response:
+        return Response(_dumps({"detail": TOO_DEEP}), status_code=400, media_type="application/json")
 
     def parsed(scope: dict, raw: bytes, parse: Any) -> Rows:
         """Parse a body; then the request no longer counts as arriving (see Service)."""
         try:
-            return parse(raw)
+            rows = parse(raw)
+            check_nesting(raw, rows)  # before it joins a batch: a deep value would fail the batch
+            return rows
         finally:
             if scope.pop(ARRIVING, False):
                 batcher.arriving -= 1
@@ -279,9 +289,17 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             raise ClientError(422, [{"loc": ["labels"], "msg": "expected a non-empty list of {id, label}"}])
         located = [dict(item, where=["labels", n] if listed else []) if isinstance(item, dict) else item
                    for n, item in enumerate(items)]
-        if log_rows:  # a label may arrive right after its prediction; off the event loop: it may wait
+        # Every wait on the database is in a thread: the event loop keeps answering /predict and /health
+        # while the store is slow or locked.
+        if log_rows:  # a label may arrive right after its prediction
             await run_in_threadpool(prediction_log.flush, 5)
-        result = await run_in_threadpool(record_feedback, store, located, partial=False)
+        try:
+            result = await run_in_threadpool(record_feedback, store, located, partial=False,
+                                             lock_wait=FEEDBACK_LOCK_WAIT_S)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:  # locked past the wait, or down
+            log.warning("feedback not stored: %s", _first_line(exc))
+            raise ClientError(503, f"the store is busy or cannot be reached ({_first_line(exc)}); "
+                                   "no label of this request was stored: send it again") from None
         if result.problems:
             raise ClientError(422, [{"loc": _label_problem(p.where, listed) + ([p.field] if p.field else []),
                                      "msg": p.why} for p in result.problems])
@@ -300,8 +318,7 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         if model is None:
             return JSONResponse({"ready": False, "reason": _not_ready(holder)}, status_code=503)
         # Serving, while the alias names a version that was refused: say so (the old model keeps serving).
-        refused = {"refused": holder.last_error} if holder.last_error else {}
-        return JSONResponse({"ready": True, "model_version": model.version} | refused)
+        return JSONResponse({"ready": True, "model_version": model.version} | _refusal(holder))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -320,16 +337,22 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                 "replica": replica | {"alias": holder.alias, "alias_version": holder.alias_version,
                                       "in_step": holder.alias_version == model.version,
                                       "serving_since": _utc(holder.loaded_at),
-                                      "alias_checked_at": _utc(holder.checked_at)}}
+                                      "alias_checked_at": _utc(holder.checked_at)}} | _refusal(holder)
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> dict[str, Any]:
         expected = os.environ.get(ADMIN_TOKEN_ENV)
         if not expected:
             raise ClientError(403, f"admin endpoints are off; set {ADMIN_TOKEN_ENV} to enable them")
-        if request.headers.get("authorization") != f"Bearer {expected}":
+        if not _bearer(request.headers, expected):
             raise ClientError(401, "a valid admin bearer token is required")
-        swapped = holder.refresh(force=True)  # now: also a version waiting for the store to come back
+        raw = await _body(request)
+        if raw.strip():  # no body is needed; one that is sent must be JSON
+            loads(raw)
+        try:  # in a thread: reading the alias and loading a model may wait on the store
+            swapped = await run_in_threadpool(holder.refresh, True)  # now: also a version that failed before
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise ClientError(503, f"the production alias could not be read: {_first_line(exc)}") from None
         if holder.last_error:
             raise ClientError(503 if holder.retrying else 409, holder.last_error)
         current = holder.current
@@ -395,8 +418,28 @@ def _utc(seconds: float | None) -> str | None:
 
 
 def _check_api_token(headers: Headers, expected: str | None) -> None:
-    if expected and headers.get("authorization") != f"Bearer {expected}":
+    if expected and not _bearer(headers, expected):
         raise ClientError(401, "a valid bearer token is required")
+
+
+def _bearer(headers: Headers, token: str) -> bool:
+    """Whether the request's Authorization header is `Bearer <token>`, compared in constant time (no
+    timing tells how much of a guess was right). Header values arrive as latin-1; the token is sent
+    as its UTF-8 bytes."""
+    given = headers.get("authorization", "").encode("latin-1")
+    return hmac.compare_digest(given, b"Bearer " + token.encode("utf-8"))
+
+
+def _refusal(holder: ModelHolder) -> dict[str, str]:
+    """`{"refused": why}` while the alias names a version that could not be loaded (it is tried again;
+    the model before it keeps serving), else nothing."""
+    return {"refused": holder.last_error} if holder.last_error else {}
+
+
+def _first_line(exc: Exception) -> str:
+    """A database error's own message (the driver's first line), without SQLAlchemy's statement dump."""
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
 
 
 def _check_name(name: str, spec: ProjectSpec) -> None:
@@ -434,6 +477,7 @@ STRICT_QUERY = {"parameters": [{"name": "strict", "in": "query", "required": Fal
                                 "description": "refuse (422) rows with a category not seen in training, a value "
                                                "outside the schema's range or an unexpected null"}]}
 ARRIVING = "everloop.arriving"
+FEEDBACK_LOCK_WAIT_S = 30.0  # longest /feedback waits for a lock on the store, then 503 (as SQLite)
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 Handler = Callable[[dict, Headers, bytes], Awaitable["bytes | tuple[bytes, RawHeaders]"]]
@@ -499,6 +543,8 @@ async def _answer(handler: Handler, scope: dict, receive: Any, send: Any) -> int
             body, extra = body
     except ClientError as exc:
         body, status = _dumps({"detail": exc.detail}), exc.status
+    except RecursionError:  # only a client's body nests this deep: a check missed it, yet no 500
+        body, status = _dumps({"detail": TOO_DEEP}), 400
     except ClientDisconnect:
         return 499  # the client left: nobody to answer (nginx's code for it, in the metrics only)
     except Exception:  # a bug, not the client's input: logged, and answered as FastAPI would

@@ -8,10 +8,12 @@ always be read back by the monitor and the loop. A later label replaces an earli
 
 from __future__ import annotations
 
+import reprlib
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from dataclasses import field as _field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
 
@@ -54,7 +56,8 @@ class FeedbackResult:
                 "superseded": self.superseded, "problems": [asdict(p) for p in self.problems]}
 
 
-def record_feedback(store: Store, items: list[dict[str, Any]], *, partial: bool) -> FeedbackResult:
+def record_feedback(store: Store, items: list[dict[str, Any]], *, partial: bool,
+                    lock_wait: float | None = None) -> FeedbackResult:
     """Validate and store labels for logged predictions, in one transaction.
 
     `items`: `{"id": str, "label": Any}` dicts, each with an optional "where" (its position for messages;
@@ -66,8 +69,11 @@ def record_feedback(store: Store, items: list[dict[str, Any]], *, partial: bool)
     so a later label replaces an earlier one and two concurrent calls cannot collide). With
     `partial=False` (HTTP) nothing is stored when any item is refused; with `partial=True` (a file) the
     valid items are stored and the refused ones reported. Unknown ids are reported, never an error.
+    `lock_wait`: the longest wait, in seconds, for a lock another connection holds on the tables
+    (None: the engine's own, 30 s on SQLite and none on PostgreSQL).
 
-    Returns a `FeedbackResult`. Raises only what the database raises (sqlalchemy errors)."""
+    Returns a `FeedbackResult`. Raises only what the database raises (sqlalchemy errors; a lock held
+    past `lock_wait`: sqlalchemy.exc.OperationalError, nothing stored)."""
     result = FeedbackResult(received=len(items))
     tries: dict[str, list[tuple[Any, Any]]] = {}  # id -> (where, label) of each well-shaped item, in order
     for n, item in enumerate(items):
@@ -79,7 +85,7 @@ def record_feedback(store: Store, items: list[dict[str, Any]], *, partial: bool)
         if isinstance(prediction_id, str):  # " abc": spaces from a joined header, a padded cell; no id has any
             prediction_id = prediction_id.strip()
         if not isinstance(prediction_id, str) or not prediction_id:
-            why = f"{SHAPE}; its id is {item.get('id')!r}"
+            why = f"{SHAPE}; its id is {reprlib.repr(item.get('id'))}"  # short, whatever it nests
             result.problems.append(FeedbackProblem(where, None, why, "id"))
         elif "label" not in item:
             result.problems.append(FeedbackProblem(where, prediction_id, f"{SHAPE}; it has no label", "label"))
@@ -87,7 +93,7 @@ def record_feedback(store: Store, items: list[dict[str, Any]], *, partial: bool)
             tries.setdefault(prediction_id, []).append((where, item["label"]))
 
     t = store.tables
-    with store.engine.begin() as conn:
+    with store.engine.begin() as conn, _lock_wait(conn, lock_wait):
         # Only ids the service can have issued are looked up: a NUL or a lone surrogate in a query
         # parameter is an error on PostgreSQL, and such an id is unknown anyway.
         found = prediction_log.find(conn, [i for i in tries if i.isascii() and i.isprintable()])
@@ -166,6 +172,30 @@ def _order(where: Any) -> tuple[int, Any]:
     if isinstance(last, str) and last.rsplit(" ", 1)[-1].isdigit():
         last = int(last.rsplit(" ", 1)[-1])
     return (0, last) if isinstance(last, int) else (1, str(where))
+
+
+@contextmanager
+def _lock_wait(conn: sa.Connection, seconds: float | None) -> Iterator[None]:
+    """Within the block, wait at most `seconds` for a lock held by another connection (then the
+    database raises): SQLite's busy timeout for this connection, PostgreSQL's lock_timeout for this
+    transaction. Other databases, or None: as configured."""
+    if seconds is None:
+        yield
+        return
+    ms = max(int(seconds * 1000), 1)
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")  # ends with the transaction
+        yield
+    elif conn.dialect.name == "sqlite":
+        raw = conn.connection.dbapi_connection
+        before = raw.execute("PRAGMA busy_timeout").fetchone()[0]
+        raw.execute(f"PRAGMA busy_timeout = {ms}")
+        try:
+            yield
+        finally:  # the connection goes back to the pool with the engine's own timeout
+            raw.execute(f"PRAGMA busy_timeout = {int(before)}")
+    else:
+        yield
 
 
 def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:

@@ -1,10 +1,12 @@
 """Hot swap: follow the production alias, load and verify the new model off the request path, swap atomically.
 
 Every replica of a service follows the alias in the shared store on its own, so replicas on several
-machines swap within `serving.reload_seconds` of a promotion made anywhere. A model that cannot be
-loaded because the store cannot be reached (object storage or the database down, a share not
-mounted) is tried again, with a growing wait; a model that is itself broken is refused until the
-alias moves to it again.
+machines swap within `serving.reload_seconds` of a promotion made anywhere. A version that cannot be
+loaded, because the store cannot be reached (object storage or the database down, a share not
+mounted) or because its files are broken (a changed or half-restored artifact), is tried again with
+a growing wait (1 s doubling to 60 s; reset when it loads or the alias moves) while the model before
+it keeps serving: a short outage or a repaired artifact is picked up without a restart, and a broken
+model never replaces a working one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from everloop.train import TrainedModel, load_artifact
 
 log = logging.getLogger("everloop.serve")
 
-RETRY_SECONDS = (1.0, 60.0)  # first and longest wait before loading a version again after an outage
+RETRY_SECONDS = (1.0, 60.0)  # first and longest wait before loading a version again after a failure
 
 
 class ModelHolder:
@@ -45,8 +47,8 @@ class ModelHolder:
         self.alias_version: int | None = None  # what the alias named at the last check
         self.checked_at: float | None = None  # unix time of the last successful read of the alias
         self.loaded_at: float | None = None  # unix time `current` was swapped in
-        self._refused: dict[int, str] = {}  # version -> why: tried once per move of the alias to it, reason kept
-        self._retry: dict[int, tuple[float, float]] = {}  # version -> (monotonic time of the next try, wait)
+        self._refused: set[int] = set()  # failed versions whose files are broken (not unreachable)
+        self._retry: dict[int, tuple[float, float]] = {}  # failed version -> (monotonic next try, wait)
         self._on_swap = on_swap
         self._on_failure = on_failure
         self._on_check = on_check
@@ -56,19 +58,25 @@ class ModelHolder:
 
     @property
     def retrying(self) -> bool:
-        """The alias's version could not be loaded because the store could not be reached, and will
-        be tried again."""
-        return self.alias_version in self._retry
+        """The alias's version could not be loaded because the store could not be reached (no model
+        is at fault), and will be tried again."""
+        return self.alias_version in self._retry and self.alias_version not in self._refused
+
+    @property
+    def refused(self) -> int | None:
+        """The version the alias names that was refused as broken (and is tried again), else None."""
+        return self.alias_version if self.alias_version in self._refused else None
 
     def refresh(self, force: bool = False) -> bool:
         """Load the alias's version if it changed; True when a swap happened. A version whose load
-        failed because the store could not be reached is tried again once its wait is over, or at
-        once with `force`; a version refused as broken is tried again only when the alias moves to it
-        anew. Raises what reading the alias raises (the database cannot be reached)."""
+        failed (the store could not be reached, or its files are broken) is tried again once its
+        wait is over, or at once with `force`; until it loads, `last_error` says why and when.
+        Raises what reading the alias raises (the database cannot be reached)."""
         with self._lock:  # one loader at a time; requests never take this lock
             target = alias_version(self.store, self.alias)
-            if target != self.alias_version:  # a new move of the alias: a refused version promoted again
-                self._refused.pop(target, None)  # is tried again (the store may have been repaired since)
+            if target != self.alias_version:  # a new move of the alias: a version that failed before
+                self._refused.discard(target)  # is tried at once (the store may have been repaired)
+                self._retry.pop(target, None)
             self.alias_version, self.checked_at = target, time.time()
             if self._on_check:
                 self._on_check(target)
@@ -76,9 +84,6 @@ class ModelHolder:
                 return False
             if self.current is not None and self.current.version == target:
                 self.last_error = None  # the alias is back on the model being served
-                return False
-            if target in self._refused:
-                self.last_error = self._refused[target]  # the alias came back to a refused version
                 return False
             retry = self._retry.get(target)
             if retry is not None and not force and time.monotonic() < retry[0]:
@@ -96,35 +101,42 @@ class ModelHolder:
                 model.check_fast_path(probe)
             except Exception as exc:
                 return self._refuse(target, retry, exc)
-            self._retry.pop(target, None)
+            self._retry.pop(target, None)  # loaded: the next failure waits 1 s again
+            self._refused.discard(target)
             self.current, self.loaded_at = model, time.time()
             self.last_error = None
             if self._on_swap:
                 self._on_swap(model)
             log.info("serving model v%s", target)
             if self.compile_trees and model.fast is not None:
-                threading.Thread(target=compile_model, args=(model, probe, self.store.root / "compiled"),
+                threading.Thread(target=compile_model, args=(model, probe, self.store),
                                  name="everloop-compile", daemon=True).start()
             return True
 
     def _wait(self, target: int, retry: tuple[float, float] | None, exc: Exception) -> bool:
         """The store could not be reached: try `target` again later, waiting longer each time."""
-        if retry is None and self._on_failure:
-            self._on_failure(target, exc)
-        wait = min(2 * retry[1], RETRY_SECONDS[1]) if retry else RETRY_SECONDS[0]
-        self._retry[target] = (time.monotonic() + wait, wait)
+        self._refused.discard(target)
+        wait = self._again(target, retry, exc)
         self.last_error = f"model v{target} not loaded yet: {exc}; trying again in {wait:g}s"
         (log.warning if retry is None else log.debug)(self.last_error)  # once per version, not per try
         return False
 
     def _refuse(self, target: int, retry: tuple[float, float] | None, exc: Exception) -> bool:
-        """`target` is broken: never tried again (a broken model must never replace a working one)."""
-        if retry is None and self._on_failure:  # a version that waited was counted then
-            self._on_failure(target, exc)
-        self._retry.pop(target, None)
-        self.last_error = self._refused[target] = f"model v{target} refused: {exc}"
-        log.error(self.last_error)
+        """`target` is broken: keep the model being served, and try again later (its files may be
+        restored), waiting longer each time."""
+        wait = self._again(target, retry, exc)
+        self._refused.add(target)
+        self.last_error = f"model v{target} refused: {exc}; trying again in {wait:g}s"
+        (log.error if retry is None else log.debug)(self.last_error)  # once per version, not per try
         return False
+
+    def _again(self, target: int, retry: tuple[float, float] | None, exc: Exception) -> float:
+        """Count a version's first failure, schedule its next try; returns the wait in seconds."""
+        if retry is None and self._on_failure:
+            self._on_failure(target, exc)
+        wait = min(2 * retry[1], RETRY_SECONDS[1]) if retry else RETRY_SECONDS[0]
+        self._retry[target] = (time.monotonic() + wait, wait)
+        return wait
 
     def start(self, interval: float) -> None:
         """Check the alias every `interval` seconds in a daemon thread until `stop()`."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,15 +37,78 @@ class Rows:
     locs: list[list[Any]]  # where each row is in the body, for error locations
 
 
+MAX_DEPTH = 1024  # levels of nested objects and lists orjson reads; no request needs a tenth of it
+TOO_DEEP = ("the body nests objects or lists too deeply to be read (a request needs a handful of levels; "
+            f"past {MAX_DEPTH} are never read)")
+
+
 def loads(raw: bytes) -> Any:
+    """A JSON body. orjson reads it; what orjson refuses for being strict (NaN/Infinity literals,
+    integers past 64 bits, a lone surrogate such as "\\ud800") the standard parser decides.
+    Errors: ClientError 400 (not JSON, nested past MAX_DEPTH levels), 422 (a text that is no
+    Unicode, naming where it is: it could be neither logged nor answered)."""
     try:
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass  # orjson is strict (no NaN/Infinity literals, 64-bit integers): the standard parser decides
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):
+            raise ClientError(400, TOO_DEEP) from None
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
+    except RecursionError:  # nested nearly as deep as orjson's limit, with a NaN: past Python's stack
+        raise ClientError(400, TOO_DEEP) from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints past Python's digit limit
         raise ClientError(400, f"the body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(raw):  # only an escape gives a surrogate (as bytes, it is no UTF-8)
+        _refuse_surrogates(body)
+    return body
+
+
+def _refuse_surrogates(body: Any) -> None:
+    """Refuse (422) a body with a text (key or value) that cannot be encoded as UTF-8, naming each
+    place (`["instances", 3, "plan"]`): only the standard parser lets such text through, and a row
+    holding it could not be written to the prediction log. Walks without recursion (a body may nest
+    up to MAX_DEPTH levels)."""
+    problems: list[dict[str, Any]] = []
+    stack: list[tuple[list[Any], Any]] = [([], body)]  # (where, value), the next to look at last
+    while stack and len(problems) < _MAX_PROBLEMS:
+        loc, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                if not _encodable(key):
+                    problems.append({"loc": loc, "msg": f"the key {_quoted(key)} {_NO_UNICODE}"})
+                stack.append((loc + [_shown(key)], item))
+        elif isinstance(value, list):
+            stack.extend((loc + [n], value[n]) for n in range(len(value) - 1, -1, -1))
+        elif isinstance(value, str) and not _encodable(value):
+            problems.append({"loc": loc, "msg": f"the text {_quoted(value)} {_NO_UNICODE}"})
+    if problems:
+        raise ClientError(422, problems)
+
+
+_MAX_PROBLEMS = 100  # named in one answer: enough to see the pattern
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff, paired or not
+_NO_UNICODE = ("holds a lone surrogate (a \\ud800-\\udfff escape without its pair), which is no "
+               "Unicode text; send the character itself, or its escaped pair")
+
+
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    """A text as an answer can hold it: lone surrogates as their escapes (`\\ud800`)."""
+    return text if _encodable(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """A text quoted in a message: at most `limit` characters, lone surrogates as their escapes."""
+    return "'" + _shown(text if len(text) <= limit else text[:limit] + "...") + "'"
 
 
 def load_body(raw: bytes) -> Any:
@@ -76,8 +141,7 @@ def load_body(raw: bytes) -> Any:
             return body
         _locate_repeats(json.loads(raw, object_pairs_hook=_KeptPairs.of), [], repeats)
     except RecursionError:  # orjson reads 1024 levels; no request needs a tenth of that
-        raise ClientError(422, [{"loc": [], "msg": "the body nests objects or lists too deeply to be read"}]
-                          ) from None
+        raise ClientError(400, TOO_DEEP) from None
     if repeats:
         raise ClientError(422, repeats)
     return body
@@ -208,6 +272,42 @@ def _by_name(rows: list[Any], locs: list[list[Any]], names: list[str]) -> Rows:
     if problems:
         raise ClientError(422, problems)
     return Rows(records, locs)
+
+
+def check_nesting(raw: bytes, rows: Rows) -> None:
+    """Refuse (422) the rows whose feature value nests lists or objects past MAX_VALUE_DEPTH levels,
+    naming each (`["instances", 3, "plan"]`): no feature is a list, and the checks that describe a
+    wrong value recurse into it, so one nested deep enough would fail the whole micro-batch it joins,
+    other clients' rows too. Costs two byte counts unless the body has more brackets than rows."""
+    if raw.count(b"[") + raw.count(b"{") <= len(rows.records) + _WRAPPERS:
+        return
+    problems = []
+    for record, loc in zip(rows.records, rows.locs):
+        types = set(map(type, record.values()))  # in C: a row's values are seldom lists or objects
+        if list in types or dict in types:
+            problems += [{"loc": loc + [name], "msg": _TOO_DEEP_VALUE} for name, value in record.items()
+                         if (type(value) is list or type(value) is dict)
+                         and _nests_past(value, MAX_VALUE_DEPTH)]
+    if problems:
+        raise ClientError(422, problems[:_MAX_PROBLEMS])
+
+
+MAX_VALUE_DEPTH = 32  # levels a feature value may nest (none is right): far from Python's recursion limit
+_WRAPPERS = 8  # brackets a body has besides one per row (its object, "features", "columns", v2 inputs)
+_TOO_DEEP_VALUE = (f"the value nests lists or objects more than {MAX_VALUE_DEPTH} levels deep; a feature "
+                   "takes one value (a number, a text, true/false or null)")
+
+
+def _nests_past(value: list[Any] | dict[str, Any], limit: int) -> bool:
+    """Whether `value` nests lists or objects more than `limit` levels (itself the first); no recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > limit:
+            return True
+        children = item.values() if type(item) is dict else item
+        stack.extend((c, level + 1) for c in children if type(c) is list or type(c) is dict)
+    return False
 
 
 # -- /predict -------------------------------------------------------------------------------------
@@ -410,11 +510,19 @@ def _v2_tensor(item: dict[str, Any], names: list[str], max_rows: int) -> Rows:
 
 
 def _flat(data: Any) -> list[Any]:
+    """The values of nested lists, in order; without recursion (a body may nest 1024 levels)."""
     if not isinstance(data, list):
         return [data]
     out: list[Any] = []
-    for value in data:
-        out.extend(_flat(value) if isinstance(value, list) else [value])
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            out.append(value)
+        else:
+            stack.pop()
     return out
 
 
@@ -469,8 +577,10 @@ def v2_strict(body: dict[str, Any]) -> bool:
         chosen = _TRUTHS.get(value.strip().lower())
     elif type(value) is int:
         chosen = {0: False, 1: True}.get(value)
-    if chosen is None:
-        raise ClientError(422, [{"loc": ["parameters", "strict"], "input": value,
+    if chosen is None:  # a list or object nested deep is quoted shortened: the answer must stay writable
+        deep = (type(value) is list or type(value) is dict) and _nests_past(value, MAX_VALUE_DEPTH)
+        shown = reprlib.repr(value) if deep else value
+        raise ClientError(422, [{"loc": ["parameters", "strict"], "input": shown,
                                  "msg": "expected true or false (also 1/0, yes/no)"}])
     return chosen
 
