@@ -1197,7 +1197,7 @@ def loop_cmd(once: bool = typer.Option(False, "--once", help="one turn, then exi
             raise _bad_param(exc, spec) or exc
         _emit((decision.to_dict()), as_json, text=f"{_when(time.time())} loop: {decision.action}: {decision.reason}")
         if once:
-            if decision.action in ("failed", "kept_candidate"):
+            if decision.action in ("failed", "kept_candidate", "rollout_rolled_back"):
                 raise CheckFailed()
             return
         time.sleep(interval)

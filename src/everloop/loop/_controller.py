@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -13,8 +13,10 @@ import sqlalchemy as sa
 from everloop._jsonable import jsonable
 from everloop.data import DatasetVersion, get_dataset, ingest_frame, list_datasets, load_frame
 from everloop.errors import DataError, EverloopError
-from everloop.monitor import MonitorResult, judge_labelled, labelled_rows_limit, monitor, send_alert
-from everloop.registry import PRODUCTION, ModelVersion, check_gate, get_model, load_model, set_alias
+from everloop.monitor import (MonitorResult, judge_labelled, judge_rollout, labelled_rows_limit, monitor,
+                              send_alert)
+from everloop.registry import (PRODUCTION, ModelVersion, Rollout, active_rollout, check_gate, finish_rollout,
+                               get_model, load_model, note_rollout, set_alias, start_rollout, step_rollout)
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
 from everloop.store._lease import LEASE_TTL, Lease, LeaseBusy, when
@@ -22,24 +24,37 @@ from everloop.train import row_hashes, train, valid_labels
 
 CANDIDATE = "candidate"
 LOOP_LEASE = "loop"  # the lease a turn of the loop holds (see everloop.store._lease)
-ALERTING = {"promoted", "kept_candidate", "failed"}  # decisions a person should hear about
+ACTOR = "everloop loop"  # the actor of the loop's alias moves and rollout changes
+# decisions a person should hear about: what is live changed (or could not), or a candidate was refused
+ALERTING = {"promoted", "kept_candidate", "failed", "rollout_started", "rollout_promoted", "rollout_rolled_back"}
+# a live rollout's verdict (monitor.judge_rollout) -> the decision the loop records for it
+ROLLOUT_ACTIONS = {"wait": "rollout_wait", "step": "rollout_step", "promote": "rollout_promoted",
+                   "rollback": "rollout_rolled_back"}
+RETRAINED = ("promoted", "kept_candidate", "rollout_started")  # decisions of a turn that retrained
 LOOP_SOURCE = "loop: "  # how the source of every dataset the loop stores for a retraining begins
 
 
 @dataclass
 class LoopDecision:
-    action: str  # idle, cooldown, promoted, kept_candidate, failed, busy (another loop holds the lease)
+    # idle, cooldown, promoted, kept_candidate, failed, busy (another loop holds the lease); with
+    # rollout.mode shadow/canary: rollout_started, then per turn rollout_wait, rollout_step,
+    # rollout_promoted or rollout_rolled_back
+    action: str
     reason: str
     triggers: list[str] = field(default_factory=list)
     monitor: dict[str, Any] | None = None
     model_version: int | None = None
     gate: dict[str, Any] | None = None
     datasets: dict[str, Any] | None = None  # with retraining.data.from: datasets, the new data (NewDatasets)
+    # a rollout's decisions: the rollout started (Rollout.to_dict()), or "id", "verdict" (wait, step,
+    # promote, rollback) and every number of the live judgement (monitor.LiveVerdict.evidence)
+    rollout: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
-        if out["datasets"] is None:  # from: feedback reads no datasets; its output is as it always was
-            del out["datasets"]
+        for key in ("datasets", "rollout"):  # absent where unused: the output is as it always was
+            if out[key] is None:
+                del out[key]
         return out
 
 
@@ -95,7 +110,11 @@ def run_once(store: Store, spec: ProjectSpec, *, lease_ttl: float = LEASE_TTL) -
     one PostgreSQL): the turn holds the store's loop lease (renewed every `lease_ttl / 3` seconds while
     it runs; a crashed turn's lease expires `lease_ttl` seconds after its last renewal). A turn that
     finds the lease held does nothing but record a "busy" decision naming the holder. Alias moves are
-    fenced by the lease: a turn that lost it (stalled past `lease_ttl`) records "failed" and moves none."""
+    fenced by the lease: a turn that lost it (stalled past `lease_ttl`) records "failed" and moves none.
+
+    While a shadow or canary rollout is active, a turn judges it on live traffic and acts on the
+    verdict (`_drive`) instead of retraining; with `rollout.mode` shadow or canary, a retrained model
+    that passes the gate starts a rollout instead of moving production."""
     try:
         lease = Lease.acquire(store.engine, LOOP_LEASE, ttl=lease_ttl)
     except LeaseBusy as busy:
@@ -108,6 +127,9 @@ def run_once(store: Store, spec: ProjectSpec, *, lease_ttl: float = LEASE_TTL) -
 def _turn(store: Store, spec: ProjectSpec, lease: Lease) -> LoopDecision:
     result = monitor(store, spec)
     summary = _monitor_summary(result)
+    rollout = active_rollout(store)
+    if rollout is not None:  # a candidate is on live traffic: a new one would have nothing to compare with
+        return _drive(store, spec, lease, rollout, summary)
     new = None
     if spec.retraining.data.from_ == "datasets":
         try:
@@ -139,6 +161,10 @@ def _turn(store: Store, spec: ProjectSpec, lease: Lease) -> LoopDecision:
     if new is not None:
         evidence = evidence | {"trained_on": {"dataset": dataset.version, "rows": dataset.rows, "new_rows": recent}}
         trained_on = f"dataset v{dataset.version} ({dataset.rows} rows: {dataset.source.removeprefix(LOOP_SOURCE)})"
+    if gate.passed and spec.rollout.mode != "direct":
+        return _start(store, spec, lease, version, LoopDecision(
+            "rollout_started", f"{said}; model v{version} trained on {trained_on} passed the gate",
+            fired, summary, version, gate.to_dict(), evidence), trained_on)
     if gate.passed:
         decision = LoopDecision("promoted", f"{said}; model v{version} trained on {trained_on} passed "
                                 "the gate and is in production", fired, summary, version, gate.to_dict(),
@@ -151,15 +177,77 @@ def _turn(store: Store, spec: ProjectSpec, lease: Lease) -> LoopDecision:
     # cooldown cannot see (it reads loop_events).
     try:  # production must still be the model the gate compared with, and this turn still the leader
         if gate.passed:
-            set_alias(store, PRODUCTION, version, actor="everloop loop", from_version=gate.production, lease=lease,
+            set_alias(store, PRODUCTION, version, actor=ACTOR, from_version=gate.production, lease=lease,
                       reason=f"retrained on {trained_on} after {', '.join(fired)}; passed the gate",
                       then=lambda conn: _insert_event(conn, decision))
         else:
-            set_alias(store, CANDIDATE, version, actor="everloop loop", reason="; ".join(gate.reasons),
+            set_alias(store, CANDIDATE, version, actor=ACTOR, reason="; ".join(gate.reasons),
                       lease=lease, then=lambda conn: _insert_event(conn, decision))
     except EverloopError as exc:  # AliasMoved, LeaseLost
         return _record(store, LoopDecision("failed", f"model v{version} trained on {trained_on} was not put live: "
                                            f"{exc}", fired, summary, version, gate.to_dict(), evidence), spec)
+    return _alert(spec, decision)
+
+
+def _start(store: Store, spec: ProjectSpec, lease: Lease, version: int, decision: LoopDecision,
+           trained_on: str) -> LoopDecision:
+    """Start a `rollout.mode` rollout of model `version` (it passed the gate) and record
+    `decision` ("rollout_started", its reason completed with what the candidate now serves), or a
+    "failed" decision saying why the rollout could not start (production moved, a rollout started by
+    hand meanwhile, the lease lost)."""
+    mode = spec.rollout.mode
+    done: dict[str, LoopDecision] = {}
+
+    def audit(conn: sa.Connection, rollout_id: int) -> None:  # in the start's transaction
+        row = conn.execute(sa.select(store.tables.rollouts).where(store.tables.rollouts.c.id == rollout_id)).one()
+        serves = (f"it answers {row.share:g}% of the requests" if mode == "canary" else
+                  f"it scores {row.sample:g}% of production's rows, off the response path")
+        done["decision"] = replace(decision, reason=f"{decision.reason} and is tried on live traffic beside "
+                                   f"production v{row.production} ({mode} rollout {rollout_id}: {serves})",
+                                   rollout=jsonable(dict(row._mapping)))
+        _insert_event(conn, done["decision"])
+
+    try:
+        start_rollout(store, spec, version, mode, actor=ACTOR, lease=lease, then=audit,
+                      reason=f"retrained on {trained_on} after {', '.join(decision.triggers)}; passed the gate")
+    except EverloopError as exc:  # AliasMoved, ConflictError, LeaseLost, GateError
+        return _record(store, replace(decision, action="failed", reason=f"{decision.reason}, but its {mode} "
+                                      f"rollout did not start: {exc}"), spec)
+    return _alert(spec, done["decision"])
+
+
+def _drive(store: Store, spec: ProjectSpec, lease: Lease, rollout: Rollout,
+           summary: dict[str, Any]) -> LoopDecision:
+    """Judge the active `rollout` on live traffic (`monitor.judge_rollout`) and act on the verdict:
+    "step" sets a canary's share to `evidence["next_share"]`, "promote" and "rollback" finish it
+    (production moves only on promote), "wait" moves nothing. Records the decision (ROLLOUT_ACTIONS)
+    with the verdict's reason and evidence and the monitor's summary; a verdict that cannot be
+    carried out (another process finished the rollout first, production moved, the lease was lost)
+    or a judgement that fails is a "failed" decision, never raised."""
+    about = f"{rollout.mode} rollout {rollout.id} of model v{rollout.candidate}"
+    try:
+        verdict = judge_rollout(store, spec, rollout)
+    except EverloopError as exc:  # e.g. a version no longer in the registry
+        return _record(store, LoopDecision("failed", f"{about} could not be judged: {exc}", [], summary,
+                                           rollout.candidate, rollout={"id": rollout.id}), spec)
+    decision = LoopDecision(ROLLOUT_ACTIONS[verdict.action], f"{about}: {verdict.reason}", [], summary,
+                            rollout.candidate, rollout={"id": rollout.id, "verdict": verdict.action}
+                            | verdict.evidence)
+    audit = lambda conn, _id: _insert_event(conn, decision)  # noqa: E731 - in the change's transaction
+    try:
+        if verdict.action == "step":
+            step_rollout(store, rollout.id, verdict.evidence["next_share"], reason=verdict.reason,
+                         evidence=verdict.evidence, actor=ACTOR, lease=lease, then=audit)
+        elif verdict.action in ("promote", "rollback"):
+            outcome = "promoted" if verdict.action == "promote" else "rolled_back"
+            finish_rollout(store, rollout.id, outcome, reason=verdict.reason, evidence=verdict.evidence,
+                           actor=ACTOR, lease=lease, then=audit)
+        else:  # wait: the latest numbers on the rollout, for `everloop rollout status`
+            note_rollout(store, rollout.id, verdict.evidence)
+            return _record(store, decision, spec)
+    except EverloopError as exc:  # ConflictError, AliasMoved (the rollout stays active), LeaseLost
+        return _record(store, replace(decision, action="failed", reason=f"{about}: judged '{verdict.action}' "
+                                      f"({verdict.reason}), but that was not done: {exc}"), spec)
     return _alert(spec, decision)
 
 
@@ -366,10 +454,14 @@ def _drifted_since_last_turn(store: Store, model_version: int) -> bool:
 
 
 def _last_retrain(store: Store) -> float | None:
-    t = store.tables.loop_events
+    """When (epoch seconds) the loop last retrained (promoted, kept a candidate, started a rollout) or a
+    rollout last ended promoted or rolled back (by the loop or by hand); None if never."""
+    t, r = store.tables.loop_events, store.tables.rollouts
     with store.engine.connect() as conn:
-        return conn.execute(sa.select(sa.func.max(t.c.created_at))
-                            .where(t.c.action.in_(["promoted", "kept_candidate"]))).scalar()
+        retrained = conn.execute(sa.select(sa.func.max(t.c.created_at)).where(t.c.action.in_(RETRAINED))).scalar()
+        ended = conn.execute(sa.select(sa.func.max(r.c.updated_at))
+                             .where(r.c.status.in_(["promoted", "rolled_back"]))).scalar()
+    return max((at for at in (retrained, ended) if at is not None), default=None)
 
 
 def _labels_since(store: Store, since: float) -> int:
@@ -401,8 +493,9 @@ def _insert_event(conn: sa.Connection, decision: LoopDecision) -> None:
     """Append `decision` to loop_events in `conn`'s transaction (the caller's, e.g. an alias move's)."""
     evidence = {"triggers": decision.triggers, "monitor": decision.monitor, "model_version": decision.model_version,
                 "gate": decision.gate}
-    if decision.datasets is not None:
-        evidence["datasets"] = decision.datasets
+    for key in ("datasets", "rollout"):
+        if getattr(decision, key) is not None:
+            evidence[key] = getattr(decision, key)
     conn.execute(Store.tables.loop_events.insert().values(action=decision.action, reason=decision.reason,
                                                           evidence=jsonable(evidence)))
 
@@ -415,5 +508,8 @@ def _alert(spec: ProjectSpec | None, decision: LoopDecision) -> LoopDecision:
         if decision.datasets is not None:
             payload["datasets"] = {k: decision.datasets[k] for k in ("versions", "labelled_rows", "trained_on")
                                    if k in decision.datasets}
+        if decision.rollout is not None:
+            payload["rollout"] = {k: decision.rollout[k] for k in ("id", "verdict", "mode", "share", "candidate",
+                                                                  "production") if k in decision.rollout}
         send_alert(spec, payload)
     return decision

@@ -22,11 +22,11 @@ from everloop.registry._registry import (
     set_alias,
 )
 from everloop.registry._rollout import (Rollout, active_rollout, finish_rollout, get_rollout, latest_rollout,
-                                        start_rollout, step_rollout)
+                                        note_rollout, start_rollout, step_rollout)
 
 __all__ = ["PRODUCTION", "AliasMoved", "GateDecision", "ImportResult", "ModelVersion", "import_model", "origin_text",
            "alias_at", "alias_history", "dataset_lineage",
            "model_lineage", "prediction_lineage", "write_card", "alias_version", "check_gate",
            "eval_frame", "get_model", "list_models", "load_model", "promote", "resolve", "rollback", "set_alias",
-           "Rollout", "active_rollout", "finish_rollout", "get_rollout", "latest_rollout", "start_rollout",
+           "Rollout", "active_rollout", "finish_rollout", "get_rollout", "latest_rollout", "note_rollout", "start_rollout",
            "step_rollout"]

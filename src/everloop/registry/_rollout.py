@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import sqlalchemy as sa
 
@@ -60,6 +60,10 @@ class Rollout:
         return asdict(self)
 
 
+# Called inside a rollout change's transaction with (connection, rollout id): the loop's audit row.
+Then = Callable[[sa.Connection, int], None]
+
+
 def active_rollout(store: Store) -> Rollout | None:
     """The active rollout, or None: one indexed query (the service polls it every few seconds)."""
     t = store.tables.rollouts
@@ -89,7 +93,8 @@ def get_rollout(store: Store, rollout_id: int) -> Rollout:
 
 def start_rollout(store: Store, spec: ProjectSpec, candidate: int, mode: str, *,
                   share: float | None = None, sample: float | None = None, force: bool = False,
-                  actor: str | None = None, reason: str = "", lease: Lease | None = None) -> Rollout:
+                  actor: str | None = None, reason: str = "", lease: Lease | None = None,
+                  then: Then | None = None) -> Rollout:
     """Start trying model `candidate` beside production on live traffic, in `mode` "shadow" or "canary".
 
     canary: the candidate answers `share` percent of requests (default: the first of `rollout.steps`);
@@ -98,7 +103,8 @@ def start_rollout(store: Store, spec: ProjectSpec, candidate: int, mode: str, *,
     (`check_gate`) unless `force` (recorded in the reason). Raises EverloopError for a bad mode or
     percent, NotFoundError for an unknown version or when nothing is in production (nothing to compare
     with: promote directly), GateError when refused, ConflictError naming the rollout already active,
-    AliasMoved when production moved since the gate compared with it, LeaseLost with a lost `lease`."""
+    AliasMoved when production moved since the gate compared with it, LeaseLost with a lost `lease`.
+    `then(conn, rollout_id)` runs in the same transaction (the loop's audit row commits with it)."""
     if mode not in MODES:
         raise EverloopError(f"rollout mode {mode!r}: expected 'shadow' or 'canary' (everloop promote V moves "
                             "all traffic at once)")
@@ -150,12 +156,14 @@ def start_rollout(store: Store, spec: ProjectSpec, candidate: int, mode: str, *,
             share=share, sample=sample, steps=steps, status=ACTIVE, actor=actor or _user(), reason=why,
             evidence=None)
             .returning(t.c.id)).scalar_one()
+        if then is not None:
+            then(conn, new_id)
     return get_rollout(store, new_id)
 
 
 def step_rollout(store: Store, rollout_id: int, share: float, *, reason: str,
                  evidence: dict[str, Any] | None = None, actor: str | None = None,
-                 lease: Lease | None = None) -> Rollout:
+                 lease: Lease | None = None, then: Then | None = None) -> Rollout:
     """Set an active canary's share of traffic to `share` percent, in (0, 100]; `evidence` (if given)
     replaces the recorded one. Raises EverloopError for a bad share or a shadow rollout (it answers no
     traffic), NotFoundError for an unknown id, ConflictError when it is no longer active."""
@@ -171,12 +179,24 @@ def step_rollout(store: Store, rollout_id: int, share: float, *, reason: str,
         if lease is not None:
             lease.check(conn)
         _change(conn, store, rollout_id, values)
+        if then is not None:
+            then(conn, rollout_id)
     return get_rollout(store, rollout_id)
+
+
+def note_rollout(store: Store, rollout_id: int, evidence: dict[str, Any]) -> None:
+    """Record the latest judgement's `evidence` on an active rollout without changing anything else
+    (a "wait" verdict: `everloop rollout status` shows where it stands). A rollout no longer active
+    is left as it ended."""
+    t = store.tables.rollouts
+    with store.engine.begin() as conn:
+        conn.execute(t.update().where(t.c.id == rollout_id, t.c.status == ACTIVE)
+                     .values(evidence=evidence, updated_at=time.time()))
 
 
 def finish_rollout(store: Store, rollout_id: int, outcome: str, *, reason: str,
                    evidence: dict[str, Any] | None = None, actor: str | None = None,
-                   lease: Lease | None = None) -> Rollout:
+                   lease: Lease | None = None, then: Then | None = None) -> Rollout:
     """End an active rollout as `outcome`: "promoted" moves production to the candidate, only if it
     still points at the version the rollout compared with (the move, its alias history row and the
     status commit together); "rolled_back" or "aborted" leave production alone (the candidate is
@@ -196,6 +216,8 @@ def finish_rollout(store: Store, rollout_id: int, outcome: str, *, reason: str,
 
     def mark(conn: sa.Connection) -> None:
         _change(conn, store, rollout_id, values)
+        if then is not None:
+            then(conn, rollout_id)
 
     if outcome == "promoted":
         set_alias(store, PRODUCTION, rollout.candidate, actor=actor, from_version=rollout.production,

@@ -224,7 +224,7 @@ def _check_promotions(conn: sa.Connection, report: DoctorReport) -> None:
     if not moves:
         return
     audited = Counter((e or {}).get("model_version") for e in conn.execute(
-        sa.select(events.c.evidence).where(events.c.action == "promoted")).scalars())
+        sa.select(events.c.evidence).where(events.c.action.in_(("promoted", "rollout_promoted")))).scalars())
     for move in moves:
         if audited[move.to_version] > 0:
             audited[move.to_version] -= 1
