@@ -292,3 +292,59 @@ def test_slow_clients_are_cut_off_and_do_not_starve_the_others(trained):
         assert _status(server.port, MAX_HEADER_BYTES // 2) == b"HTTP/1.1 200 OK"
         assert _status(server.port, MAX_HEADER_BYTES + 1) == b"HTTP/1.1 400 Bad Request"
         assert _status(server.port, 100) == b"HTTP/1.1 200 OK"  # and the server goes on
+
+
+def test_a_body_dripped_a_byte_at_a_time_is_cut_off(monkeypatch: pytest.MonkeyPatch):
+    """After a tester: only headers had a deadline, so 1,000 clients dripping their bodies held their
+    connections for as long as they liked. SlowClientProtocol (in-process, BODY_SECONDS shortened to 1 s)
+    closes a connection whose body is not complete in time; a whole body in time is answered."""
+    import asyncio
+
+    import uvicorn
+
+    from everloop.serve import _process
+
+    monkeypatch.setattr(_process, "BODY_SECONDS", 1.0)
+
+    async def app(scope, receive, send):  # reads the whole body, then answers its length
+        if scope["type"] != "http":
+            return
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": str(size).encode()})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=_process.SlowClientProtocol,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as drip:
+            drip.sendall(head)
+            started, closed = time.monotonic(), False
+            for _ in range(60):  # a byte every 0.1 s: 6 s for the whole body, if it were let through
+                try:
+                    drip.sendall(b"a")
+                except OSError:
+                    closed = True
+                    break
+                readable, _, _ = select.select([drip], [], [], 0.1)
+                if readable and drip.recv(1024) == b"":
+                    closed = True
+                    break
+            assert closed and time.monotonic() - started < 4, "a dripped body kept its connection"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as whole:
+            whole.sendall(head + b"a" * 100)
+            assert whole.recv(1024).split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

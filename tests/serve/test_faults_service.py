@@ -7,6 +7,7 @@ wait shortened."""
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -414,3 +415,75 @@ def test_the_same_labels_sent_at_once_to_two_workers_are_upserted(tmp_path, pg_u
             assert later.status_code == 200
     assert _stored_labels(store) == {i: 1 for i in ids}
     store.close()
+
+
+# -- after a tester: raw surrogate bytes, an exhausted pool, a client leaving mid-body, a dripped body ------
+
+
+RAW_SURROGATE = b"\xed\xa0\x80"  # U+D800 written as UTF-8 bytes: not UTF-8, but the standard parser takes it
+
+
+@pytest.mark.e2e
+def test_a_lone_surrogate_sent_as_raw_bytes_is_refused_and_costs_no_other_request(guarded):
+    """In a yes/no column it failed the whole micro-batch (500s for other clients too)."""
+    client, _ = guarded
+    row = dict(ROWS[0], has_streaming="__X__")
+    body = json.dumps({"features": row}).encode().replace(b"__X__", RAW_SURROGATE)
+    good = {"instances": ROWS}
+    results: list[int] = []
+
+    def others() -> None:
+        for _ in range(30):
+            results.append(client.post("/predict", json=good).status_code)
+
+    threads = [threading.Thread(target=others) for _ in range(3)]
+    for t in threads:
+        t.start()
+    bad = [client.post(path, content=payload, headers={"content-type": "application/json"})
+           for path, payload in [("/predict", body)] * 8]
+    for t in threads:
+        t.join()
+    for answer in bad:
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"][0]["loc"] == ["features", "has_streaming"]
+    assert results == [200] * 90
+
+
+def test_feedback_answers_503_when_every_pooled_connection_is_taken(tmp_path, monkeypatch):
+    """Many feedback calls waiting on a lock held every pooled connection: the next got SQLAlchemy's
+    pool TimeoutError, answered 500; it is the store being busy (503, nothing stored)."""
+    folder, _, store = served_project(tmp_path / "p", rows=1000)
+
+    def exhausted(*args, **kwargs):
+        raise sa.exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached, connection timed out")
+
+    monkeypatch.setattr(_app, "record_feedback", exhausted)
+    with TestClient(create_app(folder, watch=False)) as client:
+        ids = _ids(client)
+        busy = client.post("/feedback", json={"id": ids[0], "label": 1})
+    assert busy.status_code == 503 and "QueuePool limit" in busy.json()["detail"]
+    assert _stored_labels(store) == {}
+    store.close()
+
+
+@pytest.mark.e2e
+def test_a_client_leaving_mid_body_is_no_server_error(guarded):
+    """A /feedback client that closes its connection mid-body: counted as 499 (the prediction endpoints'
+    count), never a 500 in the metrics and the monitor's error rate."""
+    client, _ = guarded
+    port = int(str(client.base_url).rsplit(":", 1)[1].rstrip("/"))
+
+    def count(status: str) -> float:
+        text = client.get("/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("everloop_requests_total{") and 'endpoint="/feedback"' in line
+                   and f'status="{status}"' in line)
+
+    before_500, before_499 = count("500"), count("499")
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + API_TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\n{")
+            time.sleep(0.2)
+    _wait_for(lambda: count("499") >= before_499 + 3, "three 499s counted")
+    assert count("500") == before_500

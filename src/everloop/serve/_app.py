@@ -150,6 +150,12 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             check_nesting(raw, rows)  # before it joins a batch: a deep value would fail the batch
             return rows
         finally:
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(_request: Request, _exc: ClientDisconnect) -> Response:
+        # the client closed the connection mid-body: nobody reads this answer; counted as 499, as the
+        # prediction endpoints count it, never as a server error
+        return Response(status_code=499)
+
             if scope.pop(ARRIVING, False):
                 batcher.arriving -= 1
 
@@ -296,7 +302,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         try:
             result = await run_in_threadpool(record_feedback, store, located, partial=False,
                                              lock_wait=FEEDBACK_LOCK_WAIT_S)
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:  # locked past the wait, or down
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:  # locked past
+            # the wait, down, or every pooled connection held by other waiting calls
             log.warning("feedback not stored: %s", _first_line(exc))
             raise ClientError(503, f"the store is busy or cannot be reached ({_first_line(exc)}); "
                                    "no label of this request was stored: send it again") from None

@@ -23,6 +23,7 @@ from everloop.serve._main import PROJECT_ENV
 APP = "everloop.serve._main:app"  # a factory
 HEADER_SECONDS = 10.0  # a request's line and headers must arrive within this many seconds of its first byte
 MAX_HEADER_BYTES = 64 * 1024  # its URL and headers together, at most
+BODY_SECONDS = 30.0  # a request's body must arrive within this many seconds of its headers (64 MB: ~2 MB/s)
 
 log = logging.getLogger("everloop.serve")
 
@@ -31,10 +32,12 @@ class SlowClientProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol (httptools, what uvicorn[standard] runs) with the limits it lacks: a
     connection whose request line and headers are not complete `HEADER_SECONDS` after it opened (or,
     on a kept-alive connection, after the request's first byte) is closed, and a request whose URL and
-    headers exceed `MAX_HEADER_BYTES` answers 400. uvicorn times out only idle kept-alive connections,
-    so a client sending its headers a byte at a time (slowloris) held its connection forever."""
+    headers exceed `MAX_HEADER_BYTES` answers 400; a request whose body is not complete `BODY_SECONDS`
+    after its headers is closed too. uvicorn times out only idle kept-alive connections, so a client
+    sending its headers (or body) a byte at a time (slowloris) held its connection forever."""
 
     _header_timer: asyncio.TimerHandle | None = None
+    _body_timer: asyncio.TimerHandle | None = None
     _header_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -43,6 +46,7 @@ class SlowClientProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_body()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -62,6 +66,24 @@ class SlowClientProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        # then the body: a client dripping it a byte at a time held its connection (and a worker's
+        # memory) for as long as it liked
+        self._body_timer = self.loop.call_later(BODY_SECONDS, self._body_too_slow)
+
+    def on_message_complete(self) -> None:
+        self._disarm_body()
+        super().on_message_complete()
+
+    def _disarm_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        if not self.transport.is_closing():
+            log.debug("closed a connection whose request body took over %gs", BODY_SECONDS)
+            self.transport.close()
 
     def _count(self, size: int) -> None:
         self._header_bytes += size
