@@ -80,7 +80,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
 
     holder = ModelHolder(store, on_swap=lambda m: metrics.model_version.set(m.version or 0),
                          on_failure=lambda v, e: metrics.reload_failures.inc(),
-                         compile_trees=spec.serving.compile_trees, on_check=checked)
+                         compile_trees=spec.serving.compile_trees, on_check=checked,
+                         on_trial=lambda trial: setattr(batcher, "trial", trial))
     # Which replica (and worker) this is: its host and process, and the prefix of the prediction ids it
     # issues (the `worker` of its rows in the prediction log), so any prediction is traced to its replica.
     replica = {"host": os.uname().nodename, "pid": os.getpid(), "prediction_id_prefix": id_prefix()}
@@ -95,11 +96,23 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         if log_rows:
             prediction_log.put(entry)
 
+    def count_call(rollout: int, version: int, rows: int, failed: bool) -> None:
+        """A model call under a rollout (either version), for rollout_stats."""
+        prediction_log.count_call(rollout, version, rows, failed)
+        if failed:
+            metrics.rollout_failures.inc()
+
+    def shadowed(entry: LogEntry) -> None:
+        """A shadow candidate's rows (in the event loop's thread, as every put)."""
+        if log_rows:
+            prediction_log.put(entry)
+
     gathering = spec.serving.micro_batching  # off: each request is its own model call, at once
     batcher = MicroBatcher(max_rows=max(spec.serving.max_batch_rows, 1024) if gathering else 0,
                            max_wait_s=spec.serving.batch_wait_ms / 1000 if gathering else 0.0,
                            on_batch=metrics.batch_rows.observe, on_queue=metrics.batch_queue.set,
-                           on_predicted=predicted)
+                           on_predicted=predicted, id_column=spec.data.id, count_call=count_call,
+                           on_shadow=shadowed, on_shadow_drop=metrics.shadow_dropped.inc)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -124,6 +137,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         flusher.cancel()
         metrics.flush_requests()
         batcher.stop()
+        await run_in_threadpool(batcher.stop_shadow)  # its last rows reach the loop as callbacks:
+        await asyncio.sleep(0)  # let them run before the log's last write
         holder.stop()
         prediction_log.stop()
         metrics.worker_exited()
@@ -134,6 +149,12 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                   description="Predictions, feedback and health of the production model of this project.")
     app.state.holder, app.state.store, app.state.log, app.state.metrics = holder, store, prediction_log, metrics
     app.metrics, app.batcher, app.counts = metrics, batcher, prediction_log
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(_request: Request, _exc: ClientDisconnect) -> Response:
+        # the client closed the connection mid-body: nobody reads this answer; counted as 499, as the
+        # prediction endpoints count it, never as a server error
+        return Response(status_code=499)
 
     @app.exception_handler(ClientError)
     async def _client_error(_request: Request, exc: ClientError) -> Response:
@@ -150,12 +171,6 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
             check_nesting(raw, rows)  # before it joins a batch: a deep value would fail the batch
             return rows
         finally:
-    @app.exception_handler(ClientDisconnect)
-    async def _client_left(_request: Request, _exc: ClientDisconnect) -> Response:
-        # the client closed the connection mid-body: nobody reads this answer; counted as 499, as the
-        # prediction endpoints count it, never as a server error
-        return Response(status_code=499)
-
             if scope.pop(ARRIVING, False):
                 batcher.arriving -= 1
 
@@ -177,10 +192,13 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         rows = parsed(scope, raw, lambda raw: parse_predict(load_body(raw), model.schema.feature_names,
                                                             spec.serving.max_batch_rows))
         outcome = answered(await batcher.submit(model, rows, started, strictly))  # each output carries its id
+        version = model.version
+        if outcome.outputs and "model_version" in outcome.outputs[0]:  # a canary: each row names its version
+            version = _answering(outcome.outputs, version)
         if outcome.warnings:  # only then: a clean answer stays as it was
-            return _dumps({"model_version": model.version, "predictions": outcome.outputs,
+            return _dumps({"model_version": version, "predictions": outcome.outputs,
                            "warnings": outcome.warnings})
-        return _dumps({"model_version": model.version, "predictions": outcome.outputs})
+        return _dumps({"model_version": version, "predictions": outcome.outputs})
 
     if spec.serving.flask_compatible:  # decided here, once: with the flag off the path above is all there is
         predict = _flask_compatible(predict)
@@ -194,9 +212,10 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         rows = parsed(scope, raw, lambda raw: parse_invocations(raw, content_type, model.schema.feature_names,
                                                                 spec.serving.max_batch_rows))
         outcome = answered(await batcher.submit(model, rows, started, strictly))
-        # MLflow's answer has room for the labels only: the ids go in a header.
+        # MLflow's answer has room for the labels only: the ids (and the answering versions) go in headers.
         return (_dumps(mlflow_answer([o["prediction"] for o in outcome.outputs])),
-                ids_headers([o["id"] for o in outcome.outputs]))
+                ids_headers([o["id"] for o in outcome.outputs])
+                + _version_headers(outcome.outputs, model.version))
 
     async def v2_infer(scope: dict, headers: Headers, raw: bytes) -> bytes:
         started = time.perf_counter()
@@ -216,8 +235,11 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         labels = [o["prediction"] for o in outcome.outputs]
         proba = ([list(o["probabilities"].values()) for o in outcome.outputs]
                  if outcome.outputs and "probabilities" in outcome.outputs[0] else None)
-        return _dumps(v2_answer(spec.name, model.version, body.get("id"), labels, proba,
-                                [o["id"] for o in outcome.outputs]))
+        answer = _dumps(v2_answer(spec.name, _answering(outcome.outputs, model.version), body.get("id"), labels,
+                                  proba, [o["id"] for o in outcome.outputs]))
+        if outcome.outputs and "model_version" in outcome.outputs[0]:  # a canary: per row in a header
+            return answer, _version_headers(outcome.outputs, model.version)
+        return answer
 
     app.hot_paths = {"/predict": predict, "/invocations": invocations, V2_INFER: v2_infer}
 
@@ -325,7 +347,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
         if model is None:
             return JSONResponse({"ready": False, "reason": _not_ready(holder)}, status_code=503)
         # Serving, while the alias names a version that was refused: say so (the old model keeps serving).
-        return JSONResponse({"ready": True, "model_version": model.version} | _refusal(holder))
+        # A rollout's candidate that cannot be loaded is reported, never a reason to be unready.
+        return JSONResponse({"ready": True, "model_version": model.version} | _refusal(holder) | _trial(holder))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -344,7 +367,8 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                 "replica": replica | {"alias": holder.alias, "alias_version": holder.alias_version,
                                       "in_step": holder.alias_version == model.version,
                                       "serving_since": _utc(holder.loaded_at),
-                                      "alias_checked_at": _utc(holder.checked_at)}} | _refusal(holder)
+                                      "alias_checked_at": _utc(holder.checked_at)}} \
+            | _refusal(holder) | _trial(holder)
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> dict[str, Any]:
@@ -443,6 +467,29 @@ def _refusal(holder: ModelHolder) -> dict[str, str]:
     return {"refused": holder.last_error} if holder.last_error else {}
 
 
+def _trial(holder: ModelHolder) -> dict[str, Any]:
+    """`{"rollout": {...}}` while a rollout is active (see Trial.to_dict), else nothing."""
+    trial = holder.trial
+    return {"rollout": trial.to_dict()} if trial is not None else {}
+
+
+def _answering(outputs: list[dict[str, Any]], production: int | None) -> int | None:
+    """The version that answered every row (a canary tags each output), else production's: the per-row
+    versions then say which answered what."""
+    if not outputs or "model_version" not in outputs[0]:
+        return production
+    first = outputs[0]["model_version"]
+    return first if all(o["model_version"] == first for o in outputs) else production
+
+
+def _version_headers(outputs: list[dict[str, Any]], production: int | None) -> RawHeaders:
+    """`X-Everloop-Model-Version`: the version that answered each row, comma-separated in row order (as
+    the ids' header, split over lines when long); one value when no canary is on."""
+    if not outputs or "model_version" not in outputs[0]:
+        return [(VERSION_HEADER, str(production).encode())]
+    return [(VERSION_HEADER, line) for _, line in ids_headers([str(o["model_version"]) for o in outputs])]
+
+
 def _first_line(exc: Exception) -> str:
     """A database error's own message (the driver's first line), without SQLAlchemy's statement dump."""
     orig = getattr(exc, "orig", None) or exc
@@ -486,6 +533,7 @@ STRICT_QUERY = {"parameters": [{"name": "strict", "in": "query", "required": Fal
 ARRIVING = "everloop.arriving"
 FEEDBACK_LOCK_WAIT_S = 30.0  # longest /feedback waits for a lock on the store, then 503 (as SQLite)
 JSON_HEADERS = [(b"content-type", b"application/json")]
+VERSION_HEADER = b"x-everloop-model-version"
 
 Handler = Callable[[dict, Headers, bytes], Awaitable["bytes | tuple[bytes, RawHeaders]"]]
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import random
 import time
 import uuid
 from collections import deque
@@ -28,7 +30,10 @@ from everloop.data._schema import _iso  # how the schema writes date/times
 from everloop.data._stats import epoch_seconds  # how the schema records date/time ranges
 from everloop.serve._log import LogEntry
 from everloop.serve._protocols import Rows
+from everloop.serve._rollout import BUCKETS, CountCall, Shadow, ShadowJob, Trial, bucket
 from everloop.train import TrainedModel
+
+log = logging.getLogger("everloop.serve")
 
 
 @dataclass
@@ -183,7 +188,12 @@ OnPredicted = Callable[[LogEntry, list[dict[str, Any]]], None]
 
 class MicroBatcher:
     def __init__(self, max_rows: int = 1024, on_batch: Any = None, max_wait_s: float = 0.002,
-                 on_queue: Any = None, on_predicted: OnPredicted | None = None):
+                 on_queue: Any = None, on_predicted: OnPredicted | None = None, *, id_column: str | None = None,
+                 count_call: CountCall | None = None, on_shadow: Callable[[LogEntry], None] | None = None,
+                 on_shadow_drop: Callable[[int], None] | None = None):
+        """Under a rollout (`trial`, set by the holder): `id_column` routes a canary's rows sticky per
+        entity; `count_call` counts each model call (rollout_stats); `on_shadow(entry)` gets a shadow
+        candidate's rows (in the event loop's thread), `on_shadow_drop(rows)` those it dropped."""
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.arriving = 0  # requests being read and parsed right now: worth waiting a moment for
@@ -198,10 +208,20 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._warnings: tuple[TrainedModel, RowWarnings] | None = None  # of the latest model called
+        self.trial: Trial | None = None  # the active rollout (serve/_rollout.py); None: production only
+        self.id_column = id_column
+        self.count_call = count_call or (lambda *_: None)
+        self.on_shadow = on_shadow
+        self.on_shadow_drop = on_shadow_drop
+        self.shadow: Shadow | None = None  # started with the first shadowed call
+        self._warnings_before: tuple[TrainedModel, RowWarnings] | None = None  # of the model called before it
 
     def _rules(self, model: TrainedModel) -> RowWarnings:
-        if self._warnings is None or self._warnings[0] is not model:
-            self._warnings = (model, RowWarnings(model.schema))
+        if self._warnings is None or self._warnings[0] is not model:  # two kept: a canary alternates two models
+            before = self._warnings_before
+            self._warnings_before = self._warnings
+            self._warnings = (before if before is not None and before[0] is model
+                              else (model, RowWarnings(model.schema)))
         return self._warnings[1]
 
     def submit(self, model: TrainedModel, rows: Rows, started: float,
@@ -222,6 +242,11 @@ class MicroBatcher:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+    def stop_shadow(self, timeout: float = 5.0) -> None:
+        """Let the shadow worker score what is queued (up to `timeout`), then end it. Blocks."""
+        if self.shadow is not None:
+            self.shadow.stop(timeout)
 
     async def _run(self) -> None:
         while True:
@@ -276,26 +301,127 @@ class MicroBatcher:
         return jobs
 
     def _process(self, jobs: list[_Job]) -> None:
-        model = jobs[0].model
+        trial = self.trial  # None (no rollout): all a model call pays for rollouts
+        if trial is None:
+            self._call(jobs, jobs[0].model)
+        elif trial.rollout.mode == "canary":
+            self._canary(jobs, trial)
+        else:
+            self._shadowed(jobs, trial)
+
+    def _canary(self, jobs: list[_Job], trial: Trial) -> None:
+        """Split the rows between production and the candidate (`share` percent: by the row's id, else
+        one draw per request), one model call each, and answer each request in its row order, every
+        row naming the version that answered it. A candidate that fails (or is not loaded) is counted
+        as failed and its rows answered by production."""
+        production, rollout, candidate = jobs[0].model, trial.rollout, trial.candidate
+        cut, column = rollout.share * (BUCKETS / 100), self.id_column
+        mine: list[_Job] = []  # the candidate's
+        theirs: list[_Job] = []  # production's
+        splits: list[_Split] = []
+        for job in jobs:
+            draw = None
+            picks = []
+            for record in job.rows.records:
+                value = record.get(column) if column else None
+                if value is None:
+                    if draw is None:
+                        draw = random.random() * BUCKETS < cut
+                    picks.append(draw)
+                else:
+                    picks.append(bucket(value) < cut)
+            if all(picks):
+                mine.append(job)
+            elif not any(picks):
+                theirs.append(job)
+            else:
+                split = _Split.of(job, picks)
+                splits.append(split)
+                mine.append(split.parts[0][1])
+                theirs.append(split.parts[1][1])
+        if mine:
+            rows = sum(len(job.rows.records) for job in mine)
+            if candidate is None:
+                self.count_call(rollout.id, rollout.candidate, rows, True)
+                theirs += mine
+            else:
+                try:
+                    self._call(mine, candidate, tag=True)
+                    self.count_call(rollout.id, candidate.version, rows, False)
+                except Exception as exc:
+                    log.debug("canary candidate v%s failed: %s", candidate.version, exc)
+                    self.count_call(rollout.id, candidate.version, rows, True)
+                    theirs += [job for job in mine if not job.future.done()]
+        if theirs:
+            self._counted(theirs, production, trial, tag=True)
+        for split in splits:
+            split.resolve()
+
+    def _shadowed(self, jobs: list[_Job], trial: Trial) -> None:
+        """Production answers; its answered rows (`sample` percent of them, by their prediction id) are
+        then handed to the shadow worker, never waited for."""
+        started = time.perf_counter()
+        done = self._counted(jobs, jobs[0].model, trial)
+        call_ms = (time.perf_counter() - started) * 1000
+        if done is None:
+            return
+        ids, answered, latencies = done
+        records = [r for job in jobs for r in job.rows.records]
+        if answered is not None:
+            records, ids = [records[p] for p in answered], [ids[p] for p in answered]
+        lat = np.asarray(latencies, dtype=np.float64)
+        sample = trial.rollout.sample
+        if sample < 100:
+            keep = [n for n, i in enumerate(ids) if bucket(i) < sample * (BUCKETS / 100)]
+            if not keep:
+                return
+            records, ids, lat = [records[k] for k in keep], [ids[k] for k in keep], lat[keep]
+        if self.shadow is None:
+            loop = asyncio.get_running_loop()
+            on_shadow = self.on_shadow
+            put = ((lambda entry: loop.call_soon_threadsafe(on_shadow, entry)) if on_shadow
+                   else (lambda entry: None))
+            self.shadow = Shadow(self.count_call, put, self.on_shadow_drop)
+        self.shadow.submit(ShadowJob(trial, records, ids, lat, call_ms))
+
+    def _counted(self, jobs: list[_Job], model: TrainedModel, trial: Trial, tag: bool = False) -> Called | None:
+        """`_call`, counted under the rollout."""
+        rows = sum(len(job.rows.records) for job in jobs)
+        try:
+            done = self._call(jobs, model, tag)
+        except Exception:
+            self.count_call(trial.rollout.id, model.version, rows, True)
+            raise
+        self.count_call(trial.rollout.id, model.version, rows, False)
+        return done
+
+    def _call(self, jobs: list[_Job], model: TrainedModel, tag: bool = False) -> Called | None:
+        """One call of `model` on the jobs' rows; resolves each job. Returns the call's prediction ids,
+        the answered rows among them (None: all) and their latencies (ms); None when none was answered.
+        `tag`: every output also names the model's version (a canary is on)."""
         records = [r for job in jobs for r in job.rows.records]
         # Well-formed rows take the shortcut; anything unusual goes through the schema's full check.
         columns = model.schema.conform_records(records) if model.fast is not None else None
         if columns is None:
-            self._process_checked(jobs, records)
-            return
+            return self._process_checked(jobs, records, model, tag)
         codes: dict[str, Any] | None = {} if self.on_predicted else None  # the encoder's codes, for the log
         predictions = model.predict_conformed(columns, codes)
         ids = ids_for(len(records))
         outputs = predictions.records(ids)
+        if tag:
+            for output in outputs:
+                output["model_version"] = model.version
         if self.on_batch:
             self.on_batch(len(records))
         answered, latencies = _settle(jobs, outputs, self._rules(model).find(columns))
-        if not self.on_predicted or (answered is not None and not answered):
-            return
+        if answered is not None and not answered:
+            return None
+        if not self.on_predicted:
+            return ids, answered, latencies
         if answered is None:  # the common case: every row answered, logged as it is
             self.on_predicted(LogEntry(ids, time.time(), model.version, columns, predictions.labels,
                                        predictions.proba, predictions.classes, latencies, codes), outputs)
-            return
+            return ids, answered, latencies
         at = np.asarray(answered)  # some requests refused (strict): log the others' rows only
         self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
                                    {name: values[at] for name, values in columns.items()},
@@ -304,9 +430,10 @@ class MicroBatcher:
                                    predictions.classes, latencies,
                                    {name: (found[at], vocabulary) for name, (found, vocabulary) in codes.items()}),
                           [outputs[p] for p in answered])
+        return ids, answered, latencies
 
-    def _process_checked(self, jobs: list[_Job], records: list[dict[str, Any]]) -> None:
-        model = jobs[0].model
+    def _process_checked(self, jobs: list[_Job], records: list[dict[str, Any]], model: TrainedModel,
+                         tag: bool) -> Called | None:
         frame = pd.DataFrame.from_records(records, columns=model.schema.feature_names)
         checked = model.schema.check(frame, mode="request", coerce=True, per_value=True)  # clients apart
         bad = checked.bad_rows if checked.bad_rows is not None else np.zeros(len(frame), dtype=bool)
@@ -318,6 +445,8 @@ class MicroBatcher:
             features = checked.frame if not bad.any() else checked.frame.iloc[good]
             predictions = model.predict_conformed(features)
             for position, output in zip(good, predictions.records([ids[p] for p in good])):
+                if tag:
+                    output["model_version"] = model.version
                 outputs[position] = output
         if self.on_batch:
             self.on_batch(len(frame))
@@ -329,13 +458,71 @@ class MicroBatcher:
         answered, latencies = _settle(jobs, outputs, self._rules(model).find(checked.frame), errors)
         if answered is None:
             answered = list(range(len(frame)))
-        if self.on_predicted and answered and predictions is not None:
+        if not answered or predictions is None:
+            return None
+        if self.on_predicted:
             at = np.searchsorted(good, answered)  # the answered rows among the predicted ones
             self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
                                        checked.frame.iloc[answered].reset_index(drop=True),
                                        predictions.labels[at],
                                        None if predictions.proba is None else predictions.proba[at],
                                        predictions.classes, latencies), [outputs[p] for p in answered])
+        return ids, answered, latencies
+
+
+# What a model call answered: its prediction ids, the answered rows among them (None: all), their
+# latencies (ms).
+Called = tuple[list[str], "list[int] | None", list[float]]
+
+
+class _Part:
+    """The future of one model's share of a request split between production and a canary candidate
+    (not an asyncio future: resolved and read within one `_canary`)."""
+
+    def __init__(self) -> None:
+        self.outcome: Outcome | None = None
+
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def set_result(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+
+
+@dataclass
+class _Split:
+    """A request whose rows two models answer: each part a job of its rows, answered in row order."""
+
+    job: _Job
+    # (positions in the request, the job of those rows): the candidate's, then production's
+    parts: list[tuple[list[int], _Job]]
+
+    @classmethod
+    def of(cls, job: _Job, picks: list[bool]) -> "_Split":
+        parts = []
+        for side in (True, False):
+            at = [n for n, pick in enumerate(picks) if pick is side]
+            rows = Rows([job.rows.records[n] for n in at], [job.rows.locs[n] for n in at])
+            parts.append((at, _Job(job.model, rows, _Part(), job.started, job.strict)))  # type: ignore[arg-type]
+        return cls(job, parts)
+
+    def resolve(self) -> None:
+        """Answer the request: both parts' outputs and warnings in its row order, or all their errors
+        (then the request is refused as a whole, as any request with an invalid row)."""
+        outputs: list[Any] = [None] * len(self.job.rows.records)
+        errors: list[dict[str, Any]] = []
+        warnings: list[dict[str, Any]] = []
+        for at, part in self.parts:
+            outcome = part.future.outcome
+            errors += outcome.errors
+            for position, output in zip(at, outcome.outputs):
+                outputs[position] = output
+            warnings += [w | {"row": at[w["row"]]} for w in outcome.warnings]
+        if errors:
+            _resolve(self.job, Outcome(errors=errors))
+        else:
+            warnings.sort(key=lambda w: w["row"])  # stable: each row's warnings stay in schema order
+            _resolve(self.job, Outcome(outputs, warnings=warnings))
 
 
 ErrorsOf = Callable[[_Job, int, int], "list[dict[str, Any]] | None"]

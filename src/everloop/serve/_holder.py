@@ -20,8 +20,9 @@ import pandas as pd
 import sqlalchemy as sa
 
 from everloop.errors import IntegrityError, NotFoundError, StoreError
-from everloop.registry import PRODUCTION, alias_version, eval_frame, get_model
+from everloop.registry import PRODUCTION, Rollout, active_rollout, alias_version, eval_frame, get_model
 from everloop.serve._compiled import compile_model
+from everloop.serve._rollout import Trial
 from everloop.store import Store
 from everloop.train import TrainedModel, load_artifact
 
@@ -36,9 +37,11 @@ class ModelHolder:
 
     def __init__(self, store: Store, alias: str = PRODUCTION, on_swap: Callable[[TrainedModel], None] | None = None,
                  on_failure: Callable[[int, Exception], None] | None = None, compile_trees: bool = True,
-                 on_check: Callable[[int | None], None] | None = None):
+                 on_check: Callable[[int | None], None] | None = None,
+                 on_trial: Callable[[Trial | None], None] | None = None):
         """`on_swap(model)` after a swap; `on_failure(version, error)` once per version that fails to
-        load; `on_check(version)` after every successful read of the alias (None: the alias is unset)."""
+        load; `on_check(version)` after every successful read of the alias (None: the alias is unset);
+        `on_trial(trial)` when the active rollout as served changes (None: no rollout)."""
         self.store = store
         self.compile_trees = compile_trees
         self.alias = alias
@@ -52,6 +55,9 @@ class ModelHolder:
         self._on_swap = on_swap
         self._on_failure = on_failure
         self._on_check = on_check
+        self._on_trial = on_trial
+        self.trial: Trial | None = None  # the active rollout and its candidate (serve/_rollout.py)
+        self._candidate_retry: tuple[int, float, float] | None = None  # (rollout, monotonic next try, wait)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,51 +73,134 @@ class ModelHolder:
         """The version the alias names that was refused as broken (and is tried again), else None."""
         return self.alias_version if self.alias_version in self._refused else None
 
+    @property
+    def rollout(self) -> Rollout | None:
+        """The active rollout this replica follows (None: none)."""
+        return self.trial.rollout if self.trial is not None else None
+
+    @property
+    def candidate(self) -> TrainedModel | None:
+        """The active rollout's candidate, once loaded."""
+        return self.trial.candidate if self.trial is not None else None
+
     def refresh(self, force: bool = False) -> bool:
         """Load the alias's version if it changed; True when a swap happened. A version whose load
         failed (the store could not be reached, or its files are broken) is tried again once its
         wait is over, or at once with `force`; until it loads, `last_error` says why and when.
-        Raises what reading the alias raises (the database cannot be reached)."""
+        Then follow the active rollout (`trial`). Raises what reading the alias or the rollout raises
+        (the database cannot be reached)."""
         with self._lock:  # one loader at a time; requests never take this lock
-            target = alias_version(self.store, self.alias)
-            if target != self.alias_version:  # a new move of the alias: a version that failed before
-                self._refused.discard(target)  # is tried at once (the store may have been repaired)
-                self._retry.pop(target, None)
-            self.alias_version, self.checked_at = target, time.time()
-            if self._on_check:
-                self._on_check(target)
-            if target is None:
-                return False
-            if self.current is not None and self.current.version == target:
-                self.last_error = None  # the alias is back on the model being served
-                return False
-            retry = self._retry.get(target)
-            if retry is not None and not force and time.monotonic() < retry[0]:
-                return False
-            try:  # first its files into the local cache: this is where an outage of the store shows
-                mv = get_model(self.store, target)
-                for digest in (mv.artifact, mv.manifest["eval_artifact"]):
-                    self.store.artifacts.open(digest)
-            except Exception as exc:
-                return self._wait(target, retry, exc) if _unreachable(exc) else self._refuse(target, retry, exc)
-            try:  # then from the verified local copies
-                model = load_artifact(self.store, mv.artifact, mv.manifest, mv.version)
-                _warm(model)
-                probe = eval_frame(self.store, model.manifest).head(200)
-                model.check_fast_path(probe)
-            except Exception as exc:
-                return self._refuse(target, retry, exc)
-            self._retry.pop(target, None)  # loaded: the next failure waits 1 s again
-            self._refused.discard(target)
-            self.current, self.loaded_at = model, time.time()
-            self.last_error = None
-            if self._on_swap:
-                self._on_swap(model)
-            log.info("serving model v%s", target)
-            if self.compile_trees and model.fast is not None:
-                threading.Thread(target=compile_model, args=(model, probe, self.store),
-                                 name="everloop-compile", daemon=True).start()
-            return True
+            swapped = self._refresh(force)
+            self._follow(force)
+            return swapped
+
+    def _follow(self, force: bool) -> None:
+        """Load the active rollout's candidate beside production as production is loaded; drop it when
+        no rollout is active. A candidate that fails to load is tried again (1 s doubling to 60 s) and
+        meanwhile never served: the batcher counts its calls as failed (the loop rolls it back)."""
+        rollout = active_rollout(self.store)
+        trial = self.trial
+        if rollout is None:
+            if trial is not None:
+                log.info("rollout %s is over: serving production only", trial.rollout.id)
+                self._set_trial(None)
+            self._candidate_retry = None
+            return
+        if trial is not None and trial.rollout.id == rollout.id and trial.candidate is not None:
+            if trial.rollout != rollout:  # stepped: a new share
+                self._set_trial(Trial(rollout, trial.candidate))
+            return
+        retry = self._candidate_retry
+        if (retry is not None and retry[0] == rollout.id and not force and time.monotonic() < retry[1]
+                and trial is not None):
+            if trial.rollout != rollout:
+                self._set_trial(Trial(rollout, None, trial.error))
+            return
+        try:
+            model, probe = self._load(rollout.candidate)
+        except Exception as exc:
+            wait = min(2 * retry[2], RETRY_SECONDS[1]) if retry and retry[0] == rollout.id else RETRY_SECONDS[0]
+            self._candidate_retry = (rollout.id, time.monotonic() + wait, wait)
+            error = f"candidate model v{rollout.candidate} not loaded: {exc}; trying again in {wait:g}s"
+            if trial is None or trial.error is None or trial.rollout.id != rollout.id:
+                log.error("rollout %s: %s", rollout.id, error)  # once per rollout, not per try
+            self._set_trial(Trial(rollout, None, error))
+            return
+        self._candidate_retry = None
+        log.info("rollout %s: %s candidate model v%s loaded", rollout.id, rollout.mode, model.version)
+        self._set_trial(Trial(rollout, model))
+        self._compile(model, probe)
+
+    def _set_trial(self, trial: Trial | None) -> None:
+        self.trial = trial
+        if self._on_trial:
+            self._on_trial(trial)
+
+    def _load(self, version: int) -> tuple[TrainedModel, pd.DataFrame]:
+        """Model `version` loaded from verified files, warmed and its fast path checked: (model, the
+        probe rows checked). Raises what fails (see `_unreachable`)."""
+        mv = get_model(self.store, version)
+        for digest in (mv.artifact, mv.manifest["eval_artifact"]):
+            self.store.artifacts.open(digest)
+        model = load_artifact(self.store, mv.artifact, mv.manifest, mv.version)
+        _warm(model)
+        probe = eval_frame(self.store, model.manifest).head(200)
+        model.check_fast_path(probe)
+        return model, probe
+
+    def _compile(self, model: TrainedModel, probe: pd.DataFrame) -> None:
+        """Compile the trees off the request path (the model serves meanwhile)."""
+        if self.compile_trees and model.fast is not None:
+            threading.Thread(target=compile_model, args=(model, probe, self.store),
+                             name="everloop-compile", daemon=True).start()
+
+    def _refresh(self, force: bool) -> bool:
+        """The alias part of `refresh`."""
+        target = alias_version(self.store, self.alias)
+        if target != self.alias_version:  # a new move of the alias: a version that failed before
+            self._refused.discard(target)  # is tried at once (the store may have been repaired)
+            self._retry.pop(target, None)
+        self.alias_version, self.checked_at = target, time.time()
+        if self._on_check:
+            self._on_check(target)
+        if target is None:
+            return False
+        if self.current is not None and self.current.version == target:
+            self.last_error = None  # the alias is back on the model being served
+            return False
+        retry = self._retry.get(target)
+        if retry is not None and not force and time.monotonic() < retry[0]:
+            return False
+        trial = self.trial
+        if trial is not None and trial.candidate is not None and trial.candidate.version == target:
+            # The rollout's candidate was promoted: it is loaded, verified and warm already.
+            return self._swap(trial.candidate)
+        try:  # first its files into the local cache: this is where an outage of the store shows
+            mv = get_model(self.store, target)
+            for digest in (mv.artifact, mv.manifest["eval_artifact"]):
+                self.store.artifacts.open(digest)
+        except Exception as exc:
+            return self._wait(target, retry, exc) if _unreachable(exc) else self._refuse(target, retry, exc)
+        try:  # then from the verified local copies
+            model = load_artifact(self.store, mv.artifact, mv.manifest, mv.version)
+            _warm(model)
+            probe = eval_frame(self.store, model.manifest).head(200)
+            model.check_fast_path(probe)
+        except Exception as exc:
+            return self._refuse(target, retry, exc)
+        self._swap(model)
+        self._compile(model, probe)
+        return True
+
+    def _swap(self, model: TrainedModel) -> bool:
+        self._retry.pop(model.version, None)  # loaded: the next failure waits 1 s again
+        self._refused.discard(model.version)
+        self.current, self.loaded_at = model, time.time()
+        self.last_error = None
+        if self._on_swap:
+            self._on_swap(model)
+        log.info("serving model v%s", model.version)
+        return True
 
     def _wait(self, target: int, retry: tuple[float, float] | None, exc: Exception) -> bool:
         """The store could not be reached: try `target` again later, waiting longer each time."""

@@ -54,6 +54,8 @@ class LogEntry:
     # Text features' codes as the model's encoder looked them up (features._fast.Codes), when it did:
     # logged as they are, so the writer does not hash every value a second time.
     codes: dict[str, tuple[np.ndarray, Any]] | None = None
+    # A shadow candidate's rows (serve/_rollout.py): the rollout's id routes them to `shadow_batches`.
+    rollout: int | None = None
 
     def columns(self) -> dict[str, np.ndarray]:
         """The features by name as arrays (date/times as ISO text, as requests send them)."""
@@ -264,6 +266,11 @@ class PredictionLog:
         self.requests = [0] * len(STATS_COUNTS)
         self._stats_written = [0] * len(STATS_COUNTS)
         self._stats_lock = threading.Lock()  # the writer thread and a forced write (stop, tests)
+        # Under a rollout: (rollout, model version) -> [calls, errors, rows] since start, and as last
+        # written; counted by the event loop's and the shadow's threads (hence a lock), see count_call.
+        self.rollout_counts: dict[tuple[int, int], list[int]] = {}
+        self._rollout_written: dict[tuple[int, int], list[int]] = {}
+        self._rollout_lock = threading.Lock()
         self.stats_interval = 2.0
         self._last_stats = time.monotonic()
         self._worker = f"{os.uname().nodename}:{os.getpid()}"
@@ -309,6 +316,17 @@ class PredictionLog:
                 counts[4] += 1
         elif status >= 500:
             counts[2] += 1
+
+    def count_call(self, rollout: int, version: int, rows: int, failed: bool) -> None:
+        """Count one model call of `rows` rows by model `version` under `rollout` (failed: it raised, or
+        the version could not be loaded), for `rollout_stats`."""
+        with self._rollout_lock:
+            counts = self.rollout_counts.get((rollout, version))
+            if counts is None:
+                counts = self.rollout_counts[(rollout, version)] = [0, 0, 0]
+            counts[0] += 1
+            counts[1] += failed
+            counts[2] += rows
 
     def put(self, entry: LogEntry) -> int:
         """Enqueue the rows of one model call; returns how many were dropped because the queue was full."""
@@ -370,13 +388,25 @@ class PredictionLog:
             self._last_stats = time.monotonic()
             total = list(self.requests)  # one copy under the GIL; later increments go in the next write
             counts = [now - before for now, before in zip(total, self._stats_written)]
-            if not any(counts):
+            with self._rollout_lock:  # only while a rollout is (or just was) served: else empty
+                rollout_total = {key: list(c) for key, c in self.rollout_counts.items()}
+            rollout_rows = []
+            for (rollout, version), now in rollout_total.items():
+                delta = [n - b for n, b in zip(now, self._rollout_written.get((rollout, version), (0, 0, 0)))]
+                if any(delta):
+                    rollout_rows.append({"rollout": rollout, "worker": self._worker, "model_version": version,
+                                         "calls": delta[0], "errors": delta[1], "rows": delta[2]})
+            if not any(counts) and not rollout_rows:
                 return
             try:
                 with self.store.engine.begin() as conn:
-                    conn.execute(self.store.tables.service_stats.insert().values(
-                        worker=self._worker, **dict(zip(STATS_COUNTS, counts))))
+                    if any(counts):
+                        conn.execute(self.store.tables.service_stats.insert().values(
+                            worker=self._worker, **dict(zip(STATS_COUNTS, counts))))
+                    if rollout_rows:
+                        conn.execute(self.store.tables.rollout_stats.insert(), rollout_rows)
                 self._stats_written = total
+                self._rollout_written = rollout_total
             except Exception as exc:  # logged; the counts go with the next write: never break serving
                 log.warning("service stats could not be written: %s", exc)
 
@@ -418,10 +448,19 @@ class PredictionLog:
         return rows
 
     def _write(self, entries: list[LogEntry]) -> None:
-        # one batch row per run of one model version (a swap splits them)
-        batch_rows = [batch_row(list(group)) for _, group in itertools.groupby(entries, key=lambda e: e.model_version)]
+        # one batch row per run of one model version (a swap splits them); a shadow candidate's rows
+        # (under a rollout) go to shadow_batches
+        batch_rows, shadow_rows = [], []
+        for (_, rollout), group in itertools.groupby(entries, key=lambda e: (e.model_version, e.rollout)):
+            if rollout is None:
+                batch_rows.append(batch_row(list(group)))
+            else:
+                shadow_rows.append(batch_row(list(group)) | {"rollout": rollout})
         with self.store.engine.begin() as conn:
-            conn.execute(self.store.tables.prediction_batches.insert(), batch_rows)
+            if batch_rows:
+                conn.execute(self.store.tables.prediction_batches.insert(), batch_rows)
+            if shadow_rows:
+                conn.execute(self.store.tables.shadow_batches.insert(), shadow_rows)
 
     def _write_retrying(self, entries: list[LogEntry]) -> None:
         """`_write`, retried with backoff (0.1 s doubling to 5 s) while the store is busy or unreachable,

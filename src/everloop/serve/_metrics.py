@@ -56,6 +56,11 @@ class ServiceMetrics:
         self.log_failed = Counter("everloop_prediction_log_failed", "rows the store refused to write", registry=r)
         self.log_lost = Counter("everloop_prediction_log_lost", "rows a killed worker answered but never logged, "
                                 "counted when a service starts after it", registry=r)
+        self.shadow_dropped = Counter("everloop_shadow_dropped", "rows a shadow candidate did not score: its queue "
+                                      "was full (never waited for)", registry=r)
+        self.rollout_failures = Counter("everloop_rollout_failed_calls", "model calls under a rollout that failed, "
+                                        "or found its candidate not loaded (a candidate's rows are then answered "
+                                        "by production, or not scored in shadow)", registry=r)
         self.batch_rows = Histogram("everloop_batch_rows", "rows per model call (micro-batching)", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
         self.batch_queue = Gauge("everloop_batch_queue", "requests waiting for the next model call", registry=r,
