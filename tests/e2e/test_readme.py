@@ -205,6 +205,7 @@ def expectations(project: Path) -> dict[str, tuple[int, Callable[[Ran], Any]]]:
         "everloop deploy k8s --output k8s/ --target-rps 200": (0, has("replicas", made="k8s/deployment.yaml")),
         "everloop export onnx production -o model.onnx": (0, has("parity", "pass", "labels equal",
                                                                    made="model.onnx")),
+        "everloop doctor": (0, has("ok (no errors)")),
     }
 
 

@@ -132,8 +132,9 @@ def test_leftover_files_are_found_and_repair_deletes_the_old_ones(trained):
     old_tmp.write_bytes(b"x" * 2048)
     fresh_tmp.write_bytes(b"half")
     orphan = store.artifacts.put(b"written by a train killed before its metadata commit")
+    old = time.time() - 2 * 3600  # two hours ago, from now (a module-level time drifts on a slow run)
     for path in (old_tmp, store.artifacts.path(orphan)):
-        os.utime(path, (OLD, OLD))
+        os.utime(path, (old, old))
     stray = root / "notes.txt"
     stray.write_text("mine")
 
