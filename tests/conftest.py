@@ -52,6 +52,28 @@ def served_project(folder: Path, rows: int = 2000, db_url: str | None = None) ->
     return folder, spec, store
 
 
+def copy_of_v1(store: Store) -> int:
+    """A new model version holding model v1's artifact again: a candidate that passes the gate against
+    v1 (no loss), cheaper than training one more. Returns its version."""
+    t = store.tables.models
+    with store.engine.begin() as conn:
+        v1 = conn.execute(t.select().where(t.c.version == 1)).first()
+        return conn.execute(t.insert().values(dataset_version=v1.dataset_version, artifact=v1.artifact,
+                                              manifest=v1.manifest, metric=v1.metric, value=v1.value,
+                                              reason="a copy of v1").returning(t.c.version)).scalar_one()
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll `check` until it returns something truthy, and return that; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not happen within {timeout:g}s")
+
+
 def feature_rows(frame) -> list[dict]:
     """Rows of a churn frame as request bodies: the features only, JSON types."""
     return json.loads(frame.drop(columns=["customer_id", "event_time", "churned"]).to_json(orient="records"))

@@ -3,22 +3,15 @@
 import json
 
 from everloop import registry
+from tests.conftest import copy_of_v1
 
 
-def _candidate(store) -> int:
-    """A new model version: v1's artifact again (passes the gate; cheaper than training)."""
-    t = store.tables.models
-    with store.engine.begin() as conn:
-        v1 = conn.execute(t.select().where(t.c.version == 1)).first()
-        return conn.execute(t.insert().values(dataset_version=v1.dataset_version, artifact=v1.artifact,
-                                              manifest=v1.manifest, metric=v1.metric, value=v1.value,
-                                              reason="a copy of v1").returning(t.c.version)).scalar_one()
 
 
 def test_canary_by_hand_from_start_to_promotion(trained, everloop):
     folder, spec, store = trained
     p = ["-p", str(folder)]
-    v2 = _candidate(store)
+    v2 = copy_of_v1(store)
     empty = everloop("rollout", "status", *p)
     assert empty.code == 0 and "no rollout yet" in empty.out
     started = everloop("promote", str(v2), "--canary", "10", *p)
@@ -48,7 +41,7 @@ def test_canary_by_hand_from_start_to_promotion(trained, everloop):
 def test_shadow_status_prints_the_evidence_it_holds_and_rollback_keeps_production(trained, everloop):
     folder, spec, store = trained
     p = ["-p", str(folder)]
-    v2 = _candidate(store)
+    v2 = copy_of_v1(store)
     started = everloop("promote", str(v2), "--shadow", "--json", *p)
     assert started.code == 0 and json.loads(started.out)["mode"] == "shadow"
     refused = everloop("rollout", "step", "25", *p)
@@ -77,7 +70,7 @@ def test_rollout_refusals_exit_with_one_line(trained, everloop):
     assert both.code == 2 and both.err.startswith("error: --shadow and --canary: choose one")
     same = everloop("promote", "1", "--canary", "10", *p)
     assert same.code == 2 and "model v1 is already in production" in same.err
-    bad = everloop("promote", str(_candidate(store)), "--canary", "120", *p)
+    bad = everloop("promote", str(copy_of_v1(store)), "--canary", "120", *p)
     assert bad.code == 2 and "canary share 120: expected a percent in (0, 100]" in bad.err
     nothing = everloop("rollout", "abort", *p)
     assert nothing.code == 2 and nothing.err.startswith("error: no rollout is active; start one with")

@@ -9,23 +9,14 @@ from everloop.errors import ConflictError, EverloopError, GateError, NotFoundErr
 from everloop.registry import _rollout
 from everloop.spec import load_spec, parse_spec
 from everloop.store import Store
-from tests.conftest import write_project
+from tests.conftest import copy_of_v1, write_project
 
 
-def _candidate(store, spec) -> int:
-    """A new model version that passes the gate: v1's artifact again, so no loss against v1 (cheaper
-    than training one more)."""
-    t = store.tables.models
-    with store.engine.begin() as conn:
-        v1 = conn.execute(t.select().where(t.c.version == 1)).first()
-        return conn.execute(t.insert().values(dataset_version=v1.dataset_version, artifact=v1.artifact,
-                                              manifest=v1.manifest, metric=v1.metric, value=v1.value,
-                                              reason="a copy of v1").returning(t.c.version)).scalar_one()
 
 
 def test_canary_starts_at_the_first_step_and_steps(trained):
     folder, spec, store = trained
-    v2 = _candidate(store, spec)
+    v2 = copy_of_v1(store)
     assert registry.active_rollout(store) is None and registry.latest_rollout(store) is None
     started = registry.start_rollout(store, spec, v2, "canary", actor="alice", reason="try it")
     assert (started.mode, started.share, started.sample) == ("canary", 10.0, 0.0)
@@ -44,7 +35,7 @@ def test_canary_starts_at_the_first_step_and_steps(trained):
 
 def test_shadow_samples_the_specs_share_and_refuses_to_step(trained):
     folder, spec, store = trained
-    v2 = _candidate(store, spec)
+    v2 = copy_of_v1(store)
     shadow = registry.start_rollout(store, spec, v2, "shadow")
     assert (shadow.mode, shadow.share, shadow.sample, shadow.steps) == ("shadow", 0.0, 100.0, [])
     with pytest.raises(EverloopError, match=f"rollout {shadow.id} is a shadow: it answers no traffic"):
@@ -54,7 +45,7 @@ def test_shadow_samples_the_specs_share_and_refuses_to_step(trained):
 
 def test_bad_arguments_are_refused_naming_them(trained):
     folder, spec, store = trained
-    v2 = _candidate(store, spec)
+    v2 = copy_of_v1(store)
     with pytest.raises(EverloopError, match="canary share 0: expected a percent in"):
         registry.start_rollout(store, spec, v2, "canary", share=0)
     with pytest.raises(EverloopError, match="shadow sample 150: expected a percent in"):
@@ -74,7 +65,7 @@ def test_bad_arguments_are_refused_naming_them(trained):
 
 def test_a_second_active_rollout_is_refused_naming_the_first(trained):
     folder, spec, store = trained
-    v2, v3 = _candidate(store, spec), _candidate(store, spec)
+    v2, v3 = copy_of_v1(store), copy_of_v1(store)
     first = registry.start_rollout(store, spec, v2, "shadow")
     with pytest.raises(ConflictError, match=f"rollout {first.id} is already active \\(shadow of model v{v2} "
                                             "against production v1"):
@@ -109,7 +100,7 @@ def test_no_production_means_promote_directly(tmp_path):
 
 def test_promoted_moves_production_with_a_history_row(trained):
     folder, spec, store = trained
-    v2 = _candidate(store, spec)
+    v2 = copy_of_v1(store)
     rollout = registry.start_rollout(store, spec, v2, "canary")
     done = registry.finish_rollout(store, rollout.id, "promoted", reason="passed live", actor="loop",
                                    evidence={"agreement": 0.98})
@@ -125,7 +116,7 @@ def test_promoted_moves_production_with_a_history_row(trained):
 @pytest.mark.parametrize("outcome", ["rolled_back", "aborted"])
 def test_rolled_back_or_aborted_leaves_production(trained, outcome):
     folder, spec, store = trained
-    v2 = _candidate(store, spec)
+    v2 = copy_of_v1(store)
     rollout = registry.start_rollout(store, spec, v2, "shadow")
     moves = len(registry.alias_history(store))
     done = registry.finish_rollout(store, rollout.id, outcome, reason="worse live",
@@ -138,7 +129,7 @@ def test_rolled_back_or_aborted_leaves_production(trained, outcome):
 
 def test_finishing_twice_or_stepping_a_finished_rollout_is_refused(trained):
     folder, spec, store = trained
-    v2 = _candidate(store, spec)
+    v2 = copy_of_v1(store)
     rollout = registry.start_rollout(store, spec, v2, "canary")
     registry.finish_rollout(store, rollout.id, "rolled_back", reason="bad", actor="loop")
     for finish in (lambda: registry.finish_rollout(store, rollout.id, "promoted", reason="by hand"),
@@ -153,7 +144,7 @@ def test_finishing_twice_or_stepping_a_finished_rollout_is_refused(trained):
 def test_a_second_finisher_that_read_active_loses_and_undoes_its_alias_move(trained, monkeypatch):
     """The promoter read `active`; a rollback committed before its move: the move is undone."""
     folder, spec, store = trained
-    v2 = _candidate(store, spec)
+    v2 = copy_of_v1(store)
     rollout = registry.start_rollout(store, spec, v2, "canary")
     read = _rollout.get_rollout
 
@@ -174,7 +165,7 @@ def test_a_second_finisher_that_read_active_loses_and_undoes_its_alias_move(trai
 
 def test_production_moved_meanwhile_keeps_the_rollout_active(trained):
     folder, spec, store = trained
-    v2, v3 = _candidate(store, spec), _candidate(store, spec)
+    v2, v3 = copy_of_v1(store), copy_of_v1(store)
     rollout = registry.start_rollout(store, spec, v2, "shadow")
     registry.promote(store, spec, v3, reason="someone else")
     with pytest.raises(registry.AliasMoved, match="production moved from v1 to v3"):
@@ -189,7 +180,7 @@ def test_two_starts_at_once_one_wins(trained, monkeypatch):
     insert. The look waits (bounded) for the other thread to look too; with the lock, the other is
     still queued, so the wait times out and the first commits before the second looks."""
     folder, spec, store = trained
-    v2, v3 = _candidate(store, spec), _candidate(store, spec)
+    v2, v3 = copy_of_v1(store), copy_of_v1(store)
     both_looked = threading.Barrier(2, timeout=3)
     look = _rollout._active_row
 

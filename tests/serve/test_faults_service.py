@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -25,7 +25,7 @@ from everloop.demo import make_churn
 from everloop.serve import ServerProcess, _app, create_app
 from everloop.serve._protocols import TOO_DEEP
 from everloop.store import Store, prediction_log
-from tests.conftest import feature_rows, served_project
+from tests.conftest import feature_rows, served_project, wait_for
 
 API_TOKEN, ADMIN_TOKEN = "api-t0ken-4217", "adm-t0ken-9031"
 API = {"authorization": f"Bearer {API_TOKEN}"}
@@ -34,15 +34,6 @@ ROWS = feature_rows(make_churn(3, seed=5))
 INFER = "/v2/models/churn/infer"
 
 
-def _wait_for(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Poll `check` until it returns something truthy, and return that; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    pytest.fail(f"{what} did not happen within {timeout:g}s")
 
 
 def _stored_labels(store: Store) -> dict[str, Any]:
@@ -191,7 +182,7 @@ def test_a_failed_hot_swap_is_tried_again_until_the_artifact_is_restored(tmp_pat
         # v2 is promoted while its artifact is broken: refused, reported, v1 serves; restored: swapped in
         with _broken_artifact(store, 2):
             registry.set_alias(store, registry.PRODUCTION, 2, reason="test")
-            model = _wait_for(lambda: _refusal(client, 2), "/model reporting v2's refusal")
+            model = wait_for(lambda: _refusal(client, 2), "/model reporting v2's refusal")
             assert model["version"] == 1 and "was changed on disk" in model["refused"]
             assert "trying again in " in model["refused"]
             assert (model["replica"]["alias_version"], model["replica"]["in_step"]) == (2, False)
@@ -206,7 +197,7 @@ def test_a_failed_hot_swap_is_tried_again_until_the_artifact_is_restored(tmp_pat
         # v3 the same, and /admin/reload tries at once: refused while broken, loaded once restored
         with _broken_artifact(store, 3):
             registry.set_alias(store, registry.PRODUCTION, 3, reason="test")
-            _wait_for(lambda: _refusal(client, 3), "/model reporting v3's refusal")
+            wait_for(lambda: _refusal(client, 3), "/model reporting v3's refusal")
             broken = client.post("/admin/reload", headers=ADMIN)
             assert broken.status_code == 409
             assert broken.json()["detail"].startswith("model v3 refused: artifact ")
@@ -390,7 +381,7 @@ def test_the_same_labels_sent_at_once_to_two_workers_are_upserted(tmp_path, pg_u
             with store.engine.connect() as conn:
                 return len(prediction_log.find(conn, ids)) == len(ids)
 
-        _wait_for(logged, "the predictions in the log")
+        wait_for(logged, "the predictions in the log")
         answers: list[httpx.Response] = []
         for _ in range(8):  # each round: two clients, two connections, the same ids in opposite orders
             start = threading.Barrier(2)
@@ -485,5 +476,5 @@ def test_a_client_leaving_mid_body_is_no_server_error(guarded):
             sock.sendall(b"POST /feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Authorization: Bearer " + API_TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\n{")
             time.sleep(0.2)
-    _wait_for(lambda: count("499") >= before_499 + 3, "three 499s counted")
+    wait_for(lambda: count("499") >= before_499 + 3, "three 499s counted")
     assert count("500") == before_500

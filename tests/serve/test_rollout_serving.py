@@ -8,7 +8,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -26,7 +26,7 @@ from everloop.registry import finish_rollout, start_rollout
 from everloop.serve import ServerProcess
 from everloop.serve._rollout import BUCKETS, bucket
 from everloop.store import prediction_log
-from tests.conftest import feature_rows, served_project
+from tests.conftest import feature_rows, served_project, wait_for
 
 REPO = str(Path(__file__).resolve().parents[2])  # the server imports RaisingClassifier from here
 RAISE_ENV = "EVERLOOP_TEST_CANDIDATE_RAISES"
@@ -57,14 +57,6 @@ class RaisingClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 
-def _wait(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def _ready_rollout(client: httpx.Client, rollout_id: int, loaded: bool = True) -> dict[str, Any]:
@@ -75,7 +67,7 @@ def _ready_rollout(client: httpx.Client, rollout_id: int, loaded: bool = True) -
         if trial and trial["id"] == rollout_id and (trial["loaded"] if loaded else "error" in trial):
             return body
         return None
-    return _wait(check, f"the server to report rollout {rollout_id}")
+    return wait_for(check, f"the server to report rollout {rollout_id}")
 
 
 def _rows(n: int, seed: int = 11, prefix: str = "c") -> list[dict[str, Any]]:
@@ -158,11 +150,11 @@ def test_shadow_changes_no_answer_and_logs_the_same_ids(two_versions) -> None:
         strip = [{k: v for k, v in p.items() if k != "id"} for p in after]
         assert strip == [{k: v for k, v in p.items() if k != "id"} for p in before]
         ids = {p["id"] for p in after}
-        shadowed = _wait(lambda: (lambda got: got if ids <= got.keys() else None)(
+        shadowed = wait_for(lambda: (lambda got: got if ids <= got.keys() else None)(
             _logged(store, "shadow_batches", rollout=rollout.id)), "the shadow rows to be logged")
         assert {shadowed[i] for i in ids} == {v2}
         assert ids <= _logged(store, "prediction_batches").keys()  # production's rows under the same ids
-        stats = _wait(lambda: (lambda s: s if s.get(v2, (0, 0, 0))[2] >= len(rows) and v1 in s else None)(
+        stats = wait_for(lambda: (lambda s: s if s.get(v2, (0, 0, 0))[2] >= len(rows) and v1 in s else None)(
             _stats(store, rollout.id)), "rollout_stats")
         assert stats[v2][1] == 0 and stats[v1][1] == 0  # no failed call of either version
         assert stats[v1][2] >= len(rows)
@@ -175,7 +167,7 @@ def test_shadow_changes_no_answer_and_logs_the_same_ids(two_versions) -> None:
         ids = [p["id"] for p in _answers(client, rows, 100)]
         chosen = {i for i in ids if bucket(i) < 30 * BUCKETS / 100}
         assert 0.2 < len(chosen) / len(ids) < 0.4
-        _wait(lambda: chosen <= _logged(store, "shadow_batches", rollout=sampled.id).keys(), "the sampled rows")
+        wait_for(lambda: chosen <= _logged(store, "shadow_batches", rollout=sampled.id).keys(), "the sampled rows")
         time.sleep(0.5)  # anything else would have been logged with them
         assert _logged(store, "shadow_batches", rollout=sampled.id).keys() == chosen
 
@@ -201,7 +193,7 @@ def test_canary_share_within_two_points_and_sticky_per_id(two_versions) -> None:
         assert versions == [v2 if bucket(r["customer_id"]) < 25 * BUCKETS / 100 else v1 for r in rows]
         # each version's rows logged under its own version
         ids = {p["id"]: p["model_version"] for p in first}
-        logged = _wait(lambda: (lambda got: got if ids.keys() <= got.keys() else None)(
+        logged = wait_for(lambda: (lambda got: got if ids.keys() <= got.keys() else None)(
             _logged(store, "prediction_batches")), "the canary rows to be logged")
         assert {i: logged[i] for i in ids} == ids
         # a lone row without an id: one version, named in the body and (MLflow) in a header
@@ -224,7 +216,7 @@ def test_a_candidate_that_raises_never_fails_a_request_and_is_counted(two_versio
         _ready_rollout(client, rollout.id)  # loaded by the watcher: it raises only for requests
         answers = _answers(client, rows, 50)
         assert {p["model_version"] for p in answers} == {v1}  # production answered every row
-        stats = _wait(lambda: (lambda s: s if s.get(bad, (0, 0, 0))[1] > 0 else None)(_stats(store, rollout.id)),
+        stats = wait_for(lambda: (lambda s: s if s.get(bad, (0, 0, 0))[1] > 0 else None)(_stats(store, rollout.id)),
                       "the candidate's errors in rollout_stats")
         calls, errors, counted = stats[bad]
         assert errors == calls > 0 and 0 < counted < len(rows)  # every call failed; about half the rows
@@ -234,7 +226,7 @@ def test_a_candidate_that_raises_never_fails_a_request_and_is_counted(two_versio
         shadow = start_rollout(store, spec, bad, "shadow", sample=100, force=True)
         _ready_rollout(client, shadow.id)
         _answers(client, rows, 100)
-        stats = _wait(lambda: (lambda s: s if s.get(bad, (0, 0, 0))[2] >= len(rows) else None)(
+        stats = wait_for(lambda: (lambda s: s if s.get(bad, (0, 0, 0))[2] >= len(rows) else None)(
             _stats(store, shadow.id)), "the shadow candidate's errors in rollout_stats")
         assert stats[bad][1] == stats[bad][0] > 0
         assert _logged(store, "shadow_batches", rollout=shadow.id) == {}
@@ -256,7 +248,7 @@ def test_a_candidate_that_cannot_be_loaded_is_reported_and_counted(two_versions,
         assert client.get("/model").json()["rollout"]["loaded"] is False
         answers = _answers(client, _rows(100), 20)
         assert {p["model_version"] for p in answers} == {v1}
-        stats = _wait(lambda: (lambda s: s if s.get(bad, (0, 0, 0))[2] >= 100 else None)(
+        stats = wait_for(lambda: (lambda s: s if s.get(bad, (0, 0, 0))[2] >= 100 else None)(
             _stats(store, rollout.id)), "the unloaded candidate's calls in rollout_stats")
         assert stats[bad][1] == stats[bad][0] > 0
 
@@ -276,7 +268,7 @@ def test_a_restart_mid_rollout_resumes_it(two_versions) -> None:
         assert after == before and v2 in after
         # promoted: production becomes the candidate, the rollout is no longer reported
         finish_rollout(store, rollout.id, "promoted", reason="good")
-        _wait(lambda: (lambda b: b if b.get("model_version") == v2 and "rollout" not in b else None)(
+        wait_for(lambda: (lambda b: b if b.get("model_version") == v2 and "rollout" not in b else None)(
             client.get("/ready").json()), "the promotion to be served")
         answer = client.post("/predict", json={"instances": rows[:5]}).json()
         assert answer["model_version"] == v2 and "model_version" not in answer["predictions"][0]
