@@ -16,6 +16,11 @@ train, promote) -- is served by each server below in turn, on loopback, and load
                  Inference Protocol requests encoded as its PandasCodec encodes a DataFrame
     bare_asgi    a raw ASGI app answering a constant JSON, uvicorn --workers 2, no access log: the ceiling
 
+    shadow       everloop's own cost of a shadow rollout (issue 16): the `everloop` service above, loaded
+                 alternately with production alone and with a second model version in shadow
+                 (`everloop promote V --shadow`, sample 100%; `everloop rollout abort` after each run),
+                 at 1-row and 100-row requests x 16 connections, medians of 2 (off, on) pairs
+
 Every server runs with OMP_NUM_THREADS=1 (on 2 cores, scikit-learn's default OpenMP threads
 oversubscribe the CPU with 2 workers) and alone: each is started, checked (HTTP 200, and the
 probabilities it answers for one row and for the 100-row batch equal the reference model's), loaded,
@@ -43,13 +48,19 @@ Run:
     .venv/bin/python bench/serve.py --quick      # 3 s per cell, every peer
     .venv/bin/python bench/serve.py --quick --peers flask,bare_asgi    # a subset, while developing
     .venv/bin/python bench/serve.py --quick --only everloop --cells 100x16   # everloop log on/off only
+    .venv/bin/python bench/serve.py --only shadow          # the shadow row only (about 5 minutes)
 
 The last line printed is one JSON object; its headline figures are for one-row requests at 16
 connections: rps_ratio = everloop requests/s / peer requests/s, p99_ratio = everloop p99 / peer p99
 (everloop as shipped, prediction log on), logging_cost = 1 - rps(log on) / rps(log off); and
 logging_cost_100, the same at 100-row requests x 16 connections. logging_cpu_cost(_100) are the same
 costs from the servers' CPU per request (1 - CPU(log off) / CPU(log on), from /proc: all of the
-server's processes), which a busy machine disturbs much less than requests/s.
+server's processes), which a busy machine disturbs much less than requests/s. shadow_rps_ratio and
+shadow_p99_ratio = the shadow row's medians, shadow on / shadow off, at one-row requests x 16
+connections (issue 16's aim: at least 0.5, since the candidate computes every row again, and at most
+1.5); "shadow" holds every cell's medians, ratios and per-pair ratios, and the log check: the shadow
+rows logged to shadow_batches during the "on" runs against the production rows answered meanwhile
+(all_logged: every one, at sample 100%), with the rows the shadow's full queue dropped.
 """
 
 from __future__ import annotations
@@ -615,10 +626,11 @@ def measure(server: Server, fixture: Fixture, wrk: str, seconds: float, warmup: 
         running.stop()
 
 
-def group_cpu_seconds(pgid: int) -> float | None:
+def group_cpu_seconds(pgid: int, children: bool = False) -> float | None:
     """CPU seconds (user + system) used so far by the live processes of a process group (a server and
     its workers), from /proc; None where there is no /proc. On a machine that is not idle, requests/s
-    move with the neighbours' load; CPU per request much less."""
+    move with the neighbours' load; CPU per request much less. `children`: also what their exited
+    children used (a compiler a worker ran), so that the sum never falls when one exits."""
     if not os.path.isdir("/proc"):
         return None
     ticks = 0
@@ -631,7 +643,7 @@ def group_cpu_seconds(pgid: int) -> float | None:
         except OSError:  # gone meanwhile
             continue
         if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ..., utime (12th), stime (13th)
-            ticks += int(fields[11]) + int(fields[12])
+            ticks += int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -699,6 +711,322 @@ def headline(results: dict[str, dict], quick: bool, peers: list[str]) -> dict[st
     return line
 
 
+# -- the shadow row: what a shadow rollout costs the service ----------------------------------------------
+#
+# One everloop service (the main row's: `everloop serve --workers 2`, prediction log on) is loaded in
+# turns off, on, off, on ...: "off" serves production alone, "on" with a shadow rollout of a second
+# model version active (`everloop promote V --shadow`, sample rollout.shadow_sample = 100%: the
+# candidate also scores every answered row, off the response path). Each "on" is a rollout of its own,
+# started before its warm-up and aborted after its measured run (`everloop rollout abort`), so both
+# halves run in the same processes and alternate, and machine noise falls on both alike; the medians
+# of each half are compared. Each "on" run also checks that the candidate changed no answer and that
+# every production row it answered got its shadow row logged (shadow_batches under the rollout).
+
+SHADOW_SCENARIOS = [HEADLINE, (BATCH_ROWS, 16)]  # the headline cell, and 100-row requests
+# issue 16's aims: throughput at least half of shadow off (the candidate computes every row a second
+# time: at most 2x the cost), p99 at most 1.5x.
+SHADOW_AIM = {"rps_ratio_min": 0.5, "p99_ratio_max": 1.5}
+WORKERS = 2  # the everloop service's --workers (see _everloop)
+
+
+def add_candidate(fixture: Fixture) -> int:
+    """A second model version to shadow production with, made as the loop would make one: 2,000 newer
+    rows appended to the project's source, ingested, and a model trained on the 12,000 (not promoted).
+    Its compiled trees are built into the store's cache now, as production's were when the first
+    service started, so that each rollout's load of it in the service finds them. Returns its version."""
+    import pandas as pd
+
+    from everloop import data, registry, train
+    from everloop.demo import make_churn
+    from everloop.demo._scenario import START
+    from everloop.serve._compiled import compile_model
+    from everloop.spec import load_spec
+    from everloop.store import Store
+
+    project = fixture.project
+    newer = make_churn(2000, seed=8, start=START + pd.Timedelta(minutes=10000), id_offset=10000)
+    newer.to_csv(project / "data/customers.csv", mode="a", header=False, index=False)
+    spec = load_spec(project)
+    store = Store.for_project(project)
+    data.ingest(store, spec, base=project)
+    version = train.train(store, spec, reason="bench/serve.py: the shadow candidate").version
+    model = registry.load_model(store, version)
+    probe = registry.eval_frame(store, model.manifest).head(200)
+    # as the service's holder does: the fast feature path checked first (only a model on it is compiled)
+    if spec.serving.compile_trees and model.check_fast_path(probe):
+        compile_model(model, probe, store)
+    return version
+
+
+def _everloop_cli(fixture: Fixture, *args: str) -> tuple[int, Any, str]:
+    """`everloop ARGS --project P --json`: (exit code, its JSON answer or None, stderr)."""
+    done = subprocess.run([_everloop_bin(), *args, "--project", str(fixture.project), "--json"],
+                          capture_output=True, text=True, check=False, timeout=600,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        answer = json.loads(done.stdout) if done.stdout.strip() else None
+    except ValueError:
+        answer = None
+    return done.returncode, answer, done.stderr.strip() or done.stdout.strip()
+
+
+def start_shadow(fixture: Fixture, candidate: int, force: bool, say: Callable[[str], None]) -> tuple[dict, bool]:
+    """`everloop promote CANDIDATE --shadow`: (the rollout as the CLI answers it, whether --force was
+    needed). The gate decides first; a candidate it refuses is shadowed anyway with --force (this
+    measures the cost, not the model), and said so. Raises RuntimeError when no rollout started."""
+    code, answer, err = _everloop_cli(fixture, "promote", str(candidate), "--shadow", *(["--force"] * force))
+    if code != 0 and not force and isinstance(answer, dict) and answer.get("passed") is False:
+        say(f"    the gate refused v{candidate} ({'; '.join(answer.get('reasons', []))}): shadowed with --force")
+        return start_shadow(fixture, candidate, True, say)
+    if code != 0 or not isinstance(answer, dict) or answer.get("status") != "active":
+        raise RuntimeError(f"everloop promote {candidate} --shadow failed (exit {code}): {err[-1500:]}")
+    return answer, force
+
+
+def abort_shadow(fixture: Fixture) -> None:
+    """`everloop rollout abort`; raises RuntimeError when it fails."""
+    code, answer, err = _everloop_cli(fixture, "rollout", "abort", "--reason", "bench/serve.py: shadow off")
+    if code != 0 or not isinstance(answer, dict) or answer.get("status") != "aborted":
+        raise RuntimeError(f"everloop rollout abort failed (exit {code}): {err[-1500:]}")
+
+
+def wait_rollout(running: Running, rollout_id: int | None, timeout: float = 120.0) -> float:
+    """Seconds until every worker serves rollout `rollout_id` with its candidate loaded (None: no rollout):
+    GET /model until WORKERS distinct worker pids answered so, none of them otherwise since. Raises
+    RuntimeError when the candidate failed to load, the server died, or after `timeout` seconds."""
+    start = time.monotonic()
+    ready: set[int] = set()
+    while time.monotonic() - start < timeout:
+        if running.process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {running.process.returncode}:\n{running.log_tail()}")
+        with urllib.request.urlopen(running.url + "/model", timeout=5) as response:
+            info = json.loads(response.read())
+        trial, pid = info.get("rollout"), info["replica"]["pid"]
+        if rollout_id is None:
+            serving = trial is None
+        else:
+            if trial and trial.get("error"):
+                raise RuntimeError(f"rollout {rollout_id}: {trial['error']}")
+            serving = bool(trial) and trial["id"] == rollout_id and trial["loaded"]
+        if serving:
+            ready.add(pid)
+        else:
+            ready.discard(pid)
+        if len(ready) >= WORKERS:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    want = "no rollout" if rollout_id is None else f"rollout {rollout_id} with its candidate loaded"
+    raise RuntimeError(f"the workers did not all serve {want} within {timeout:g} s")
+
+
+def wait_idle(running: Running, timeout: float = 60.0, window: float = 0.5, busy: float = 0.2) -> float:
+    """Seconds until the server's processes use under `busy` of one core over `window` seconds: a
+    candidate just loaded has its trees compiled (from the cache) in a background thread, which /model
+    does not report; this waits for that work to end, so the warm-up and the run measure the steady
+    state. Returns at `timeout` anyway (the run then starts on a busy server), or at once without /proc."""
+    start = time.monotonic()
+    before = group_cpu_seconds(running.process.pid, children=True)
+    while before is not None and time.monotonic() - start < timeout:
+        time.sleep(window)
+        now = group_cpu_seconds(running.process.pid, children=True)
+        if now - before < busy * window:
+            break
+        before = now
+    return time.monotonic() - start
+
+
+def _metric_sum(exposition: str, name: str) -> float:
+    """The sum over every label set of metric `name` in a Prometheus text exposition (0 when absent)."""
+    total = 0.0
+    for line in exposition.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def logged_counts(store: Any, running: Running, rollout_id: int | None, timeout: float = 60.0) -> dict[str, Any]:
+    """The prediction log's rows once the service's writers caught up: its log queue empty and nothing
+    new written for a second (the shadow thread's rows reach the same writer). `production_rows`: rows
+    in prediction_batches; `shadow_rows`: rows in shadow_batches under `rollout_id`; `shadow_dropped`,
+    `log_dropped` (rows) and `rollout_failed_calls`: the service's counters, cumulative since it started.
+    `settled` False: still moving after `timeout` seconds."""
+    import sqlalchemy as sa
+
+    t = store.tables
+    last: dict[str, Any] | None = None
+    since = start = time.monotonic()
+    while True:
+        with store.engine.connect() as conn:
+            production = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(t.prediction_batches.c.rows), 0))).scalar()
+            shadow = 0 if rollout_id is None else conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(t.shadow_batches.c.rows), 0))
+                .where(t.shadow_batches.c.rollout == rollout_id)).scalar()
+        with urllib.request.urlopen(running.url + "/metrics", timeout=10) as response:
+            exposition = response.read().decode()
+        counts = {"production_rows": int(production), "shadow_rows": int(shadow),
+                  "shadow_dropped": int(_metric_sum(exposition, "everloop_shadow_dropped_total")),
+                  "log_dropped": int(_metric_sum(exposition, "everloop_prediction_log_dropped_total")),
+                  "rollout_failed_calls": int(_metric_sum(exposition, "everloop_rollout_failed_calls_total"))}
+        queued = _metric_sum(exposition, "everloop_prediction_log_queue")
+        now = time.monotonic()
+        if counts != last:
+            last, since = counts, now
+        elif queued == 0 and now - since >= 1.0:
+            return counts | {"settled": True}
+        if now - start > timeout:
+            return counts | {"settled": False}
+        time.sleep(0.2)
+
+
+def measure_shadow(fixture: Fixture, candidate: int, wrk: str, seconds: float, warmup: float, logs: Path,
+                   say: Callable[[str], None], scenarios: list[tuple[int, int]], pairs: int) -> dict[str, Any]:
+    """The shadow row: start the main row's everloop service, then per scenario `pairs` times a run
+    with shadow off and one with a shadow rollout of `candidate` on (see the comment above); stop it.
+    {"candidate_version", "production_version", "sample", "forced", "ready_s", "runs": {(rows, conns): [run]}},
+    each run wrk's numbers plus "shadow" (bool), "cpu_us_per_request", and for "on" runs "rollout" and
+    "log" (production_rows, shadow_rows, shadow_dropped, log_dropped, rollout_failed_calls, settled)."""
+    from everloop.store import Store
+
+    main_row = next(s for s in servers() if s.key == "everloop")
+    server = Server("everloop_shadow", "everloop serve --workers 2, shadow off/on", None, main_row.command,
+                    main_row.body, main_row.answer, before=main_row.before, settle=main_row.settle)
+    server.before(fixture)
+    store = Store.for_project(fixture.project)
+    running = Running(server, fixture, logs)
+    out: dict[str, Any] = {"candidate_version": candidate, "production_version": fixture.model_version,
+                           "forced": False, "runs": {}}
+    try:
+        path, body = server.body(fixture, 1)
+        out["ready_s"] = running.wait_ready(path, json.dumps(body).encode(), server.ready_timeout)
+        say(f"  {server.settle(running)}")
+        check_answers(server, fixture, running)
+        say(f"  ready in {out['ready_s']:.1f} s, answers checked; candidate model v{candidate}, production "
+            f"v{fixture.model_version}; {pairs} x (off, on) per cell")
+        for rows, connections in scenarios:
+            path, body = server.body(fixture, rows)
+            script = lua_script(fixture.work / "wrk", f"shadow_{rows}", json.dumps(body).encode())
+            url = running.url + path
+            runs = out["runs"][(rows, connections)] = []
+            for i in range(pairs):
+                for shadow in (False, True):
+                    rollout = before = None
+                    if shadow:
+                        before = logged_counts(store, running, None)
+                        rollout, out["forced"] = start_shadow(fixture, candidate, out["forced"], say)
+                        out["sample"] = rollout["sample"]
+                        wait_rollout(running, rollout["id"])
+                        wait_idle(running)
+                        check_answers(server, fixture, running)  # the shadow changes no answer
+                    if warmup > 0:
+                        run_wrk(wrk, url, script, connections, warmup)
+                    cpu = group_cpu_seconds(running.process.pid)
+                    cell = run_wrk(wrk, url, script, connections, seconds)
+                    if running.process.poll() is not None:
+                        raise RuntimeError(f"the server died under load:\n{running.log_tail()}")
+                    if cpu is not None and cell["requests"]:
+                        cell["cpu_us_per_request"] = round((group_cpu_seconds(running.process.pid) - cpu)
+                                                           / cell["requests"] * 1e6, 1)
+                    cell["shadow"] = shadow
+                    note = ""
+                    if shadow:
+                        after = logged_counts(store, running, rollout["id"])
+                        abort_shadow(fixture)
+                        wait_rollout(running, None)
+                        wait_idle(running)
+                        cell["rollout"] = rollout["id"]
+                        cell["log"] = {"production_rows": after["production_rows"] - before["production_rows"],
+                                       "shadow_rows": after["shadow_rows"], "settled": after["settled"]}
+                        cell["log"] |= {k: after[k] - before[k]
+                                        for k in ("shadow_dropped", "log_dropped", "rollout_failed_calls")}
+                        log = cell["log"]
+                        note = (f"  shadow rows logged {log['shadow_rows']:,} of {log['production_rows']:,} "
+                                f"production rows (dropped {log['shadow_dropped']:,}, failed calls "
+                                f"{log['rollout_failed_calls']})")
+                    runs.append(cell)
+                    cpu_text = (f"  server CPU {cell['cpu_us_per_request']:.0f} us/request"
+                                if "cpu_us_per_request" in cell else "")
+                    say(f"    {rows:>3} row(s) x {connections:>2} conn, shadow {'on ' if shadow else 'off'} "
+                        f"({i + 1}/{pairs}): {cell['rps']:>9.1f} req/s  p50 {_fmt_ms(cell['p50_ms'])}  "
+                        f"p99 {_fmt_ms(cell['p99_ms'])}  errors {cell['errors']}{cpu_text}{note}")
+        return out
+    finally:
+        running.stop()
+
+
+def shadow_summary(measured: dict[str, Any]) -> dict[str, Any]:
+    """Per cell ("ROWSxCONNS"): the medians of the off and the on runs, the ratios on / off (req/s,
+    p99, server CPU per request), errors, and the log check: `all_logged` when the on runs' shadow rows
+    equal their production rows times the sample (100%: every row), with the shares found."""
+    from statistics import median
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
+    sample = measured.get("sample", 100.0)
+    cells: dict[str, Any] = {}
+    for (rows, connections), runs in measured["runs"].items():
+        off = [r for r in runs if not r["shadow"]]
+        on = [r for r in runs if r["shadow"]]
+        if not off or not on:
+            continue
+        med = {side: {key: median(r[key] for r in group) if all(r.get(key) for r in group) else None
+                      for key in ("rps", "p99_ms", "cpu_us_per_request")}
+               for side, group in (("off", off), ("on", on))}
+        production = sum(r["log"]["production_rows"] for r in on)
+        shadowed = sum(r["log"]["shadow_rows"] for r in on)
+        expected = production * sample / 100
+        cells[f"{rows}x{connections}"] = {
+            "rps_off": round(med["off"]["rps"], 1), "rps_on": round(med["on"]["rps"], 1),
+            "p99_off_ms": med["off"]["p99_ms"], "p99_on_ms": med["on"]["p99_ms"],
+            "rps_ratio": ratio(med["on"]["rps"], med["off"]["rps"]),
+            "p99_ratio": ratio(med["on"]["p99_ms"], med["off"]["p99_ms"]),
+            "cpu_ratio": ratio(med["on"]["cpu_us_per_request"], med["off"]["cpu_us_per_request"]),
+            # each pair's own ratios: how much the machine moved between runs
+            "pair_rps_ratios": [ratio(b["rps"], a["rps"]) for a, b in zip(off, on)],
+            "pair_p99_ratios": [ratio(b["p99_ms"], a["p99_ms"]) for a, b in zip(off, on)],
+            "errors_off": sum(r["errors"] for r in off), "errors_on": sum(r["errors"] for r in on),
+            "log": {"production_rows": production, "shadow_rows": shadowed,
+                    "shadow_dropped": sum(r["log"]["shadow_dropped"] for r in on),
+                    "log_dropped": sum(r["log"]["log_dropped"] for r in on),
+                    "rollout_failed_calls": sum(r["log"]["rollout_failed_calls"] for r in on),
+                    "share": round(shadowed / production, 4) if production else None,
+                    "all_logged": production > 0 and (shadowed == production if sample >= 100
+                                                      else abs(shadowed - expected) <= max(0.02 * production, 10)),
+                    "settled": all(r["log"]["settled"] for r in on)}}
+        cell = cells[f"{rows}x{connections}"]
+        cell["aim_met"] = (cell["rps_ratio"] is not None and cell["p99_ratio"] is not None
+                           and cell["rps_ratio"] >= SHADOW_AIM["rps_ratio_min"]
+                           and cell["p99_ratio"] <= SHADOW_AIM["p99_ratio_max"])
+    pairs = max((len(runs) // 2 for runs in measured["runs"].values()), default=0)
+    return {"candidate_version": measured["candidate_version"], "production_version": measured["production_version"],
+            "sample": sample, "forced": measured["forced"], "pairs": pairs, "aim": SHADOW_AIM, "cells": cells}
+
+
+def shadow_table(summary: dict[str, Any]) -> str:
+    out = [f"### shadow rollout: candidate v{summary['candidate_version']} beside production "
+           f"v{summary['production_version']}, sample {summary['sample']:g}% (medians of {summary['pairs']} "
+           "alternating off / on runs)", "",
+           "| cell | off req/s (p99) | on req/s (p99) | req/s on/off | p99 on/off | CPU/request on/off "
+           "| errors on | shadow rows logged / production rows |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for key, c in summary["cells"].items():
+        rows, connections = key.split("x")
+        log = c["log"]
+        logged = (f"{log['shadow_rows']:,} / {log['production_rows']:,} "
+                  f"({'all' if log['all_logged'] else 'NOT all'}; dropped {log['shadow_dropped']:,})")
+        out.append(f"| {rows} row(s) x {connections} conn | {c['rps_off']:,.1f} ({_fmt_ms(c['p99_off_ms'])}) | "
+                   f"{c['rps_on']:,.1f} ({_fmt_ms(c['p99_on_ms'])}) | {c['rps_ratio']} | {c['p99_ratio']} | "
+                   f"{c['cpu_ratio'] if c['cpu_ratio'] is not None else '-'} | {c['errors_on']} | {logged} |")
+    aim = summary["aim"]
+    out += ["", f"aim (issue 16): req/s on/off >= {aim['rps_ratio_min']} (at most 2x the cost), p99 on/off <= "
+                f"{aim['p99_ratio_max']}: " + ", ".join(f"{k} {'met' if c['aim_met'] else 'NOT met'}"
+                                                      for k, c in summary["cells"].items())]
+    if summary["forced"]:
+        out.append(f"(the gate refused candidate v{summary['candidate_version']}; it was shadowed with --force)")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -706,14 +1034,19 @@ def main() -> None:
     parser.add_argument("--peers", default=",".join(PEERS),
                         help=f"comma-separated subset of {','.join(PEERS)} (everloop always runs)")
     parser.add_argument("--seconds", type=float, help="seconds per measured cell (overrides --quick)")
-    parser.add_argument("--only", choices=["everloop"],
-                        help="only everloop's servers (log on, and off unless --no-nolog): no peer is installed")
+    parser.add_argument("--only", choices=["everloop", "shadow"],
+                        help="everloop: only everloop's servers (log on, and off unless --no-nolog); shadow: only "
+                             "the shadow row; no peer is installed")
     parser.add_argument("--cells", help="comma-separated subset of the scenarios as ROWSxCONNECTIONS, e.g. 100x16 "
-                                        f"(default all: {','.join(f'{r}x{c}' for r, c in SCENARIOS)})")
+                                        f"(default all: {','.join(f'{r}x{c}' for r, c in SCENARIOS)}; the shadow "
+                                        f"row: {','.join(f'{r}x{c}' for r, c in SHADOW_SCENARIOS)})")
     parser.add_argument("--no-nolog", action="store_true", help="skip everloop's log-off run (no logging_cost)")
+    parser.add_argument("--no-shadow", action="store_true", help="skip the shadow row")
+    parser.add_argument("--shadow-pairs", type=int, default=2, metavar="N",
+                        help="the shadow row's (off, on) runs per cell, alternating; medians reported (default 2)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (project, logs, bodies)")
     args = parser.parse_args()
-    peers = [] if args.only == "everloop" else [p.strip() for p in args.peers.split(",") if p.strip()]
+    peers = [] if args.only else [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = set(peers) - set(PEERS)
     if unknown:
         parser.error(f"unknown peer(s) {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}")
@@ -725,6 +1058,12 @@ def main() -> None:
             scenarios = []
         if not scenarios or not set(scenarios) <= set(SCENARIOS):
             parser.error(f"--cells {args.cells!r}: choose from {','.join(f'{r}x{c}' for r, c in SCENARIOS)}")
+    if args.shadow_pairs < 1:
+        parser.error(f"--shadow-pairs {args.shadow_pairs}: at least 1")
+    if args.only == "shadow" and args.no_shadow:
+        parser.error("--only shadow with --no-shadow: nothing to run")
+    shadow_row = args.only != "everloop" and not args.no_shadow
+    shadow_scenarios = scenarios if args.cells else SHADOW_SCENARIOS
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     warmup = 1.0 if args.quick else 2.0
 
@@ -776,8 +1115,9 @@ def main() -> None:
                 broken["mlflow"] = str(exc)
                 say(f"mlflow: {exc}")
 
-        chosen = [s for s in servers() if s.key in peers or s.key == "everloop" or
-                  (s.key == "everloop_nolog" and not args.no_nolog)]
+        chosen = [] if args.only == "shadow" else [
+            s for s in servers() if s.key in peers or s.key == "everloop" or
+            (s.key == "everloop_nolog" and not args.no_nolog)]
         labels = {s.key: s.label for s in chosen}
         results: dict[str, dict] = {}
         for server in chosen:
@@ -791,16 +1131,41 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - one failing server must not lose the others' numbers
                 results[server.key] = {"error": f"{type(exc).__name__}: {exc}"}
                 say(f"  {server.key} FAILED: {type(exc).__name__}: {exc}")
+        shadow: dict[str, Any] | None = None
+        if shadow_row:
+            say("the shadow row: a second model version to shadow with (2,000 newer rows, ingest, train) ...")
+            started = time.perf_counter()
+            try:
+                candidate = add_candidate(fixture)
+                say(f"  model v{candidate} in {time.perf_counter() - started:.0f} s")
+                say("everloop serve --workers 2, shadow rollout off / on:")
+                measured = measure_shadow(fixture, candidate, wrk, seconds, warmup, work / "logs", say,
+                                          shadow_scenarios, args.shadow_pairs)
+                shadow = shadow_summary(measured)
+            except Exception as exc:  # noqa: BLE001 - the other rows' numbers are still worth printing
+                shadow = {"error": f"{type(exc).__name__}: {exc}"}
+                say(f"  shadow FAILED: {type(exc).__name__}: {exc}")
 
         say("")
         say(f"## Results ({'quick: ' if args.quick else ''}{seconds:g} s per cell; req/s, latency percentiles and "
             f"errors from wrk; rows/s = req/s x rows per request)")
         say("")
-        say(tables(results, labels, scenarios))
+        if results:
+            say(tables(results, labels, scenarios))
         for key, result in results.items():
             if "error" in result:
                 say(f"{key} failed: {result['error']}")
-        line = headline(results, args.quick, peers)
+        if shadow and "cells" in shadow:
+            say(shadow_table(shadow))
+        if args.only == "shadow":
+            line = {"bench": "serve", "quick": args.quick, "only": "shadow"}
+        else:
+            line = headline(results, args.quick, peers)
+        if shadow is not None:
+            # the headline cell's ratios on top, everything in "shadow"
+            cell = shadow.get("cells", {}).get(f"{HEADLINE[0]}x{HEADLINE[1]}", {})
+            line["shadow_rps_ratio"], line["shadow_p99_ratio"] = cell.get("rps_ratio"), cell.get("p99_ratio")
+            line["shadow"] = shadow
         line["ready_s"] = {k: round(r["ready_s"], 1) for k, r in results.items() if "ready_s" in r}
         line["install"] = installs
     finally:

@@ -448,14 +448,15 @@ class PredictionLog:
         return rows
 
     def _write(self, entries: list[LogEntry]) -> None:
-        # one batch row per run of one model version (a swap splits them); a shadow candidate's rows
-        # (under a rollout) go to shadow_batches
-        batch_rows, shadow_rows = [], []
-        for (_, rollout), group in itertools.groupby(entries, key=lambda e: (e.model_version, e.rollout)):
-            if rollout is None:
-                batch_rows.append(batch_row(list(group)))
-            else:
-                shadow_rows.append(batch_row(list(group)) | {"rollout": rollout})
+        # One batch row per run of one model version (a swap or a canary splits them: a batch holds one
+        # range of id counters). A shadow candidate's rows (under a rollout) go to shadow_batches; they
+        # reuse production's ids, so they are grouped apart first: interleaved with production's, they
+        # would otherwise cut every model call into a batch row of its own.
+        answered = [e for e in entries if e.rollout is None]
+        shadowed = [e for e in entries if e.rollout is not None]
+        batch_rows = [batch_row(list(group)) for _, group in itertools.groupby(answered, key=lambda e: e.model_version)]
+        shadow_rows = [batch_row(list(group)) | {"rollout": rollout} for (_, rollout), group
+                       in itertools.groupby(shadowed, key=lambda e: (e.model_version, e.rollout))]
         with self.store.engine.begin() as conn:
             if batch_rows:
                 conn.execute(self.store.tables.prediction_batches.insert(), batch_rows)
