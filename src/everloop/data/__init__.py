@@ -27,6 +27,8 @@ from everloop.data._schema_file import (
 )
 from everloop.data._sources import TypedReadFailed, iter_batches, read_file, read_source, source_files
 from everloop.data._stats import ColumnStats, DatasetStats
+from everloop.data._views import (QUARANTINE_REASON, QUARANTINE_ROW, DatasetPage, anomaly_summary, column_summary,
+                                  dataset_page, quarantine_head, schema_view)
 
 __all__ = [
     "NULL_TOKENS", "SCHEMA_FILE", "accept_schema", "diff_datasets", "evolve", "infer_source", "load_schema_file", "schema_changes", "schema_yaml",
@@ -34,4 +36,5 @@ __all__ = [
     "Anomaly", "ColumnRole", "ColumnSchema", "DatasetVersion", "Schema", "ValidationReport", "current_schema",
     "ColumnStats", "DatasetStats", "TypedReadFailed", "get_dataset", "get_schema", "ingest", "ingest_frame",
     "iter_batches", "list_datasets", "source_files", "load_frame", "load_quarantine", "read_file", "read_source", "validate",
+    "QUARANTINE_REASON", "QUARANTINE_ROW", "DatasetPage", "anomaly_summary", "column_summary", "dataset_page", "quarantine_head", "schema_view",
 ]

@@ -54,12 +54,16 @@ def url(request: Request, path: str) -> str:
     return request.scope.get("root_path", "").rstrip("/") + path
 
 
-def chart(figure: go.Figure, *, id: str, height: int | None = None) -> Markup:
-    """A plotly figure as a <div> drawn by base.html's script (plotly.min.js served from the package).
-    The figure's JSON is HTML-escaped in the attribute, so text from the data cannot break out of it."""
+def chart(figure: go.Figure, *, id: str, height: int | None = None, click: str | None = None) -> Markup:
+    """A plotly figure as a <div> drawn by static/ui.js (plotly.min.js served from the package).
+    `click`: a URL template opened when a point is clicked, with {x}, {y} and {customdata} replaced by the
+    point's (URL-encoded). The figure's JSON is HTML-escaped in the attribute, so text from the data
+    cannot break out of it."""
     if height:
         figure.update_layout(height=height)
     payload = figure.to_json()
+    if click:
+        return Markup('<div class="chart" id="{}" data-figure="{}" data-click="{}"></div>').format(id, payload, click)
     return Markup('<div class="chart" id="{}" data-figure="{}"></div>').format(id, payload)
 
 
