@@ -63,6 +63,10 @@ def test_alerts_reach_the_webhook_and_runs_are_stored(client, webhook):
     assert received[0]["alerts"] == result.alerts
     stored = list_runs(client.store, limit=1)[-1]
     assert stored["status"] == result.status and stored["distributions"]
+    # the scores' distribution, reference vs window, counting every scored row of the window
+    scores = stored["prediction_distribution"]
+    inside = sum(scores["current"]) + scores["below"]["current"] + scores["above"]["current"]
+    assert inside + scores["missing"]["current"] == result.window["rows"] == 1000 and sum(scores["reference"]) > 0
 
 
 def test_prediction_drift_alerts_unless_left_out_of_alert_on(client):

@@ -64,6 +64,8 @@ class MonitorResult:
     health: dict[str, Any]
     skew: dict[str, Any] = field(default_factory=dict)
     distributions: dict[str, Any] = field(default_factory=dict)  # coarse reference vs window, for reports
+    # the model's scores (positive-class probability, or the predicted value), coarse reference vs window
+    prediction_distribution: dict[str, Any] = field(default_factory=dict)
     alerts: list[str] = field(default_factory=list)
     not_judged: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # reported, not alerts (e.g. ignored settings)
@@ -93,7 +95,8 @@ class MonitorResult:
                          "drift": self.drift.to_dict() if self.drift else None,
                          "prediction_drift": self.prediction_drift.__dict__ if self.prediction_drift else None,
                          "performance": self.performance, "health": self.health, "skew": self.skew,
-                         "distributions": self.distributions, "earlier": self.earlier})
+                         "distributions": self.distributions, "prediction_distribution": self.prediction_distribution,
+                         "earlier": self.earlier})
 
 
 def monitor(store: Store, spec: ProjectSpec, *, model: int | str = PRODUCTION, record: bool = True,
@@ -185,6 +188,7 @@ def judge(store: Store, spec: ProjectSpec, trained: TrainedModel, window: _windo
     result.prediction_drift = DriftDetector(m.drift.prediction.p_value, m.drift.prediction.min_effect).fit_profile(
         prediction_profile).score_profile(scores).columns[0]
     result.distributions = coarse_distributions(profile, counted, _most_drifted(result.drift))
+    result.prediction_distribution = coarse_distributions(prediction_profile, scores, ["prediction"]).get("prediction", {})
     _estimated_performance(spec, trained, acc, result, judged)
     result.skew = replay_skew(trained, acc.sample_features(), acc.sample_outputs, max_rows=m.skew.sample_rows,
                               tolerance=m.skew.tolerance)

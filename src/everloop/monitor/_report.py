@@ -370,11 +370,17 @@ def _health_text(health: dict[str, Any]) -> str:
 # -- charts -----------------------------------------------------------------------------------------
 
 
-def _ticks(runs: list[dict[str, Any]]) -> tuple[list[int], list[str], list[str]]:
+PANELS = ("performance", "drift", "prediction", "latency", "errors")  # over_time's panels, top to bottom
+_PANEL_TITLES = {"drift": "share of features drifted", "prediction": "prediction drift (effect)",
+                 "latency": "latency (ms)", "errors": "error rates (%)"}
+
+
+def _ticks(runs: list[dict[str, Any]], versions: bool = False) -> tuple[list[int], list[str], list[str]]:
     """Integer x positions (1..n), their tick texts (every one up to 30 windows, then every k-th), and
-    hover labels."""
+    hover labels. `versions`: tick texts name the model version too ("v2 #1"), for runs of several."""
     x = list(range(1, len(runs) + 1))
-    text = [html.escape(_window_name(r, i)) + (f"<br>{html.escape(_start(r))}" if _start(r) else "")
+    text = [(f"v{html.escape(str(r.get('model_version', '?')))} " if versions else "")
+            + html.escape(_window_name(r, i)) + (f"<br>{html.escape(_start(r))}" if _start(r) else "")
             for i, r in zip(x, runs)]
     step = max(1, math.ceil(len(x) / 30))
     keep = x[::step]
@@ -384,77 +390,184 @@ def _ticks(runs: list[dict[str, Any]]) -> tuple[list[int], list[str], list[str]]
 
 
 def _over_time(runs: list[dict[str, Any]], spec: ProjectSpec | None) -> go.Figure:
+    return over_time(runs, spec)
+
+
+def over_time(runs: list[dict[str, Any]], spec: ProjectSpec | None = None, panels: tuple[str, ...] = PANELS,
+              *, versions: bool = False) -> go.Figure:
+    """Signals over windows, one panel (subplot, shared x axis) per name in `panels`, in that order:
+    "performance" (the metric on labelled rows, estimated without labels (CBPE) with its interval, at
+    training, the decay threshold and min_metric), "drift" (share of features drifted vs its maximum),
+    "prediction" (prediction drift effect), "latency" (p50 and p99 in ms vs max p99), "errors" (server
+    error and refused rates in % vs their maximums). `runs`: monitor results, oldest first; x is the run's
+    position 1..n, labelled with its window index and start time (`versions`: and model version).
+    `spec` supplies thresholds a run does not carry. Raises ValueError for an unknown or no panel."""
+    unknown = [p for p in panels if p not in PANELS]
+    if unknown or not panels:
+        raise ValueError(f"panels {unknown or '(none)'}: expected some of {', '.join(PANELS)}")
     x = list(range(1, len(runs) + 1))
-    tickvals, ticktext, hover = _ticks(runs)
+    tickvals, ticktext, hover = _ticks(runs, versions)
     perfs = [_dict(r.get("performance")) for r in runs]
     metric = next((str(p["metric"]) for p in reversed(perfs) if p.get("metric")), "metric")
-    fig = make_subplots(rows=5, cols=1, shared_xaxes=True, vertical_spacing=0.05, subplot_titles=(
-        f"{html.escape(metric)}: on labelled rows, estimated without labels, at training, decay threshold",
-        "share of features drifted", "prediction drift (effect)", "latency (ms)", "error rates (%)"))
+    titles = {"performance": f"{html.escape(metric)}: on labelled rows, estimated without labels, at training, "
+                             "decay threshold"} | _PANEL_TITLES
+    every = tuple(panels) == PANELS  # the report's figure: its layout kept as it always was
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True,
+                        vertical_spacing=0.05 if every else min(0.3 / len(panels), 0.12),
+                        subplot_titles=tuple(titles[p] for p in panels))
+    row_of = {p: i for i, p in enumerate(panels, start=1)}
 
-    def line(y: list[float | None], name: str, row: int, **style: Any) -> None:
+    def line(y: list[float | None], name: str, panel: str, **style: Any) -> None:
         if any(v is not None for v in y):
-            fig.add_trace(go.Scatter(x=x, y=y, name=name, text=hover, connectgaps=False, **style), row, 1)
+            fig.add_trace(go.Scatter(x=x, y=y, name=name, text=hover, connectgaps=False, **style), row_of[panel], 1)
 
-    low = [_float(p.get("estimated_low")) for p in perfs]
-    high = [_float(p.get("estimated_high")) for p in perfs]
-    if any(v is not None for v in low) and any(v is not None for v in high):
-        fig.add_trace(go.Scatter(x=x, y=high, mode="lines", line={"width": 0}, showlegend=False,
-                                 hoverinfo="skip"), 1, 1)
-        fig.add_trace(go.Scatter(x=x, y=low, mode="lines", line={"width": 0}, fill="tonexty",
-                                 fillcolor="rgba(255,127,14,0.2)", name="estimate interval"), 1, 1)
-    line([_float(p.get("estimated")) for p in perfs], "estimated without labels", 1, mode="lines+markers",
-         line={"color": "#ff7f0e", "dash": "dash"},
-         marker={"color": ["#c62828" if p.get("estimated_decayed") else "#ff7f0e" for p in perfs]})
-    line(_labelled_points(perfs), "on labelled rows", 1, mode="lines+markers",
-         line={"color": "#1f77b4"}, marker={"size": 8, "color": [_RED if p.get("decayed") else "#1f77b4"
-                                                                  for p in perfs]})
-    line([_float(p.get("expected")) for p in perfs], "at training", 1, mode="lines",
-         line={"color": "#555", "dash": "dot"})
-    line([_threshold(p, spec) for p in perfs], "decay threshold", 1, mode="lines",
-         line={"color": _RED, "dash": "dash", "width": 1})
-    min_metric = spec.monitoring.performance.min_metric if spec is not None else None
-    if min_metric is not None:
-        line([float(min_metric)] * len(x), "min_metric", 1, mode="lines", line={"color": _RED, "dash": "dot"})
+    if "performance" in row_of:
+        low = [_float(p.get("estimated_low")) for p in perfs]
+        high = [_float(p.get("estimated_high")) for p in perfs]
+        if any(v is not None for v in low) and any(v is not None for v in high):
+            fig.add_trace(go.Scatter(x=x, y=high, mode="lines", line={"width": 0}, showlegend=False,
+                                     hoverinfo="skip"), row_of["performance"], 1)
+            fig.add_trace(go.Scatter(x=x, y=low, mode="lines", line={"width": 0}, fill="tonexty",
+                                     fillcolor="rgba(255,127,14,0.2)", name="estimate interval"),
+                          row_of["performance"], 1)
+        line([_float(p.get("estimated")) for p in perfs], "estimated without labels", "performance",
+             mode="lines+markers", line={"color": "#ff7f0e", "dash": "dash"},
+             marker={"color": ["#c62828" if p.get("estimated_decayed") else "#ff7f0e" for p in perfs]})
+        line(_labelled_points(perfs), "on labelled rows", "performance", mode="lines+markers",
+             line={"color": "#1f77b4"}, marker={"size": 8, "color": [_RED if p.get("decayed") else "#1f77b4"
+                                                                      for p in perfs]})
+        line([_float(p.get("expected")) for p in perfs], "at training", "performance", mode="lines",
+             line={"color": "#555", "dash": "dot"})
+        line([_threshold(p, spec) for p in perfs], "decay threshold", "performance", mode="lines",
+             line={"color": _RED, "dash": "dash", "width": 1})
+        min_metric = spec.monitoring.performance.min_metric if spec is not None else None
+        if min_metric is not None:
+            line([float(min_metric)] * len(x), "min_metric", "performance", mode="lines",
+                 line={"color": _RED, "dash": "dot"})
 
-    drifts = [_dict(r.get("drift")) for r in runs]
-    share = [_float(d.get("drifted_share")) for d in drifts]
-    if any(v is not None for v in share):
-        fig.add_trace(go.Bar(x=x, y=share, name="drifted share", text=hover, textposition="none",
-                             marker_color=[_RED if d.get("dataset_drift") else "#7f8c9a" for d in drifts]), 2, 1)
-    line([_max_share(r, spec) for r in runs], "max drifted share", 2, mode="lines",
-         line={"color": _RED, "dash": "dash", "width": 1})
+    if "drift" in row_of:
+        drifts = [_dict(r.get("drift")) for r in runs]
+        share = [_float(d.get("drifted_share")) for d in drifts]
+        if any(v is not None for v in share):
+            fig.add_trace(go.Bar(x=x, y=share, name="drifted share", text=hover, textposition="none",
+                                 marker_color=[_RED if d.get("dataset_drift") else "#7f8c9a" for d in drifts]),
+                          row_of["drift"], 1)
+        line([_max_share(r, spec) for r in runs], "max drifted share", "drift", mode="lines",
+             line={"color": _RED, "dash": "dash", "width": 1})
 
-    preds = [_dict(r.get("prediction_drift")) for r in runs]
-    line([_float(p.get("effect")) for p in preds], "prediction drift", 3, mode="lines+markers",
-         line={"color": "#6a3d9a"}, marker={"size": 8, "color": [_RED if p.get("drifted") else "#6a3d9a"
-                                                                  for p in preds]})
+    if "prediction" in row_of:
+        preds = [_dict(r.get("prediction_drift")) for r in runs]
+        line([_float(p.get("effect")) for p in preds], "prediction drift", "prediction", mode="lines+markers",
+             line={"color": "#6a3d9a"}, marker={"size": 8, "color": [_RED if p.get("drifted") else "#6a3d9a"
+                                                                      for p in preds]})
 
     healths = [_dict(r.get("health")) for r in runs]
-    for q, colour in ((50, "#2ca02c"), (99, "#8c564b")):
-        line([_float(h.get(f"latency_ms_p{q}")) for h in healths], f"latency p{q}", 4, mode="lines+markers",
-             line={"color": colour})
     limits = _health_limits(spec)
-    if limits.get("max_latency_ms_p99") is not None:
-        line([float(limits["max_latency_ms_p99"])] * len(x), "max latency p99", 4, mode="lines",
-             line={"color": _RED, "dash": "dash", "width": 1})
-    for key, name, colour in (("error_rate", "error rate", "#d62728"),
-                              ("refused_rate", "refused rate", "#9467bd")):
-        values = [_float(h.get(key)) for h in healths]
-        line([None if v is None else 100 * v for v in values], name, 5, mode="lines+markers",
-             line={"color": colour})
-        limit = limits.get(f"max_{key}")
-        if limit is not None and any(v is not None for v in values):
-            line([100 * float(limit)] * len(x), f"max {name}", 5, mode="lines",
-                 line={"color": colour, "dash": "dash", "width": 1})
-    for row in range(1, 6):  # integer window ticks on every axis, never fractional ones
+    if "latency" in row_of:
+        for q, colour in ((50, "#2ca02c"), (99, "#8c564b")):
+            line([_float(h.get(f"latency_ms_p{q}")) for h in healths], f"latency p{q}", "latency",
+                 mode="lines+markers", line={"color": colour})
+        if limits.get("max_latency_ms_p99") is not None:
+            line([float(limits["max_latency_ms_p99"])] * len(x), "max latency p99", "latency", mode="lines",
+                 line={"color": _RED, "dash": "dash", "width": 1})
+    if "errors" in row_of:
+        for key, name, colour in (("error_rate", "error rate", "#d62728"),
+                                  ("refused_rate", "refused rate", "#9467bd")):
+            values = [_float(h.get(key)) for h in healths]
+            line([None if v is None else 100 * v for v in values], name, "errors", mode="lines+markers",
+                 line={"color": colour})
+            limit = limits.get(f"max_{key}")
+            if limit is not None and any(v is not None for v in values):
+                line([100 * float(limit)] * len(x), f"max {name}", "errors", mode="lines",
+                     line={"color": colour, "dash": "dash", "width": 1})
+    for row in range(1, len(panels) + 1):  # integer window ticks on every axis, never fractional ones
         fig.update_xaxes(tickmode="array", tickvals=tickvals, ticktext=ticktext, range=[0.5, len(x) + 0.5],
                          row=row, col=1)
-    fig.update_yaxes(rangemode="tozero", row=2, col=1)
-    fig.update_yaxes(rangemode="tozero", row=3, col=1)
-    fig.update_layout(height=1250, xaxis5_title="monitoring window (index, start UTC)",
-                      legend={"orientation": "h", "y": -0.08})
+    for panel in ("drift", "prediction"):
+        if panel in row_of:
+            fig.update_yaxes(rangemode="tozero", row=row_of[panel], col=1)
+    if every:
+        fig.update_layout(height=1250, xaxis5_title="monitoring window (index, start UTC)",
+                          legend={"orientation": "h", "y": -0.08})
+    else:
+        fig.update_xaxes(title="monitoring window (index, start UTC)", row=len(panels), col=1)
+        height = 260 * len(panels) + 120
+        fig.update_layout(height=height, margin={"t": 100},  # the legend above the first panel's title
+                          legend={"orientation": "h", "y": 1 + 45 / height, "yanchor": "bottom", "x": 0})
+        if len(panels) == 1:  # the one title is the chart's: no subplot title needed above the legend
+            fig.layout.annotations = ()
+            fig.update_layout(title={"text": titles[panels[0]], "font": {"size": 14}}, margin={"t": 90})
     return fig
+
+
+def prediction_over_time(runs: list[dict[str, Any]], *, versions: bool = False) -> go.Figure | None:
+    """The distribution of the model's predictions per window, from the coarse distribution a run stores
+    under "prediction_distribution" (the format of coarse_distributions: the score's bins for
+    probabilities and regression, the predicted classes for multiclass). Numbers: the window's median
+    with its 25-75% and 10-90% bands, and the reference's (held-out scores at training) median, quantiles
+    interpolated within bins (values below/above the reference's range sit at its first/last edge);
+    classes: each class's share of the window (stacked bars). x as in over_time. Returns None when no
+    run stored a prediction distribution (results of builds that did not)."""
+    stored = [_dict(r.get("prediction_distribution")) for r in runs]
+    if not any(stored):
+        return None
+    x = list(range(1, len(runs) + 1))
+    tickvals, ticktext, hover = _ticks(runs, versions)
+    fig = go.Figure()
+    if any(d.get("kind") == "categorical" for d in stored):
+        shares: dict[str, list[float | None]] = {}
+        for j, d in enumerate(stored):
+            total = sum(_count(v) for v in d.get("current") or []) + _count(_dict(d.get("rest")).get("current"))
+            for name, count in zip(d.get("categories") or [], d.get("current") or []):
+                shares.setdefault(str(name), [None] * len(x))[j] = _count(count) / total if total else None
+        for name, y in sorted(shares.items(), key=lambda kv: -sum(v or 0 for v in kv[1]))[:MAX_CATEGORIES]:
+            fig.add_trace(go.Bar(x=x, y=y, name=html.escape(name), text=hover, textposition="none"))
+        fig.update_layout(barmode="stack")
+        fig.update_yaxes(tickformat=".0%", title="share of the window's predictions", range=[0, 1])
+    else:
+        q = {p: [_quantile(d, "current", p / 100) for d in stored] for p in (10, 25, 50, 75, 90)}
+        for low, high, name, alpha in ((10, 90, "10-90% of predictions", 0.15), (25, 75, "25-75%", 0.3)):
+            fig.add_trace(go.Scatter(x=x, y=q[high], mode="lines", line={"width": 0}, showlegend=False,
+                                     hoverinfo="skip", connectgaps=False))
+            fig.add_trace(go.Scatter(x=x, y=q[low], mode="lines", line={"width": 0}, fill="tonexty",
+                                     fillcolor=f"rgba(106,61,154,{alpha})", name=name, hoverinfo="skip",
+                                     connectgaps=False))
+        fig.add_trace(go.Scatter(x=x, y=q[50], mode="lines+markers", name="median", text=hover,
+                                 line={"color": "#6a3d9a"}, connectgaps=False))
+        reference = [_quantile(d, "reference", 0.5) for d in stored]
+        if any(v is not None for v in reference):
+            fig.add_trace(go.Scatter(x=x, y=reference, mode="lines", name="reference median",
+                                     line={"color": "#555", "dash": "dot"}, connectgaps=False))
+        fig.update_yaxes(title="prediction")
+    fig.update_xaxes(tickmode="array", tickvals=tickvals, ticktext=ticktext, range=[0.5, len(x) + 0.5],
+                     title="monitoring window (index, start UTC)")
+    fig.update_layout(height=360, legend={"orientation": "h", "y": 1.02, "yanchor": "bottom"})
+    return fig
+
+
+def _quantile(d: dict[str, Any], side: str, q: float) -> float | None:
+    """The q-quantile (0..1) of one side ("reference" or "current") of a stored numeric distribution,
+    linear within a bin (a value bin is its one value); mass below / above the reference's range counts
+    at its first / last edge; missing values left out. None without values or edges."""
+    edges = [_float(e) for e in d.get("edges") or []]
+    counts = [_count(v) for v in d.get(side) or []]
+    if not edges or any(e is None for e in edges) or len(edges) != len(counts) + 1:
+        return None
+    below, above = _count(_dict(d.get("below")).get(side)), _count(_dict(d.get("above")).get(side))
+    total = below + sum(counts) + above
+    if not total:
+        return None
+    target = q * total
+    if target <= below:
+        return edges[0]
+    seen = below
+    for i, count in enumerate(counts):
+        if count and seen + count >= target:
+            if d.get("value_bins"):
+                return edges[i]
+            return edges[i] + (edges[i + 1] - edges[i]) * (target - seen) / count
+        seen += count
+    return edges[-1]
 
 
 def _labelled_points(perfs: list[dict[str, Any]]) -> list[float | None]:
@@ -472,21 +585,41 @@ def _labelled_points(perfs: list[dict[str, Any]]) -> list[float | None]:
 
 
 def _feature_heatmap(runs: list[dict[str, Any]]) -> go.Figure:
-    """Features (rows, every one labelled) x windows (integer columns), coloured by drift effect; drifted
-    cells marked with ✕; ignored features' labels say so."""
+    return feature_heatmap(runs)
+
+
+def feature_heatmap(runs: list[dict[str, Any]], *, run_ids: list[int] | None = None,
+                    features: list[str] | None = None, versions: bool = False) -> go.Figure:
+    """Features (rows, every one labelled) x windows (integer columns 1..n, oldest first), coloured by
+    the drift effect the monitor stored (KS statistic for numbers, total variation distance for
+    categories; z is None where a run has no such feature); drifted cells marked with ✕; ignored
+    features' labels say so.
+
+    `run_ids` (one per run, e.g. monitor_runs ids): makes cells clickable: y values are then the feature
+    names (a category axis), each cell's (and ✕ mark's) customdata is its run's id, and the hover text
+    moves to `text`. `features`: the rows to draw, in this order (default: every feature of any run,
+    the latest run's order first). `versions`: window ticks name the model version. Raises ValueError
+    when `run_ids` does not have one id per run."""
+    if run_ids is not None and len(run_ids) != len(runs):
+        raise ValueError(f"run_ids: {len(run_ids)} ids for {len(runs)} runs")
     x = list(range(1, len(runs) + 1))
-    tickvals, ticktext, _ = _ticks(runs)
+    tickvals, ticktext, _ = _ticks(runs, versions)
     names: list[str] = []
-    for run in reversed(runs):  # the latest run's order first, then features only older runs had
-        names += [n for n in (str(c.get("column")) for c in _columns(run)) if n not in names]
+    if features is not None:
+        names = list(dict.fromkeys(str(n) for n in features))
+    else:
+        for run in reversed(runs):  # the latest run's order first, then features only older runs had
+            names += [n for n in (str(c.get("column")) for c in _columns(run)) if n not in names]
     row_of = {n: i for i, n in enumerate(names)}
     z: list[list[float | None]] = [[None] * len(x) for _ in names]
     hover = [[""] * len(x) for _ in names]
     ignored: dict[str, bool] = {}
-    marks_x, marks_y = [], []
+    marks_x, marks_y, marks_id = [], [], []
     for j, run in enumerate(runs):
         for c in _columns(run):
-            i = row_of[str(c.get("column"))]
+            i = row_of.get(str(c.get("column")))
+            if i is None:
+                continue
             ignored[names[i]] = bool(c.get("ignored"))  # runs are oldest first: the latest setting wins
             z[i][j] = _float(c.get("effect"))
             reasons = ", ".join(map(str, c.get("reasons") or []))
@@ -501,17 +634,27 @@ def _feature_heatmap(runs: list[dict[str, Any]]) -> go.Figure:
             if c.get("drifted"):
                 marks_x.append(x[j])
                 marks_y.append(i)
+                marks_id.append(run_ids[j] if run_ids is not None else None)
     labels = [html.escape(n) + (" (ignored)" if ignored.get(n) else "") for n in names]
     finite = [v for row in z for v in row if v is not None]
-    fig = go.Figure(go.Heatmap(z=z, x=x, y=list(range(len(names))), colorscale="Reds", zmin=0,
-                               zmax=max(0.3, max(finite, default=0.0)), colorbar={"title": "effect"},
-                               customdata=hover, hovertemplate="%{customdata}<extra></extra>", xgap=1, ygap=1))
+    style = {"colorscale": "Reds", "zmin": 0, "zmax": max(0.3, max(finite, default=0.0)),
+             "colorbar": {"title": "effect"}, "xgap": 1, "ygap": 1}
+    rows: list[Any] = list(range(len(names)))
+    if run_ids is None:
+        fig = go.Figure(go.Heatmap(z=z, x=x, y=rows, customdata=hover,
+                                   hovertemplate="%{customdata}<extra></extra>", **style))
+    else:  # clickable: the click names the feature (y) and the run (customdata)
+        rows = names
+        fig = go.Figure(go.Heatmap(z=z, x=x, y=rows, text=hover, hovertemplate="%{text}<extra></extra>",
+                                   customdata=[[run_id for run_id in run_ids] for _ in names], **style))
     if marks_x:
-        fig.add_trace(go.Scatter(x=marks_x, y=marks_y, mode="markers", name="drifted", hoverinfo="skip",
-                                 marker={"symbol": "x", "size": 10, "color": "black",
-                                         "line": {"color": "white", "width": 1}}))
-    fig.update_yaxes(tickmode="array", tickvals=list(range(len(names))), ticktext=labels, autorange="reversed",
-                     automargin=True)
+        marks = {"customdata": marks_id} if run_ids is not None else {}
+        fig.add_trace(go.Scatter(x=marks_x, y=[rows[i] for i in marks_y], mode="markers", name="drifted",
+                                 hoverinfo="skip", marker={"symbol": "x", "size": 10, "color": "black",
+                                                           "line": {"color": "white", "width": 1}}, **marks))
+    axis = {"type": "category"} if run_ids is not None else {}
+    fig.update_yaxes(tickmode="array", tickvals=rows, ticktext=labels, autorange="reversed",
+                     automargin=True, **axis)
     fig.update_xaxes(tickmode="array", tickvals=tickvals, ticktext=ticktext, range=[0.5, len(x) + 0.5],
                      title="monitoring window (index, start UTC)")
     fig.update_layout(height=max(320, 24 * len(names) + 200), showlegend=bool(marks_x),
@@ -560,6 +703,36 @@ def _distributions(run: dict[str, Any]) -> go.Figure:
         fig.update_yaxes(tickformat=".0%", row=row, col=1)
     fig.update_layout(barmode="group", height=height, bargap=0.15, margin={"b": 150, "t": 110},
                       legend={"orientation": "h", "y": 1 + 60 / height, "yanchor": "bottom"})
+    return fig
+
+
+def feature_distribution(run: dict[str, Any], feature: str) -> go.Figure | None:
+    """One feature's reference-vs-window distribution as the run stored it (`distributions`; see
+    coarse_distributions): grouped bars, training reference vs the window, y the share of each side's
+    rows in the bar (0..1), each bar's customdata its row count (an int). Bars, left to right: numbers
+    (and date/times) below the training range, the bins, above the range, then missing values when
+    either side has some; categories: the stored ones ("(new)" marks those training never had), then
+    "other categories" when some were summed. Bars outside what training saw are shaded.
+    Returns None when the run stored no distribution for `feature` (the monitor keeps the most
+    drifted features' only)."""
+    stored = _dict(run.get("distributions")).get(feature)
+    if not isinstance(stored, dict):
+        return None
+    labels, reference, current, outside = _bars(stored)
+    x = list(range(len(labels)))
+    fig = go.Figure()
+    for side, counts, colour in (("training reference", reference, _REFERENCE), ("window", current, _CURRENT)):
+        total = sum(counts)
+        fig.add_trace(go.Bar(x=x, y=[c / total if total else 0.0 for c in counts], name=side, marker_color=colour,
+                             customdata=counts, text=labels, textposition="none",
+                             hovertemplate="%{text}: %{customdata:,} rows (%{y:.1%})<extra>" + side + "</extra>"))
+    for i in outside:
+        fig.add_vrect(x0=i - 0.5, x1=i + 0.5, fillcolor="#fff3cd", opacity=0.7, layer="below", line_width=0)
+    fig.update_xaxes(tickmode="array", tickvals=x, ticktext=labels, tickangle=-60 if len(x) > 8 else 0,
+                     automargin=True)
+    fig.update_yaxes(tickformat=".0%", title="share of rows")
+    fig.update_layout(barmode="group", bargap=0.15, height=460,
+                      legend={"orientation": "h", "y": 1.02, "yanchor": "bottom"})
     return fig
 
 

@@ -98,6 +98,12 @@ class Store:
                 raise StoreError(f"the store's table {table.name!r} lacks columns {sorted(c.name for c in missing)}: "
                                  "it was made by an older development build of everloop; move .everloop/ aside and "
                                  "ingest again")
+            if table.indexes:  # an index added since the store was made (create_all skips existing tables)
+                have = {i["name"] for i in inspector.get_indexes(table.name)}
+                for index in table.indexes:
+                    if index.name not in have:
+                        with self.engine.begin() as conn:
+                            index.create(conn, checkfirst=True)
 
     def put_frame(self, frame: pd.DataFrame) -> str:
         """Store a frame as a Parquet artifact (index dropped) and return its digest."""
