@@ -9,6 +9,8 @@
     ├── TrainError           training or evaluation cannot run (.column where known)
     ├── GateError            a candidate was refused by the promotion gate (.reasons)
     └── ConflictError        someone else changed what the command read (a concurrent alias move)
+        ├── AliasMoved       (registry) the alias no longer points where the caller read it
+        └── RolloutActive    (registry) production moves only through the active rollout (.rollout)
 
 Only `serve` maps these to HTTP status codes and only `cli` maps them to exit codes.
 """

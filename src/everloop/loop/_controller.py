@@ -15,8 +15,9 @@ from everloop.data import DatasetVersion, get_dataset, ingest_frame, list_datase
 from everloop.errors import DataError, EverloopError
 from everloop.monitor import (MonitorResult, judge_labelled, judge_rollout, labelled_rows_limit, monitor,
                               send_alert)
-from everloop.registry import (PRODUCTION, ModelVersion, Rollout, active_rollout, check_gate, finish_rollout,
-                               get_model, load_model, note_rollout, set_alias, start_rollout, step_rollout)
+from everloop.registry import (PRODUCTION, GateDecision, ModelVersion, Rollout, active_rollout, check_gate,
+                               finish_rollout, get_model, load_model, note_rollout, set_alias, start_rollout,
+                               step_rollout)
 from everloop.spec import ProjectSpec
 from everloop.store import Store, prediction_log
 from everloop.store._lease import LEASE_TTL, Lease, LeaseBusy, when
@@ -191,11 +192,13 @@ def _turn(store: Store, spec: ProjectSpec, lease: Lease) -> LoopDecision:
 
 def _start(store: Store, spec: ProjectSpec, lease: Lease, version: int, decision: LoopDecision,
            trained_on: str) -> LoopDecision:
-    """Start a `rollout.mode` rollout of model `version` (it passed the gate) and record
-    `decision` ("rollout_started", its reason completed with what the candidate now serves), or a
-    "failed" decision saying why the rollout could not start (production moved, a rollout started by
-    hand meanwhile, the lease lost)."""
+    """Start a `rollout.mode` rollout of model `version` (it passed the gate: `decision.gate`, the
+    turn's GateDecision as a dict, is handed to `start_rollout`, which does not run the gate again)
+    and record `decision` ("rollout_started", its reason completed with what the candidate now
+    serves), or a "failed" decision saying why the rollout could not start (production moved since
+    the gate, a rollout started by hand meanwhile, the lease lost)."""
     mode = spec.rollout.mode
+    gate = GateDecision(**decision.gate)
     done: dict[str, LoopDecision] = {}
 
     def audit(conn: sa.Connection, rollout_id: int) -> None:  # in the start's transaction
@@ -208,9 +211,9 @@ def _start(store: Store, spec: ProjectSpec, lease: Lease, version: int, decision
         _insert_event(conn, done["decision"])
 
     try:
-        start_rollout(store, spec, version, mode, actor=ACTOR, lease=lease, then=audit,
+        start_rollout(store, spec, version, mode, actor=ACTOR, lease=lease, then=audit, gate=gate,
                       reason=f"retrained on {trained_on} after {', '.join(decision.triggers)}; passed the gate")
-    except EverloopError as exc:  # AliasMoved, ConflictError, LeaseLost, GateError
+    except EverloopError as exc:  # AliasMoved, ConflictError, LeaseLost
         return _record(store, replace(decision, action="failed", reason=f"{decision.reason}, but its {mode} "
                                       f"rollout did not start: {exc}"), spec)
     return _alert(spec, done["decision"])

@@ -6,6 +6,7 @@ from everloop.registry._lineage import dataset_lineage, model_lineage, predictio
 from everloop.registry._registry import (
     PRODUCTION,
     AliasMoved,
+    RolloutActive,
     alias_at,
     GateDecision,
     ModelVersion,
@@ -27,7 +28,7 @@ from everloop.registry._views import (ModelPage, compare_models, dataset_lineage
 from everloop.registry._rollout import (Rollout, active_rollout, finish_rollout, get_rollout, latest_rollout,
                                         note_rollout, start_rollout, step_rollout)
 
-__all__ = ["PRODUCTION", "AliasMoved", "GateDecision", "ImportResult", "ModelVersion", "import_model", "origin_text",
+__all__ = ["PRODUCTION", "AliasMoved", "RolloutActive", "GateDecision", "ImportResult", "ModelVersion", "import_model", "origin_text",
            "alias_at", "alias_history", "dataset_lineage",
            "model_lineage", "prediction_lineage", "write_card", "alias_version", "check_gate",
            "eval_frame", "get_model", "list_models", "load_model", "promote", "resolve", "rollback", "set_alias",

@@ -280,12 +280,16 @@ def promote(store: Store, spec: ProjectSpec, candidate: int, *, reason: str = ""
             actor: str | None = None) -> GateDecision:
     """Move the production alias to `candidate` through the gate; `force` overrides and is recorded.
     The move happens only if production still points where the gate saw it: raises AliasMoved when a
-    promotion or rollback moved it meanwhile (the gate compared against a model no longer live)."""
+    promotion or rollback moved it meanwhile (the gate compared against a model no longer live), and
+    RolloutActive while a shadow or canary rollout is active (finish it with 'everloop rollout
+    promote', 'rollback' or 'abort' first), GateError when the gate refuses, NotFoundError for an
+    unknown version."""
     current = alias_version(store, PRODUCTION)
     if current == candidate:  # nothing to move: no gate, and no history row a rollback would "go back" to
         get_model(store, candidate)
         return GateDecision(candidate, current, True, [f"model v{candidate} is already in production"],
                             {"unchanged": True})
+    _refuse_under_rollout(store, f"model v{candidate} was not promoted")  # before the gate's work
     decision = check_gate(store, spec, candidate)
     if not decision.passed and not force:
         raise GateError(f"model v{candidate} was not promoted:\n" + "\n".join(f"  - {r}" for r in decision.reasons),
@@ -300,9 +304,11 @@ def promote(store: Store, spec: ProjectSpec, candidate: int, *, reason: str = ""
 
 def rollback(store: Store, *, reason: str = "rollback", actor: str | None = None) -> int:
     """Point production back at the version it pointed at before its latest move. Raises NotFoundError
-    when there is none, AliasMoved when another move landed between reading the history and moving.
-    Moves from a version to itself (stores from before promote refused them) are skipped: going "back"
-    along one would change nothing."""
+    when there is none, AliasMoved when another move landed between reading the history and moving,
+    RolloutActive while a shadow or canary rollout is active (its candidate is not in production:
+    'everloop rollout rollback' stops serving it). Moves from a version to itself (stores from before
+    promote refused them) are skipped: going "back" along one would change nothing."""
+    _refuse_under_rollout(store, "production was not rolled back")
     t, aliases = store.tables.alias_history, store.tables.aliases
     # One statement, so one snapshot: read separately, a move committing in between (PostgreSQL reads
     # each statement afresh) made the history and the alias disagree and the rollback refuse wrongly.
@@ -335,12 +341,45 @@ class AliasMoved(ConflictError):
                          f"nothing was changed: check 'everloop models' and retry")
 
 
+class RolloutActive(ConflictError):
+    """Production was not moved: a shadow or canary rollout is active (`.rollout`, its id), and moving
+    production under it would leave it comparing its candidate with a model no longer live. Its own
+    finish moves production ('everloop rollout promote'); 'rollback' or 'abort' end it without moving."""
+
+    def __init__(self, what: str, row: Any):
+        self.rollout = row.id
+        super().__init__(
+            f"{what}: rollout {row.id} is active ({row.mode} of model v{row.candidate} against production "
+            f"v{row.production}, since {_when(row.created_at)}) and production does not move under it. "
+            f"Finish it first: 'everloop rollout promote' moves production to v{row.candidate}; "
+            f"'everloop rollout rollback' or 'everloop rollout abort' keeps v{row.production} and stops "
+            f"serving v{row.candidate}")
+
+
+def _refuse_under_rollout(store: Store, what: str) -> None:
+    """Raise RolloutActive (its message beginning with `what`) when a rollout is active: a fast look
+    before a promotion's or rollback's work; `set_alias` looks again in the move's transaction."""
+    with store.engine.connect() as conn:
+        row = _active_rollout_row(conn, store)
+    if row is not None:
+        raise RolloutActive(what, row)
+
+
+def _active_rollout_row(conn: sa.Connection, store: Store) -> Any:
+    t = store.tables.rollouts
+    return conn.execute(sa.select(t).where(t.c.status == "active").order_by(t.c.id.desc()).limit(1)).first()
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
 _READ_NOW: Any = object()  # set_alias's default from_version: whatever the alias points at when called
 
 
 def set_alias(store: Store, alias: str, version: int, *, reason: str, forced: bool = False,
               actor: str | None = None, from_version: int | None = _READ_NOW, lease: Lease | None = None,
-              then: Callable[[sa.Connection], None] | None = None) -> None:
+              then: Callable[[sa.Connection], None] | None = None, rollout: int | None = None) -> None:
     """Point `alias` at model `version` and append the move to the alias history, in one transaction;
     `then(conn)`, when given, writes more in that same transaction (the loop's audit row): either all
     of it commits or none of it, and whatever `then` raises undoes the move and propagates.
@@ -349,7 +388,12 @@ def set_alias(store: Store, alias: str, version: int, *, reason: str, forced: bo
     the version the caller decided on; by default, the one read when called. Raises AliasMoved when
     another move landed first (two promotions, a promotion and a rollback, racing: one wins, the other
     is told, none is lost), NotFoundError for an unknown `version`, and with `lease` (the loop's),
-    `everloop.store._lease.LeaseLost` when that lease was lost: a stalled loop moves nothing."""
+    `everloop.store._lease.LeaseLost` when that lease was lost: a stalled loop moves nothing.
+
+    Production never moves under an active shadow or canary rollout other than `rollout` (the one
+    this move finishes: `finish_rollout`'s promotion): RolloutActive. The look is in the move's
+    transaction, after the alias row is written (locked), as `start_rollout` locks it before it looks
+    for an active rollout: of a start and a move racing, the second sees the first."""
     get_model(store, version)  # refuse unknown versions
     t = store.tables
     if from_version is _READ_NOW:
@@ -369,6 +413,10 @@ def set_alias(store: Store, alias: str, version: int, *, reason: str, forced: bo
                     found = conn.execute(sa.select(t.aliases.c.version).where(t.aliases.c.name == alias)).scalar()
                     raise AliasMoved(alias, from_version, found)
             moved_here = True
+            if alias == PRODUCTION:
+                active = _active_rollout_row(conn, store)
+                if active is not None and active.id != rollout:
+                    raise RolloutActive(f"production was not moved to v{version}", active)
             conn.execute(t.alias_history.insert().values(alias=alias, from_version=from_version, to_version=version,
                                                          actor=actor or _user(), reason=reason, forced=forced))
             if then is not None:

@@ -12,7 +12,8 @@ service replica reads it (`active_rollout`, polled) and serves the candidate as 
 response path) or `canary` (the candidate answers `share` percent of the traffic, stepped up through
 `steps`). Every change is a compare-and-set on `status = 'active'`, so of two processes finishing
 one rollout (the loop and a person, two loops on two machines) exactly one wins; the other gets a
-ConflictError naming what happened.
+ConflictError naming what happened. While one is active, production moves only by its promotion: a
+direct promote or rollback (by hand or the loop) is refused with RolloutActive (`set_alias`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any, Callable
 import sqlalchemy as sa
 
 from everloop.errors import ConflictError, EverloopError, GateError, NotFoundError
-from everloop.registry._registry import (PRODUCTION, AliasMoved, _user, alias_version, check_gate, get_model,
-                                         set_alias)
+from everloop.registry._registry import (PRODUCTION, AliasMoved, GateDecision, _user, _when, alias_version,
+                                         check_gate, get_model, set_alias)
 from everloop.spec import ProjectSpec
 from everloop.store import Store
 from everloop.store._lease import Lease
@@ -94,20 +95,26 @@ def get_rollout(store: Store, rollout_id: int) -> Rollout:
 def start_rollout(store: Store, spec: ProjectSpec, candidate: int, mode: str, *,
                   share: float | None = None, sample: float | None = None, force: bool = False,
                   actor: str | None = None, reason: str = "", lease: Lease | None = None,
-                  then: Then | None = None) -> Rollout:
+                  then: Then | None = None, gate: GateDecision | None = None) -> Rollout:
     """Start trying model `candidate` beside production on live traffic, in `mode` "shadow" or "canary".
 
     canary: the candidate answers `share` percent of requests (default: the first of `rollout.steps`);
     shadow: it answers none and also scores `sample` percent of production's rows (default
     `rollout.shadow_sample`). Percents in (0, 100]. The candidate must pass the offline gate
-    (`check_gate`) unless `force` (recorded in the reason). Raises EverloopError for a bad mode or
-    percent, NotFoundError for an unknown version or when nothing is in production (nothing to compare
-    with: promote directly), GateError when refused, ConflictError naming the rollout already active,
-    AliasMoved when production moved since the gate compared with it, LeaseLost with a lost `lease`.
-    `then(conn, rollout_id)` runs in the same transaction (the loop's audit row commits with it)."""
+    (`check_gate`) unless `force` (recorded in the reason); a caller that has just run the gate (the
+    loop) passes its decision as `gate` and it is not run again: the rollout starts only if production
+    is still the version that decision compared with. Raises EverloopError for a bad mode or percent
+    or a `gate` of another candidate, NotFoundError for an unknown version or when nothing is in
+    production (nothing to compare with: promote directly), GateError when refused, ConflictError
+    naming the rollout already active, AliasMoved when production moved since the gate compared with
+    it, LeaseLost with a lost `lease`. `then(conn, rollout_id)` runs in the same transaction (the
+    loop's audit row commits with it)."""
     if mode not in MODES:
         raise EverloopError(f"rollout mode {mode!r}: expected 'shadow' or 'canary' (everloop promote V moves "
                             "all traffic at once)")
+    if gate is not None and gate.candidate != candidate:
+        raise EverloopError(f"the gate decision given is for model v{gate.candidate}, not v{candidate}: "
+                            "pass the candidate's own (check_gate), or none to run the gate")
     get_model(store, candidate)
     production = alias_version(store, PRODUCTION)
     if production is None:
@@ -127,7 +134,8 @@ def start_rollout(store: Store, spec: ProjectSpec, candidate: int, mode: str, *,
         share, steps = 0.0, []
         sample = _percent("shadow sample", spec.rollout.shadow_sample if sample is None else sample)
     _refuse_if_active(store)  # before the gate's work; checked again below, under the lock
-    decision = check_gate(store, spec, candidate)
+    decision = gate if gate is not None else check_gate(store, spec, candidate)
+    production = decision.production  # what the gate compared with: the lock below checks it is still live
     if not decision.passed and not force:
         listed = "\n".join(f"  - {r}" for r in decision.reasons)
         raise GateError(f"model v{candidate} was not put in {mode}:\n{listed}", reasons=decision.reasons)
@@ -221,7 +229,8 @@ def finish_rollout(store: Store, rollout_id: int, outcome: str, *, reason: str,
 
     if outcome == "promoted":
         set_alias(store, PRODUCTION, rollout.candidate, actor=actor, from_version=rollout.production,
-                  reason=f"{rollout.mode} rollout {rollout_id}: {reason}", lease=lease, then=mark)
+                  reason=f"{rollout.mode} rollout {rollout_id}: {reason}", lease=lease, then=mark,
+                  rollout=rollout_id)  # the one move production allows under this rollout
     else:
         with store.engine.begin() as conn:
             if lease is not None:
@@ -273,10 +282,6 @@ def _percent(name: str, value: float) -> float:
     if not 0 < value <= 100:  # NaN fails this too
         raise EverloopError(f"{name} {value:g}: expected a percent in (0, 100]")
     return value
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def _to_rollout(row: Any) -> Rollout:

@@ -312,13 +312,19 @@ class MicroBatcher:
     def _canary(self, jobs: list[_Job], trial: Trial) -> None:
         """Split the rows between production and the candidate (`share` percent: by the row's id, else
         one draw per request), one model call each, and answer each request in its row order, every
-        row naming the version that answered it. A candidate that fails (or is not loaded) is counted
-        as failed and its rows answered by production."""
+        row naming the version that answered it.
+
+        The candidate failing never fails a request. Not loaded, or its call raising: production
+        answers all its rows (one failed call counted). A request it refuses (an invalid row for its
+        schema, or a warning under strict checks): production answers the whole request, and the
+        refusal counts as a failed call unless production refuses the request too (the client's
+        input, not the candidate). A request is answered or refused whole, and its rows are logged
+        only when it is answered: the candidate's log entry waits for production's answer to the other
+        part of each split request."""
         production, rollout, candidate = jobs[0].model, trial.rollout, trial.candidate
         cut, column = rollout.share * (BUCKETS / 100), self.id_column
-        mine: list[_Job] = []  # the candidate's
-        theirs: list[_Job] = []  # production's
-        splits: list[_Split] = []
+        theirs: list[_Job] = []  # production's: whole requests, then the other parts of split ones
+        tried: list[_Tried] = []  # the candidate's: per request, a job of the rows routed to it
         for job in jobs:
             draw = None
             picks = []
@@ -330,32 +336,63 @@ class MicroBatcher:
                     picks.append(draw)
                 else:
                     picks.append(bucket(value) < cut)
-            if all(picks):
-                mine.append(job)
+            if all(picks):  # a job of its own: the request is answered once the candidate's answer is good
+                part = _Job(job.model, job.rows, _Part(), job.started, job.strict)  # type: ignore[arg-type]
+                tried.append(_Tried(job, part))
             elif not any(picks):
                 theirs.append(job)
             else:
                 split = _Split.of(job, picks)
-                splits.append(split)
-                mine.append(split.parts[0][1])
-                theirs.append(split.parts[1][1])
-        if mine:
-            rows = sum(len(job.rows.records) for job in mine)
-            if candidate is None:
-                self.count_call(rollout.id, rollout.candidate, rows, True)
-                theirs += mine
-            else:
-                try:
-                    self._call(mine, candidate, tag=True)
-                    self.count_call(rollout.id, candidate.version, rows, False)
-                except Exception as exc:
-                    log.debug("canary candidate v%s failed: %s", candidate.version, exc)
-                    self.count_call(rollout.id, candidate.version, rows, True)
-                    theirs += [job for job in mine if not job.future.done()]
-        if theirs:
+                tried.append(_Tried(job, split.parts[0][1], split))
+        if not tried:
             self._counted(theirs, production, trial, tag=True)
-        for split in splits:
-            split.resolve()
+            return
+        rows = sum(len(t.part.rows.records) for t in tried)
+        held: list[tuple[LogEntry, list[dict[str, Any]]]] = []  # the candidate's log entry, until settled
+        if candidate is not None:
+            try:
+                self._call([t.part for t in tried], candidate, tag=True, held=held)
+            except Exception as exc:
+                log.debug("canary candidate v%s failed: %s", candidate.version, exc)
+                candidate = None
+        if candidate is None:  # not loaded, or raised: production answers every request whole
+            self.count_call(rollout.id, rollout.candidate, rows, True)
+            self._counted(theirs + [t.job for t in tried], production, trial, tag=True)
+            return
+        kept = [t for t in tried if not t.part.future.outcome.errors]  # answered by the candidate, in order
+        back = [t for t in tried if t.part.future.outcome.errors]  # refused by it: production answers them
+        for t in kept:
+            if t.split is None:
+                _resolve(t.job, t.part.future.outcome)
+            else:
+                theirs.append(t.split.parts[1][1])
+        theirs += [t.job for t in back]
+        try:
+            if theirs:
+                self._counted(theirs, production, trial, tag=True)
+        finally:  # also when production's call raised: the requests the candidate answered whole stand
+            failed = sum(len(t.part.rows.records) for t in back if not _refused(t.job))
+            if rows > failed:
+                self.count_call(rollout.id, candidate.version, rows - failed, False)
+            if failed:
+                self.count_call(rollout.id, candidate.version, failed, True)
+            if held:
+                self._release(held[0], kept)
+        for t in kept:
+            if t.split is not None:
+                t.split.resolve()
+
+    def _release(self, held: tuple[LogEntry, list[dict[str, Any]]], kept: list["_Tried"]) -> None:
+        """Log the candidate's rows of the requests that were answered: `held` is its call's entry (the
+        rows of `kept`, in order); a split request is answered when production answered its other part."""
+        entry, outputs = held
+        answered = [t.split is None or _answered(t.split.parts[1][1]) for t in kept]
+        if all(answered):
+            self.on_predicted(entry, outputs)
+            return
+        at = np.flatnonzero(np.repeat(answered, [len(t.part.rows.records) for t in kept]))
+        if len(at):
+            self.on_predicted(_rows_of(entry, at), [outputs[p] for p in at.tolist()])
 
     def _shadowed(self, jobs: list[_Job], trial: Trial) -> None:
         """Production answers; its answered rows (`sample` percent of them, by their prediction id) are
@@ -395,16 +432,22 @@ class MicroBatcher:
         self.count_call(trial.rollout.id, model.version, rows, False)
         return done
 
-    def _call(self, jobs: list[_Job], model: TrainedModel, tag: bool = False) -> Called | None:
+    def _call(self, jobs: list[_Job], model: TrainedModel, tag: bool = False,
+              held: list[tuple[LogEntry, list[dict[str, Any]]]] | None = None) -> Called | None:
         """One call of `model` on the jobs' rows; resolves each job. Returns the call's prediction ids,
         the answered rows among them (None: all) and their latencies (ms); None when none was answered.
-        `tag`: every output also names the model's version (a canary is on)."""
+        `tag`: every output also names the model's version (a canary is on). `held`: the answered rows'
+        log entry (and outputs) is appended to it instead of being logged (a canary logs them once
+        each request's outcome is known)."""
+        report = self.on_predicted
+        if held is not None and report is not None:
+            report = lambda entry, outputs: held.append((entry, outputs))  # noqa: E731
         records = [r for job in jobs for r in job.rows.records]
         # Well-formed rows take the shortcut; anything unusual goes through the schema's full check.
         columns = model.schema.conform_records(records) if model.fast is not None else None
         if columns is None:
-            return self._process_checked(jobs, records, model, tag)
-        codes: dict[str, Any] | None = {} if self.on_predicted else None  # the encoder's codes, for the log
+            return self._process_checked(jobs, records, model, tag, report)
+        codes: dict[str, Any] | None = {} if report else None  # the encoder's codes, for the log
         predictions = model.predict_conformed(columns, codes)
         ids = ids_for(len(records))
         outputs = predictions.records(ids)
@@ -416,24 +459,18 @@ class MicroBatcher:
         answered, latencies = _settle(jobs, outputs, self._rules(model).find(columns))
         if answered is not None and not answered:
             return None
-        if not self.on_predicted:
+        if not report:
             return ids, answered, latencies
+        entry = LogEntry(ids, time.time(), model.version, columns, predictions.labels, predictions.proba,
+                         predictions.classes, latencies, codes)
         if answered is None:  # the common case: every row answered, logged as it is
-            self.on_predicted(LogEntry(ids, time.time(), model.version, columns, predictions.labels,
-                                       predictions.proba, predictions.classes, latencies, codes), outputs)
-            return ids, answered, latencies
-        at = np.asarray(answered)  # some requests refused (strict): log the others' rows only
-        self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
-                                   {name: values[at] for name, values in columns.items()},
-                                   predictions.labels[at],
-                                   None if predictions.proba is None else predictions.proba[at],
-                                   predictions.classes, latencies,
-                                   {name: (found[at], vocabulary) for name, (found, vocabulary) in codes.items()}),
-                          [outputs[p] for p in answered])
+            report(entry, outputs)
+        else:  # some requests refused (strict): log the others' rows only
+            report(_rows_of(entry, np.asarray(answered), latencies), [outputs[p] for p in answered])
         return ids, answered, latencies
 
     def _process_checked(self, jobs: list[_Job], records: list[dict[str, Any]], model: TrainedModel,
-                         tag: bool) -> Called | None:
+                         tag: bool, report: OnPredicted | None) -> Called | None:
         frame = pd.DataFrame.from_records(records, columns=model.schema.feature_names)
         checked = model.schema.check(frame, mode="request", coerce=True, per_value=True)  # clients apart
         bad = checked.bad_rows if checked.bad_rows is not None else np.zeros(len(frame), dtype=bool)
@@ -460,13 +497,12 @@ class MicroBatcher:
             answered = list(range(len(frame)))
         if not answered or predictions is None:
             return None
-        if self.on_predicted:
+        if report:
             at = np.searchsorted(good, answered)  # the answered rows among the predicted ones
-            self.on_predicted(LogEntry([ids[p] for p in answered], time.time(), model.version,
-                                       checked.frame.iloc[answered].reset_index(drop=True),
-                                       predictions.labels[at],
-                                       None if predictions.proba is None else predictions.proba[at],
-                                       predictions.classes, latencies), [outputs[p] for p in answered])
+            report(LogEntry([ids[p] for p in answered], time.time(), model.version,
+                            checked.frame.iloc[answered].reset_index(drop=True), predictions.labels[at],
+                            None if predictions.proba is None else predictions.proba[at],
+                            predictions.classes, latencies), [outputs[p] for p in answered])
         return ids, answered, latencies
 
 
@@ -523,6 +559,44 @@ class _Split:
         else:
             warnings.sort(key=lambda w: w["row"])  # stable: each row's warnings stay in schema order
             _resolve(self.job, Outcome(outputs, warnings=warnings))
+
+
+@dataclass
+class _Tried:
+    """A request routed (whole or in part) to a canary candidate: `part` is the job of the rows the
+    candidate is called with (its own future: what the request gets is decided after); `split`, when
+    production answers its other rows."""
+
+    job: _Job
+    part: _Job
+    split: _Split | None = None
+
+
+def _answered(job: _Job) -> bool:
+    """A split part resolved with outputs (not refused, not left unanswered by a failed call)."""
+    outcome = job.future.outcome  # type: ignore[attr-defined]
+    return outcome is not None and not outcome.errors
+
+
+def _refused(job: _Job) -> bool:
+    """A request production refused (422: its own input), as opposed to answered, failed or left."""
+    future = job.future
+    return (future.done() and not future.cancelled() and future.exception() is None
+            and bool(future.result().errors))
+
+
+def _rows_of(entry: LogEntry, at: np.ndarray, latencies: list[float] | None = None) -> LogEntry:
+    """The rows `at` (positions, in order) of a log entry; with `latencies`, those are theirs (else
+    the entry's own, taken at `at`)."""
+    features = (entry.features.iloc[at].reset_index(drop=True) if isinstance(entry.features, pd.DataFrame)
+                else {name: values[at] for name, values in entry.features.items()})
+    codes = (None if entry.codes is None else
+             {name: (found[at], vocabulary) for name, (found, vocabulary) in entry.codes.items()})
+    if latencies is None:
+        latencies = [entry.latencies_ms[p] for p in at.tolist()]
+    return LogEntry([entry.ids[p] for p in at.tolist()], entry.created_at, entry.model_version, features,
+                    entry.labels[at], None if entry.proba is None else entry.proba[at], entry.classes,
+                    latencies, codes, entry.rollout)
 
 
 ErrorsOf = Callable[[_Job, int, int], "list[dict[str, Any]] | None"]

@@ -134,7 +134,13 @@ class Shadow:
             log.debug("shadow candidate v%s failed: %s", model.version, exc)
             return
         self.scored += len(job.ids)
-        self.count(rollout.id, model.version, len(job.ids), False)
+        # Rows its schema refuses (production answered them) are a failed call of their own, never
+        # silently dropped: the loop judges the candidate's error rate (promotion.live.max_error_rate).
+        logged = 0 if scored is None else len(scored[0].ids)
+        if logged:
+            self.count(rollout.id, model.version, logged, False)
+        if logged < len(job.ids):
+            self.count(rollout.id, model.version, len(job.ids) - logged, True)
         if scored is None:
             return
         entry, kept = scored
