@@ -917,16 +917,20 @@ def rollout_abort(reason: str = RolloutReasonOpt, project: Path = ProjectOpt, as
 def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
           port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
           workers: int = typer.Option(1, min=1, help="worker processes"),
+          ui: bool = typer.Option(False, "--ui", help="also serve the dashboard's pages at /ui (read-only; "
+                                  "with EVERLOOP_ADMIN_TOKEN set, every page needs a sign-in with it and "
+                                  "promote/rollback are enabled): docs/ui.md"),
           project: Path = ProjectOpt) -> None:
     """Serve the production model over HTTP; a new promotion is picked up without a restart."""
     import uvicorn
 
-    from everloop.serve._main import PROJECT_ENV
+    from everloop.serve._main import PROJECT_ENV, UI_ENV
     from everloop.spec import load_spec
 
     load_spec(_project_folder(project))  # fail fast, with the file's errors, before starting workers
     _check_port(host, port)  # uvicorn would log a busy port and exit 3 (1 with workers)
     os.environ[PROJECT_ENV] = str(project.resolve())
+    os.environ[UI_ENV] = "1" if ui else "0"  # the workers read it, as the project folder
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -948,6 +952,39 @@ def serve(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
             import shutil
 
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@app.command("ui")
+def ui_cmd(host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+           port: int = typer.Option(8765, min=0, max=65535, help="TCP port"),
+           admin_token_env: str = typer.Option("EVERLOOP_ADMIN_TOKEN", "--admin-token-env", metavar="NAME",
+                                               help="the environment variable holding the admin token that "
+                                               "enables promote and rollback (unset or empty: read-only)"),
+           project: Path = ProjectOpt) -> None:
+    """The dashboard: the production model, health, models, data, monitoring and the loop's decisions,
+    in a browser (docs/ui.md). Read-only unless signed in with the admin token."""
+    import uvicorn
+
+    from everloop.serve._process import uvicorn_options
+    from everloop.ui import create_ui
+
+    folder = _project_folder(project)
+    _check_port(host, port)  # uvicorn would log a busy port and exit 3
+    token = os.environ.get(admin_token_env, "")
+    dashboard = create_ui(folder, admin_token=token)  # "": none, read-only
+    changes = (f"sign in with the admin token (${admin_token_env}) to promote and roll back" if token
+               else f"read-only: no admin token in ${admin_token_env}")
+    console.print(f"everloop dashboard of {folder.resolve()} on http://{host}:{port}/ ({changes}); "
+                  "Ctrl+C stops it", soft_wrap=True, highlight=False)
+    options = uvicorn_options(1)  # as `serve`: no access log, no server header, slow clients cut off
+    del options["workers"]  # one process: the app is an object here, not a factory the workers import
+    try:
+        uvicorn.run(dashboard, host=host, port=port, log_level="warning", **options)
+    except SystemExit as exc:  # uvicorn exits 1 or 3 when the server could not start; it logged why
+        if exc.code not in (0, None):
+            raise EverloopError(f"the dashboard on {host}:{port} did not start (exit {exc.code}); "
+                                "the line above says why") from None
+        raise
 
 
 def _check_port(host: str, port: int) -> None:

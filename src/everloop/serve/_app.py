@@ -64,11 +64,13 @@ RawHeaders = list[tuple[bytes, bytes]]  # (name, value) pairs, as ASGI sends the
 
 ADMIN_TOKEN_ENV = "EVERLOOP_ADMIN_TOKEN"
 API_TOKEN_ENV = "EVERLOOP_API_TOKEN"
+UI_PREFIX = "/ui"  # where `everloop serve --ui` mounts the dashboard
 
 
 def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None, store: Store | None = None,
-               watch: bool = True) -> FastAPI:
-    """The prediction service of a project."""
+               watch: bool = True, ui: bool = False) -> FastAPI:
+    """The prediction service of a project. `ui`: also the dashboard's pages at /ui (everloop.ui), behind
+    the admin token when one is set ($EVERLOOP_ADMIN_TOKEN: every page then needs a sign-in)."""
     project_dir = Path(project_dir)
     spec = spec or load_spec(project_dir)
     store = store or Store.for_project(project_dir)
@@ -369,6 +371,11 @@ def create_app(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None
                                       "serving_since": _utc(holder.loaded_at),
                                       "alias_checked_at": _utc(holder.checked_at)}} \
             | _refusal(holder) | _trial(holder)
+
+    if ui:  # its pages go through FastAPI's routing, never the hot path: no request of theirs is a prediction
+        from everloop.ui import create_ui
+
+        app.mount(UI_PREFIX, create_ui(project_dir, spec=spec, store=store, require_login=True))
 
     @app.post("/admin/reload")
     async def reload(request: Request) -> dict[str, Any]:

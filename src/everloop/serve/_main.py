@@ -14,6 +14,7 @@ import time
 from everloop.serve._app import create_app
 
 PROJECT_ENV = "EVERLOOP_PROJECT"
+UI_ENV = "EVERLOOP_SERVE_UI"  # "1": the workers mount the dashboard at /ui (`everloop serve --ui`)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 log = logging.getLogger("everloop.serve")
@@ -23,7 +24,7 @@ def app():  # noqa: D103 - uvicorn factory
     parent = multiprocessing.parent_process()
     if parent is not None:  # a worker of uvicorn's supervisor (--workers > 1): not a single-process server
         die_with_parent(parent.pid)
-    return create_app(os.environ.get(PROJECT_ENV, "."))
+    return create_app(os.environ.get(PROJECT_ENV, "."), ui=os.environ.get(UI_ENV) == "1")
 
 
 def die_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:

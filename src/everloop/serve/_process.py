@@ -18,7 +18,7 @@ import httpx
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from everloop.errors import EverloopError
-from everloop.serve._main import PROJECT_ENV
+from everloop.serve._main import PROJECT_ENV, UI_ENV
 
 APP = "everloop.serve._main:app"  # a factory
 HEADER_SECONDS = 10.0  # a request's line and headers must arrive within this many seconds of its first byte
@@ -136,16 +136,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`with ServerProcess(project) as server: httpx.get(server.url + "/ready")`"""
+    """`with ServerProcess(project) as server: httpx.get(server.url + "/ready")`; `ui=True`: with the
+    dashboard at /ui, as `everloop serve --ui` runs it."""
 
     def __init__(self, project_dir: str | Path, port: int | None = None, workers: int = 1,
-                 log_file: str | Path | None = None, env: dict[str, str] | None = None):
+                 log_file: str | Path | None = None, env: dict[str, str] | None = None, ui: bool = False):
         self.project_dir = Path(project_dir).resolve()
         self.port = port or free_port()
         self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = Path(log_file) if log_file else self.project_dir / ".everloop" / "server.log"
-        self.env = env or {}
+        self.env = {UI_ENV: "1" if ui else "0"} | (env or {})  # never inherited from this process
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
