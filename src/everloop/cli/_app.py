@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, overload
+from typing import Any, Literal, Optional, overload
 
 import typer
 from rich.console import Console
@@ -221,9 +221,12 @@ def init(folder: Path = typer.Argument(Path("."), help="where to create the proj
 @app.command()
 def demo(folder: Path = typer.Option(Path("everloop-demo"), "--dir", help="folder for the demo project"),
          quick: bool = typer.Option(False, help="smaller data, for a fast look"),
+         rollout: Literal["direct", "canary", "shadow"] = typer.Option(
+             "direct", "--rollout", help="how the loop puts the retrained model live: direct (at once), canary "
+             "(20%, 50%, 100% of the customers, judged live at each step) or shadow (scored beside production)"),
          as_json: bool = JsonOpt) -> None:
     """Run the whole loop on the built-in churn scenario against a real server."""
-    from everloop.demo import DemoConfig, run_demo
+    from everloop.demo import DemoConfig, answered_by, run_demo
 
     config = DemoConfig(history_rows=4000, window_rows=1500) if quick else DemoConfig()
     say = (lambda _msg: None) if as_json else (lambda msg: console.print(_styled("dim", "•", f" {msg}")))
@@ -233,16 +236,18 @@ def demo(folder: Path = typer.Option(Path("everloop-demo"), "--dir", help="folde
             task = bar.add_task(label, total=total)
             return lambda n: bar.advance(task, n)
 
-        result = run_demo(folder, config, say=say, progress=progress)
+        result = run_demo(folder, config, say=say, progress=progress, rollout=rollout)
     if as_json:
         _emit((result.to_dict()), True)
     else:
+        staged = rollout != "direct"  # a rollout: which versions answered each window, and what share
         table = Table(title="everloop demo: the loop, window by window")
-        for column in ("window", "phase", "served by", "status", "drifted share", "roc_auc", "loop"):
+        for column in ("window", "phase", "served by", *(["answered by"] if staged else []), "status",
+                       "drifted share", "roc_auc", "loop"):
             table.add_column(column)
         for w in result.windows:
-            table.add_row(str(w["window"]), w["phase"], w["model"], w["status"], f"{w['drifted_share']:.0%}",
-                          _num(w["metric"]), w["loop"])
+            table.add_row(str(w["window"]), w["phase"], w["model"], *([answered_by(w)] if staged else []),
+                          w["status"], f"{w['drifted_share']:.0%}", _num(w["metric"]), w["loop"])
         console.print(table)
         c = result.comparison
         compare = Table(title="on held-out shifted traffic")
@@ -251,9 +256,15 @@ def demo(folder: Path = typer.Option(Path("everloop-demo"), "--dir", help="folde
         compare.add_row(_num(c["old"]), _num(c["retrained"]), _num(c["direct"]))
         console.print(compare)
         verdict = ("green", "passed") if result.passed else ("red", "did not pass")
+        live = ""
+        if staged:
+            r = result.rollout
+            live = (f"; {rollout} rollout: none started" if r is None else
+                    f"; {r['mode']} rollout {r['id']} of v{r['candidate']}: {r['outcome']}"
+                    + (f" after shares {', '.join(f'{s:g}%' for s in r['shares'])}" if r["shares"] else ""))
         console.print(Text.assemble("demo ", verdict, (
             f": drift before the shift: {result.drift_before_shift}; drift in the first shifted window: "
-            f"{result.drift_first_shifted_window}; recovered within 2% of direct: {result.recovered}. "
+            f"{result.drift_first_shifted_window}; recovered within 2% of direct: {result.recovered}{live}. "
             f"Report: {result.report}")))
     if not result.passed:
         raise CheckFailed()

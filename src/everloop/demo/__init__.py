@@ -1,6 +1,8 @@
 """The built-in scenario (customer churn with a real shift) and `everloop demo`."""
 
-from everloop.demo._run import DemoConfig, DemoResult, demo_spec, run_demo
+from everloop.demo._run import (ROLLOUT_MODES, DemoConfig, DemoResult, answered_by, demo_spec, rollout_settings,
+                                run_demo)
 from everloop.demo._scenario import make_churn
 
-__all__ = ["DemoConfig", "DemoResult", "demo_spec", "make_churn", "run_demo"]
+__all__ = ["ROLLOUT_MODES", "DemoConfig", "DemoResult", "answered_by", "demo_spec", "make_churn",
+           "rollout_settings", "run_demo"]
