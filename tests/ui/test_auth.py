@@ -255,3 +255,14 @@ def test_the_session_cookie_is_http_only_and_same_site_strict(demo_copy: Path):
         answer = client.post("/login", data={"token": TOKEN}, follow_redirects=False)
     cookie = answer.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and TOKEN not in cookie
+
+
+def test_the_login_form_is_read_bounded_like_the_action_forms(demo_copy: Path):
+    with TestClient(create_ui(demo_copy, admin_token=TOKEN)) as client:
+        big = client.post("/login", data={"token": "x" * 20_000}, follow_redirects=False)
+        assert big.status_code == 413 and "the limit is 16384" in big.text and "everloop_ui" not in big.headers.get(
+            "set-cookie", "")
+        assert client.post("/login", json={"token": TOKEN}, follow_redirects=False).status_code == 415
+        wrong = client.post("/login", data={"token": TOKEN + "x"}, follow_redirects=False)
+        assert wrong.status_code == 403 and "that is not the admin token" in wrong.text
+        assert client.post("/login", data={"token": TOKEN}, follow_redirects=False).status_code == 303

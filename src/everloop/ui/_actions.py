@@ -35,7 +35,7 @@ MODES = ("direct", "shadow", "canary")
 FINISH = {"promote": "promoted", "rollback": "rolled_back", "abort": "aborted"}
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """A request refused before the registry was asked: its status and the message to show."""
 
     def __init__(self, status: int, message: str):
@@ -52,10 +52,10 @@ async def promote(request: Request) -> Response:
         version = _whole(form, "version")
         mode = form.get("mode") or "direct"
         if mode not in MODES:
-            raise _Refused(422, f"mode {mode!r}: expected one of {', '.join(MODES)}")
+            raise Refused(422, f"mode {mode!r}: expected one of {', '.join(MODES)}")
         share = _percent(form, "share", required=False)
         if share is not None and mode != "canary":
-            raise _Refused(422, f"share {share:g}: only a canary answers a share of the traffic; leave it empty "
+            raise Refused(422, f"share {share:g}: only a canary answers a share of the traffic; leave it empty "
                                 f"for {'a shadow' if mode == 'shadow' else 'a direct promotion'}")
         force, reason = form.get("force", "") in ("1", "on", "true", "yes"), _reason(form)
         s, project = store(request), spec(request)
@@ -94,7 +94,7 @@ async def rollout(request: Request, op: str) -> Response:
     when another rollout is active now)."""
     async def act(form: dict[str, str]) -> Callable[[], str]:
         if op != "step" and op not in FINISH:
-            raise _Refused(404, f"/actions/rollout/{op}: no such change; expected step, promote, rollback or abort")
+            raise Refused(404, f"/actions/rollout/{op}: no such change; expected step, promote, rollback or abort")
         share = _percent(form, "share", required=True) if op == "step" else None
         shown = _whole(form, "rollout", required=False)
         reason, s = _reason(form), store(request)
@@ -119,14 +119,14 @@ async def _change(request: Request, act: Any) -> Response:
     refused = check_change(request, csrf_token(request))  # all but the CSRF token: before reading a body
     try:
         if refused:
-            raise _Refused(403, refused)
-        form = await _form(request)
+            raise Refused(403, refused)
+        form = await read_form(request)
         refused = check_change(request, form.get("csrf"))
         if refused:
-            raise _Refused(403, refused)
+            raise Refused(403, refused)
         run = await act(form)
         done = await run_in_threadpool(run)
-    except _Refused as exc:
+    except Refused as exc:
         return await _page(request, exc.status, exc.message)
     except GateError as exc:
         return await _page(request, 409, str(exc))
@@ -147,28 +147,28 @@ async def _page(request: Request, status: int, message: str) -> HTMLResponse:
     return render(request, "overview.html", status_code=status, error=message, **values)
 
 
-async def _form(request: Request) -> dict[str, str]:
+async def read_form(request: Request) -> dict[str, str]:
     """The urlencoded form of a POST, read up to MAX_FORM_BYTES (413 past it), the last value of each
     field; a body that is not a form answers 415."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/x-www-form-urlencoded":
-        raise _Refused(415, f"expected a form (application/x-www-form-urlencoded), got {kind or 'no content type'}")
+        raise Refused(415, f"expected a form (application/x-www-form-urlencoded), got {kind or 'no content type'}")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_FORM_BYTES:
-        raise _Refused(413, f"the form is {int(length)} bytes; the limit is {MAX_FORM_BYTES}")
+        raise Refused(413, f"the form is {int(length)} bytes; the limit is {MAX_FORM_BYTES}")
     body = bytearray()
     try:
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_FORM_BYTES:
-                raise _Refused(413, f"the form is over the limit of {MAX_FORM_BYTES} bytes")
+                raise Refused(413, f"the form is over the limit of {MAX_FORM_BYTES} bytes")
     except ClientDisconnect:
-        raise _Refused(400, "the client left before sending the whole form") from None
+        raise Refused(400, "the client left before sending the whole form") from None
     try:
         fields = parse_qsl(body.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="replace",
                            max_num_fields=50)
     except ValueError as exc:  # more fields than any of these forms has
-        raise _Refused(413, f"the form has too many fields ({exc})") from None
+        raise Refused(413, f"the form has too many fields ({exc})") from None
     return dict(fields)
 
 
@@ -178,7 +178,7 @@ def _whole(form: dict[str, str], name: str, required: bool = True) -> Any:
     if not text and not required:
         return None
     if not text.isdigit() or int(text) < 1:
-        raise _Refused(422, f"{name} {text!r}: expected a whole number of 1 or more" if text
+        raise Refused(422, f"{name} {text!r}: expected a whole number of 1 or more" if text
                        else f"{name}: missing; give a whole number of 1 or more")
     return int(text)
 
@@ -188,14 +188,14 @@ def _percent(form: dict[str, str], name: str, required: bool) -> Any:
     text = form.get(name, "").strip()
     if not text:
         if required:
-            raise _Refused(422, f"{name}: missing; give a percent in (0, 100]")
+            raise Refused(422, f"{name}: missing; give a percent in (0, 100]")
         return None
     try:
         value = float(text)
     except ValueError:
-        raise _Refused(422, f"{name} {text!r}: expected a percent in (0, 100]") from None
+        raise Refused(422, f"{name} {text!r}: expected a percent in (0, 100]") from None
     if not math.isfinite(value) or not 0 < value <= 100:
-        raise _Refused(422, f"{name} {text!r}: expected a percent in (0, 100]")
+        raise Refused(422, f"{name} {text!r}: expected a percent in (0, 100]")
     return value
 
 

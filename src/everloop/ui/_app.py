@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 from pathlib import Path
 from typing import Any
 
 import plotly
-from fastapi import FastAPI, Form, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
 from everloop.spec import ProjectSpec, load_spec
 from everloop.store import Store
 from everloop.ui import _actions, _data, _loop, _models, _monitoring, _overview
-from everloop.ui._auth import COOKIE, check_change, is_admin, session_value
+from everloop.ui._auth import COOKIE, check_change, csrf_token, is_admin, session_value
 from everloop.ui._web import HERE, render, url
 
 ADMIN_TOKEN_ENV = "EVERLOOP_ADMIN_TOKEN"
@@ -68,11 +69,13 @@ def create_ui(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None,
         return render(request, "login.html", message=None)
 
     @app.post("/login", response_class=HTMLResponse)
-    def login(request: Request, token: str = Form("")) -> Response:
+    async def login(request: Request) -> Response:
+        try:  # read as the action forms are: bounded (413), a form or 415
+            form = await _actions.read_form(request)
+        except _actions.Refused as exc:
+            return PlainTextResponse(exc.message, status_code=exc.status)
         expected = app.state.admin_token
-        import hmac
-
-        if expected is None or not hmac.compare_digest(token.encode(), expected.encode()):
+        if expected is None or not hmac.compare_digest(form.get("token", "").encode(), expected.encode()):
             why = ("changes are off: no admin token is set" if expected is None else "that is not the admin token")
             return render(request, "login.html", status_code=403, message=why)
         response = RedirectResponse(url(request, "/"), status_code=303)
@@ -81,8 +84,13 @@ def create_ui(project_dir: str | Path = ".", *, spec: ProjectSpec | None = None,
         return response
 
     @app.post("/logout")
-    def logout(request: Request, csrf: str = Form("")) -> Response:
-        refused = check_change(request, csrf)
+    async def logout(request: Request) -> Response:
+        refused = check_change(request, csrf_token(request))  # all but the form's token, before the body
+        if not refused:
+            try:
+                refused = check_change(request, (await _actions.read_form(request)).get("csrf"))
+            except _actions.Refused as exc:
+                return PlainTextResponse(exc.message, status_code=exc.status)
         if refused:
             return PlainTextResponse(refused, status_code=403)
         response = RedirectResponse(url(request, "/"), status_code=303)

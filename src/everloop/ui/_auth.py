@@ -1,4 +1,5 @@
-"""Who may change things: the admin token (EVERLOOP_ADMIN_TOKEN, or `everloop ui --admin-token`).
+"""Who may change things: the admin token (EVERLOOP_ADMIN_TOKEN, or the variable `everloop ui
+--admin-token-env` names: never on the command line, where other users can read it).
 
 The browser presents it once on /login and then holds a session cookie: an HMAC of the token, so the
 token itself is never stored in the browser, HttpOnly and SameSite=Strict (a cross-site request carries

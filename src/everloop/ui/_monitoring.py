@@ -12,7 +12,6 @@ from typing import Any
 import plotly.graph_objects as go
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
-from markupsafe import Markup
 
 from everloop.monitor import (MAX_WINDOWS, feature_distribution, feature_heatmap, over_time, prediction_over_time,
                               recent_windows, service_per_minute, window_result)
