@@ -17,13 +17,6 @@ import sqlalchemy as sa
 from everloop.errors import EverloopError
 from everloop.store import Store
 
-# The most service_stats rows a health read sums (the latest ones, by primary key): the table grows by
-# about one row a second per worker and has no index on its time, so the read is bounded by id instead.
-# 50,000 rows cover the last 5 minutes for up to ~160 workers writing every second.
-STATS_ROWS = 50_000
-# Workers' rows commit in about the order they were written, not exactly: the sum starts this many ids
-# before the first row of the span it found (its time filter still decides what counts).
-OUT_OF_ORDER = 1000
 MAX_SECONDS = 24 * 3600.0
 
 _COUNTS = ("requests", "client_errors", "server_errors", "prediction_requests", "refused_predictions",
@@ -40,8 +33,8 @@ def recent_service(store: Store, seconds: float = 300.0, *, now: float | None = 
     "predictions_per_second" (prediction requests a second), "logged_rows" and "logged_batches"
     (predictions the prediction log stored in the span, service and batch jobs alike),
     "logged_rows_per_second", "last_report" (epoch seconds of the newest service_stats row of the
-    span, None when no worker reported), "complete" (False when the span reached past the latest
-    STATS_ROWS stats rows, so older requests of it are not counted)}.
+    span, None when no worker reported)}. Two range sums over indexed times (a day of 2 workers
+    reporting every second is ~170,000 stats rows).
 
     Raises EverloopError for `seconds` outside (0, 86400]."""
     if not 0 < seconds <= MAX_SECONDS:
@@ -50,14 +43,9 @@ def recent_service(store: Store, seconds: float = 300.0, *, now: float | None = 
     since = now - seconds
     stats, batches = store.tables.service_stats, store.tables.prediction_batches
     with store.engine.connect() as conn:
-        last_id = conn.execute(sa.select(sa.func.max(stats.c.id))).scalar() or 0
-        floor = max(last_id - STATS_ROWS, 0)
-        complete = floor == 0 or not _written_since(conn, stats, floor, since)
-        first = _first_cut(conn, stats, floor, last_id, since)
         row = conn.execute(sa.select(
             *(sa.func.coalesce(sa.func.sum(stats.c[name]), 0) for name in _COUNTS), sa.func.max(stats.c.created_at),
-        ).where(stats.c.id > max(first - OUT_OF_ORDER, floor), stats.c.created_at >= since,
-                stats.c.created_at <= now)).one()
+        ).where(stats.c.created_at >= since, stats.c.created_at <= now)).one()
         logged = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(batches.c.rows), 0))
                               .where(batches.c.created_at >= since, batches.c.created_at <= now)).one()
     counts = {name: int(value) for name, value in zip(_COUNTS, row[:len(_COUNTS)])}
@@ -71,33 +59,7 @@ def recent_service(store: Store, seconds: float = 300.0, *, now: float | None = 
         "logged_batches": int(logged[0]), "logged_rows": int(logged[1]),
         "logged_rows_per_second": int(logged[1]) / seconds,
         "last_report": last_report,
-        "complete": complete,
     }
-
-
-def _written_since(conn: sa.Connection, stats: sa.Table, cut: int, since: float) -> bool:
-    """Whether the first stats row after id `cut` was written at or after `since` (True: no such row)."""
-    at = conn.execute(_after(stats), {"cut": cut}).scalar()
-    return at is None or at >= since
-
-
-def _after(stats: sa.Table) -> sa.Select:
-    return sa.select(stats.c.created_at).where(stats.c.id > sa.bindparam("cut")).order_by(stats.c.id).limit(1)
-
-
-def _first_cut(conn: sa.Connection, stats: sa.Table, low: int, high: int, since: float) -> int:
-    """The smallest id `cut` in [low, high] after which every stats row was written at or after `since`,
-    by bisection over primary-key lookups (about 16 for 50,000 rows): rows are appended as they are
-    written, so their ids grow with their time. The sum then reads the span's rows only."""
-    after = _after(stats)  # built once: the lookups differ only in `cut`
-    while low < high:
-        middle = (low + high) // 2
-        at = conn.execute(after, {"cut": middle}).scalar()
-        if at is None or at >= since:
-            high = middle
-        else:
-            low = middle + 1
-    return low
 
 
 def lost_predictions(store: Store, limit: int = 5) -> dict[str, Any]:
