@@ -45,7 +45,8 @@ def render(request: Request, name: str, status_code: int = 200, **values: Any) -
     page = name.removesuffix(".html")
     context = {"project": spec(request).name, "admin": admin, "csrf": csrf_token(request) if admin else "",
                "admin_enabled": request.app.state.admin_token is not None, "page": page,
-               "section": page.split("_")[0], "root": request.scope.get("root_path", "").rstrip("/"), **values}
+               "section": page.split("_")[0], "root": request.scope.get("root_path", "").rstrip("/"), **values,
+               "page_name": page}  # base.html's default title: a page's own `page` value cannot replace it
     return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
