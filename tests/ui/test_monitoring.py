@@ -76,7 +76,8 @@ def test_the_heatmap_shows_the_drift_report_of_the_shifted_window(ui: TestClient
     at_j = {y for x, y in zip(marks["x"], marks["y"]) if x == j + 1}
     assert at_j == {n for n, c in columns.items() if c["drifted"]} and set(drifted) <= at_j
     assert {c for x, c in zip(marks["x"], marks["customdata"]) if x == j + 1} == {run_id}
-    click = re.search(r'data-click="([^"]*)" id="drift-heatmap"', page.text).group(1)
+    div = re.search(r'<div class="chart" id="drift-heatmap"[^>]*>', page.text).group(0)
+    click = re.search(r'data-click="([^"]*)"', div).group(1)
     assert html.unescape(click) == "/monitoring/window/{customdata}?feature={y}"
     latest = element(page.text, "latest-drifted")
     assert latest.startswith("Latest window")
@@ -182,9 +183,13 @@ def test_performance_predictions_and_health_over_windows(ui: TestClient, demo_pr
     assert prediction["prediction drift"]["y"] == pytest.approx([r["prediction_drift"]["effect"] for r in runs])
     health = {t["name"]: t for t in figure(page, "health-over-time")["data"]}
     assert health["latency p99"]["y"] == pytest.approx([r["health"]["latency_ms_p99"] for r in runs])
-    # the demo's monitor stores no prediction distribution: the page says so rather than drawing nothing
-    assert all("prediction_distribution" not in r for r in runs)
-    assert "stored no distribution of the predictions" in element(page, "no-prediction-distribution")
+    # the monitor stores each window's score distribution: the median per window is drawn from it
+    from everloop.monitor._report import _quantile
+
+    assert all(r["prediction_distribution"] for r in runs)
+    medians = {t["name"]: t for t in figure(page, "prediction-distribution")["data"] if t.get("name")}["median"]
+    assert medians["y"] == pytest.approx([_quantile(r["prediction_distribution"], "current", 0.5) for r in runs])
+    assert 0 < min(medians["y"]) and max(medians["y"]) < 1  # churn probabilities
 
 
 def test_requests_per_minute_are_the_service_stats_of_the_windows_time(ui: TestClient, demo_project: Path) -> None:
