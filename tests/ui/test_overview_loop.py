@@ -348,3 +348,15 @@ def test_the_pages_render_on_both_stores(db_project):
     assert page(overview.text).text("next-step") == "everloop ingest"
     assert [int(r[0]) for r in body_rows(page(overview.text), "last-decisions")] == ids[::-1]
     assert [int(r[0]) for r in body_rows(page(trail.text), "decisions")] == [ids[1]]
+
+
+@pytest.mark.parametrize("path", [
+    "/loop?before=9223372036854775808", "/loop?before=2147483648", "/loop?before=%D9%A3", "/?minutes=%D9%A3",
+    "/monitoring?windows=%D9%A3", "/monitoring?before=99999999999999999999", "/monitoring/window/%D9%A3",
+    "/monitoring/window/%20%201", "/models/%D9%A3", "/data/%D9%A3",
+    "/models/compare?a=1&b=99999999999999999999"])
+def test_numbers_out_of_range_or_not_ascii_digits_are_refused_by_name(ui, path: str):
+    # a number past the store's 32-bit ids was a database error (500) on /loop; "٣" was read as 3
+    answer = ui.get(path)
+    assert answer.status_code == 422, (path, answer.status_code)
+    assert "expected" in answer.text

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from everloop import loop
-from everloop.ui._web import num, render, store
+from everloop.ui._web import MAX_ID, num, render, store, whole
 
 router = APIRouter()
 
@@ -34,13 +34,14 @@ def loop_page(request: Request, before: str | None = None, action: str | None = 
 
 
 def whole_number(name: str, text: str | None, minimum: int = 1) -> int | None:
-    """A query parameter that must be a whole number >= `minimum` (None when absent or empty); raises
-    ValueError naming the parameter and what it holds."""
+    """A query parameter that must be a whole number from `minimum` to _web.MAX_ID (None when absent or
+    empty); raises ValueError naming the parameter and what it holds."""
     if text is None or text == "":
         return None
-    if not text.isdigit() or int(text) < minimum:
-        raise ValueError(f"{name}={text!r}: expected a whole number of {minimum} or more")
-    return int(text)
+    try:
+        return whole(text, name, minimum)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected a whole number from {minimum} to {MAX_ID}") from None
 
 
 def decision_view(row: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from markupsafe import Markup
 from everloop import registry
 from everloop.errors import EverloopError, NotFoundError
 from everloop.store import Store
-from everloop.ui._web import chart, render, store, url
+from everloop.ui._web import chart, render, store, url, whole
 
 router = APIRouter()
 
@@ -38,10 +38,11 @@ def version_param(text: str | None, name: str, *, required: bool = True,
             raise BadParameter(422, f"{name}: missing; expected a version number, e.g. ?{name}=1")
         return None
     digits = text[1:] if text[:1] in ("v", "V") else text
-    if not digits.isascii() or not digits.isdigit() or len(digits) > 9 or int(digits) < 1:
+    try:
+        return whole(digits, name)
+    except ValueError:
         given = f"{name} {text!r}" if path else f"{name}={text!r}"
-        raise BadParameter(422, f"{given}: expected a version number (1, 2, ...)")
-    return int(digits)
+        raise BadParameter(422, f"{given}: expected a version number (1, 2, ...)") from None
 
 
 def _error(request: Request, status: int, message: str) -> HTMLResponse:

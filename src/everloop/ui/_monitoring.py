@@ -15,12 +15,11 @@ from fastapi.responses import HTMLResponse
 
 from everloop.monitor import (MAX_WINDOWS, feature_distribution, feature_heatmap, over_time, prediction_over_time,
                               recent_windows, service_per_minute, window_result)
-from everloop.ui._web import chart, render, spec, store, url
+from everloop.ui._web import MAX_ID, chart, render, spec, store, url, whole
 
 router = APIRouter()
 
 DEFAULT_WINDOWS = 50
-MAX_ID = 2**31 - 1  # the store's integer columns (a larger number would be a database error, not a 404)
 MAX_FEATURES = 40  # heatmap rows: beyond that, the features that drifted first, then the largest effects
 SERVICE_MINUTES = 180  # the requests-per-minute chart covers at most the last 3 hours of the windows shown (a
 # day was ~170,000 stats rows summed on every view: 100-400 ms on the big store)
@@ -41,13 +40,9 @@ def _int(request: Request, name: str, low: int, high: int | None = None, default
     if text is None or text == "":
         return default
     try:
-        value = int(text)
-    except ValueError:
-        raise BadParameter(422, f"?{name}={text!r}: expected a whole number") from None
-    if value < low or (high is not None and value > high):
-        bounds = f"{low} to {high}" if high is not None else f"at least {low}"
-        raise BadParameter(422, f"?{name}={value}: expected {bounds}")
-    return value
+        return whole(text, f"?{name}", low, MAX_ID if high is None else high)
+    except ValueError as exc:
+        raise BadParameter(422, str(exc)) from None
 
 
 def _problem(request: Request, problem: BadParameter) -> HTMLResponse:
@@ -195,10 +190,9 @@ def _span_text(start: Any, end: Any) -> str:
 @router.get("/monitoring/window/{run_id}", response_class=HTMLResponse)
 def window(request: Request, run_id: str) -> HTMLResponse:
     try:
-        number = int(run_id)
-    except ValueError:
-        return _problem(request, BadParameter(422, f"window id {run_id!r}: expected a whole number (the id in the "
-                                                   "Monitoring page's windows table)"))
+        number = whole(run_id, "window id", 0, 10**30, sep=" ")  # past the ids: not found (404)
+    except ValueError as exc:
+        return _problem(request, BadParameter(422, f"{exc} (the id in the Monitoring page's windows table)"))
     run = window_result(store(request), number) if 1 <= number <= MAX_ID else None
     if run is None:
         return _problem(request, BadParameter(404, f"window id {number}: no monitoring window has that id"))

@@ -68,6 +68,21 @@ def chart(figure: go.Figure, *, id: str, height: int | None = None, click: str |
     return Markup('<div class="chart" id="{}" data-figure="{}"></div>').format(id, payload)
 
 
+MAX_ID = 2**31 - 1  # ids and versions are 32-bit integers on PostgreSQL: larger ones exist nowhere
+
+
+def whole(text: str, name: str, low: int = 1, high: int = MAX_ID, sep: str = "=") -> int:
+    """`text` as a whole number in [low, high]: ASCII digits only (int() would take "٣", " 1" or "1_0").
+    Raises ValueError naming the parameter (`name`, e.g. "?before"; `sep` " " for a path's part, e.g.
+    "window id") and what was expected."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{name}{sep}{text!r}: expected a whole number")
+    value = int(text)
+    if not low <= value <= high:
+        raise ValueError(f"{name}{sep}{value}: expected {low} to {high}")
+    return value
+
+
 def when(seconds: float | None) -> str:
     """A store timestamp (seconds since the epoch) as UTC text, or "-"."""
     if seconds is None or not math.isfinite(float(seconds)):
