@@ -266,3 +266,18 @@ def test_the_login_form_is_read_bounded_like_the_action_forms(demo_copy: Path):
         wrong = client.post("/login", data={"token": TOKEN + "x"}, follow_redirects=False)
         assert wrong.status_code == 403 and "that is not the admin token" in wrong.text
         assert client.post("/login", data={"token": TOKEN}, follow_redirects=False).status_code == 303
+
+
+def test_a_script_with_the_bearer_token_needs_no_csrf_field_but_a_wrong_token_changes_nothing(demo_copy: Path):
+    before = production(demo_copy)
+    with TestClient(create_ui(demo_copy, admin_token=TOKEN)) as client:
+        wrong = client.post("/actions/rollback", data={"reason": "x"}, headers={"Authorization": f"Bearer {TOKEN}x"},
+                            follow_redirects=False)
+        assert wrong.status_code == 403 and production(demo_copy) == before
+        forged = client.post("/actions/rollback", data={"reason": "x"}, follow_redirects=False,
+                             headers={"Authorization": f"Bearer {TOKEN}", "Sec-Fetch-Site": "cross-site"})
+        assert forged.status_code == 403 and production(demo_copy) == before
+        done = client.post("/actions/rollback", data={"reason": "by a script"},
+                           headers={"Authorization": f"Bearer {TOKEN}"}, follow_redirects=False)
+        assert done.status_code == 303
+    assert production(demo_copy) != before

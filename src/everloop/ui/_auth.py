@@ -26,13 +26,20 @@ def session_value(token: str) -> str:
     return _mac(token, "session")
 
 
+def bearer(request: Request) -> bool:
+    """The request carries the admin token in its Authorization header (a script, not a browser's cookie)."""
+    token = request.app.state.admin_token
+    header = request.headers.get("authorization", "")
+    return (token is not None and header.lower().startswith("bearer ")
+            and hmac.compare_digest(header[7:].strip().encode(), token.encode()))
+
+
 def is_admin(request: Request) -> bool:
     """The request holds the admin token: as a bearer header, or as the session cookie."""
     token = request.app.state.admin_token
     if token is None:
         return False
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer ") and hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+    if bearer(request):
         return True
     cookie = request.cookies.get(COOKIE, "")
     return bool(cookie) and hmac.compare_digest(cookie.encode(), session_value(token).encode())
@@ -62,6 +69,8 @@ def check_change(request: Request, form_csrf: str | None) -> str | None:
         return "the admin token is required: sign in on the login page"
     if cross_site(request):
         return "refused a cross-site request"
+    if bearer(request):  # no browser adds this header by itself: a forged cross-site request cannot carry it
+        return None
     if not form_csrf or not hmac.compare_digest(form_csrf.encode(), csrf_token(request).encode()):
         return "the form's CSRF token is missing or wrong: reload the page and submit again"
     return None
