@@ -15,8 +15,8 @@ from plotly.subplots import make_subplots
 
 from everloop import data, registry
 from everloop.errors import EverloopError, NotFoundError
-from everloop.ui._models import BadParameter, version_param
-from everloop.ui._web import chart, render, spec, store
+from everloop.ui._models import version_param
+from everloop.ui._web import BadParameter, chart, render, spec, store
 
 router = APIRouter()
 

@@ -13,19 +13,11 @@ from markupsafe import Markup
 from everloop import registry
 from everloop.errors import EverloopError, NotFoundError
 from everloop.store import Store
-from everloop.ui._web import chart, render, store, url, whole
+from everloop.ui._web import BadParameter, chart, render, store, url, whole
 
 router = APIRouter()
 
 _A, _B = "#1f77b4", "#ff7f0e"  # the two models of a comparison, in every chart of it
-
-
-class BadParameter(Exception):
-    """A query or path parameter a page cannot use: answered with `status` and a page naming it."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def version_param(text: str | None, name: str, *, required: bool = True,

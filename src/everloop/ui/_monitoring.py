@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse
 
 from everloop.monitor import (MAX_WINDOWS, feature_distribution, feature_heatmap, over_time, prediction_over_time,
                               recent_windows, service_per_minute, window_result)
-from everloop.ui._web import MAX_ID, chart, render, spec, store, url, whole
+from everloop.ui._web import MAX_ID, BadParameter, chart, render, spec, store, url, whole
 
 router = APIRouter()
 
@@ -25,14 +25,6 @@ SERVICE_MINUTES = 180  # the requests-per-minute chart covers at most the last 3
 # day was ~170,000 stats rows summed on every view: 100-400 ms on the big store)
 TESTS = {"ks": "Kolmogorov-Smirnov (two-sample, on the binned distributions)", "chi2": "chi-square (category counts)"}
 EFFECTS = {"ks": "KS statistic (largest CDF gap)", "chi2": "total variation distance"}
-
-
-class BadParameter(Exception):
-    """A query or path parameter the page cannot use: answered with `status` and a page naming it."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 def _int(request: Request, name: str, low: int, high: int | None = None, default: int | None = None) -> int | None:

@@ -68,6 +68,14 @@ def chart(figure: go.Figure, *, id: str, height: int | None = None, click: str |
     return Markup('<div class="chart" id="{}" data-figure="{}"></div>').format(id, payload)
 
 
+class BadParameter(Exception):
+    """A query or path parameter a page cannot use: answered with `status` and a page naming it (`message`)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 MAX_ID = 2**31 - 1  # ids and versions are 32-bit integers on PostgreSQL: larger ones exist nowhere
 
 
