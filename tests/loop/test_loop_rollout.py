@@ -5,7 +5,6 @@ Logs are written directly in the service's format (as tests/monitor/test_live.py
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,10 +18,11 @@ from everloop import registry, train
 from everloop.demo import make_churn
 from everloop.loop import audit_trail, run_once
 from everloop.monitor import LiveVerdict
-from everloop.spec import load_spec, parse_spec
-from everloop.store import Store, prediction_log
+from everloop.spec import parse_spec
+from everloop.store import prediction_log
 
-from tests.conftest import feature_rows, send_traffic, served_project
+from tests.conftest import (TEMPLATES, feature_rows, promoted_v1_and_candidates, send_traffic, served_project,
+                            write_project)
 
 PROD_WORKER, CAND_WORKER = "a" * 16, "b" * 16
 LIVE = {"min_rows": 300, "min_labelled_rows": 200, "max_regression": 0.02, "max_latency_ratio": 1.5,
@@ -38,26 +38,13 @@ def live_spec(spec, mode: str = "direct", webhook: str | None = None):
     return parse_spec(raw)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A project with v1 in production, v2 the same model retrained (a good candidate: passes the gate)
-    and v3 a model that ignores the features (the class prior for every row)."""
-    folder, spec, store = served_project(tmp_path_factory.mktemp("rollout") / "proj")
-    assert train.train(store, spec).version == 2
-    dummy = spec.model_copy(update={"model": spec.model.model_copy(
-        update={"estimator": "sklearn.dummy.DummyClassifier", "params": {"strategy": "prior"}})})
-    assert train.train(store, dummy).version == 3
-    store.close()
-    return folder
-
-
 @pytest.fixture
-def proj(base: Path, tmp_path: Path):
-    """A fresh copy of the base project: (spec, store, loaded models by version)."""
-    folder = tmp_path / "proj"
-    shutil.copytree(base, folder)
-    store = Store.for_project(folder)
-    yield SimpleNamespace(spec=load_spec(folder), store=store, good=2, bad=3,
+def proj(tmp_path: Path):
+    """A project with v1 in production, v2 the same model retrained (a good candidate: passes the gate)
+    and v3 a model that ignores the features (the class prior for every row): a fresh copy of the
+    session's template (tests/conftest.py `promoted_v1_and_candidates`); (spec, store, loaded models)."""
+    spec, store = TEMPLATES.clone(write_project(tmp_path / "proj"), None, promoted_v1_and_candidates)
+    yield SimpleNamespace(spec=spec, store=store, good=2, bad=3,
                           loaded={v: registry.load_model(store, v) for v in (1, 2, 3)})
     store.close()
 
@@ -204,7 +191,11 @@ def test_production_moved_meanwhile_keeps_the_rollout_active_and_fails_the_turn(
     rollout = registry.start_rollout(proj.store, spec, proj.good, "canary")
 
     def judged_while_bob_promotes(store, spec, active):
-        registry.set_alias(store, registry.PRODUCTION, 3, actor="bob", reason="by hand")
+        with pytest.raises(registry.RolloutActive):  # production moves only through the rollout...
+            registry.set_alias(store, registry.PRODUCTION, 3, actor="bob", reason="by hand")
+        aliases = store.tables.aliases  # ...but an older build, without that check, moves it meanwhile
+        with store.engine.begin() as conn:
+            conn.execute(aliases.update().where(aliases.c.name == registry.PRODUCTION).values(version=3))
         return LiveVerdict("promote", "candidate v2 passes", {})
 
     monkeypatch.setattr("everloop.loop._controller.judge_rollout", judged_while_bob_promotes)

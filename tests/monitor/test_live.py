@@ -18,7 +18,7 @@ from everloop.monitor import LiveVerdict, judge_rollout
 from everloop.spec._model import LiveSpec
 from everloop.store import prediction_log
 
-from tests.conftest import served_project
+from tests.conftest import TEMPLATES, promoted_v1_and_candidates, served_project, write_project
 
 SINCE = 1_800_000_000.0  # the rollout's start
 PROD_WORKER, CAND_WORKER = "a" * 16, "b" * 16
@@ -38,10 +38,11 @@ def bad_spec(spec):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """v1 in production, v2 the same model retrained (a good candidate), v3 a constant model (a bad one)."""
-    folder, spec, store = served_project(tmp_path_factory.mktemp("live") / "proj")
-    good = train.train(store, spec).version
-    bad = train.train(store, bad_spec(spec)).version
+    """v1 in production, v2 the same model retrained (a good candidate), v3 a constant model (a bad one):
+    a copy of the session's template (tests/conftest.py `promoted_v1_and_candidates`)."""
+    folder = write_project(tmp_path_factory.mktemp("live") / "proj")
+    spec, store = TEMPLATES.clone(folder, None, promoted_v1_and_candidates)
+    good, bad = 2, 3
     loaded = {v: registry.load_model(store, v) for v in (1, good, bad)}
     yield SimpleNamespace(spec=with_live(spec), store=store, production=1, good=good, bad=bad, loaded=loaded)
     store.close()

@@ -2,17 +2,14 @@
 
 import pytest
 
-from everloop import data, registry, train
-from everloop.spec import load_spec
-from everloop.store import Store
+from tests.conftest import TEMPLATES, promoted_v1
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def trained(request, project):
+    """A project with one model in production, on each database: (folder, spec, store); a copy of the
+    session's template for that database (tests/conftest.py `StoreTemplates`)."""
     url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-    spec = load_spec(project)
-    store = Store.for_project(project, url)
-    data.ingest(store, spec, base=project)
-    registry.promote(store, spec, train.train(store, spec).version)
+    spec, store = TEMPLATES.clone(project, url, promoted_v1)
     yield project, spec, store
     store.close()

@@ -89,7 +89,7 @@ def test_the_gate_guards_the_start_unless_forced(trained):
 
 
 def test_no_production_means_promote_directly(tmp_path):
-    folder = write_project(tmp_path / "p")
+    folder = write_project(tmp_path / "p", rows=600)  # the refusal does not depend on the size: a quicker fit
     spec, store = load_spec(folder), Store.for_project(folder)
     data.ingest(store, spec, base=folder)
     v1 = train.train(store, spec).version
@@ -167,7 +167,12 @@ def test_production_moved_meanwhile_keeps_the_rollout_active(trained):
     folder, spec, store = trained
     v2, v3 = copy_of_v1(store), copy_of_v1(store)
     rollout = registry.start_rollout(store, spec, v2, "shadow")
-    registry.promote(store, spec, v3, reason="someone else")
+    with pytest.raises(registry.RolloutActive, match=f"rollout {rollout.id}"):  # production moves only through it
+        registry.promote(store, spec, v3, reason="someone else")
+    assert registry.alias_version(store, registry.PRODUCTION) == 1
+    aliases = store.tables.aliases  # an older build, without that check, moves production meanwhile
+    with store.engine.begin() as conn:
+        conn.execute(aliases.update().where(aliases.c.name == registry.PRODUCTION).values(version=v3))
     with pytest.raises(registry.AliasMoved, match="production moved from v1 to v3"):
         registry.finish_rollout(store, rollout.id, "promoted", reason="passed live")
     assert registry.alias_version(store, registry.PRODUCTION) == v3
