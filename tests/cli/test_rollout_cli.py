@@ -71,7 +71,7 @@ def test_rollout_refusals_exit_with_one_line(trained, everloop):
     same = everloop("promote", "1", "--canary", "10", *p)
     assert same.code == 2 and "model v1 is already in production" in same.err
     bad = everloop("promote", str(copy_of_v1(store)), "--canary", "120", *p)
-    assert bad.code == 2 and "canary share 120: expected a percent in (0, 100]" in bad.err
+    assert bad.code == 2 and "canary share 120: expected a percent from 0.01 to 100" in bad.err
     nothing = everloop("rollout", "abort", *p)
     assert nothing.code == 2 and nothing.err.startswith("error: no rollout is active; start one with")
     for run in (both, same, bad, nothing):

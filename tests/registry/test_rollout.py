@@ -46,9 +46,11 @@ def test_shadow_samples_the_specs_share_and_refuses_to_step(trained):
 def test_bad_arguments_are_refused_naming_them(trained):
     folder, spec, store = trained
     v2 = copy_of_v1(store)
-    with pytest.raises(EverloopError, match="canary share 0: expected a percent in"):
+    with pytest.raises(EverloopError, match="canary share 0: expected a percent from"):
         registry.start_rollout(store, spec, v2, "canary", share=0)
-    with pytest.raises(EverloopError, match="shadow sample 150: expected a percent in"):
+    with pytest.raises(EverloopError, match="canary share 0.001: expected a percent from 0.01 to 100"):
+        registry.start_rollout(store, spec, v2, "canary", share=0.001)  # below one of the service's 10,000 buckets
+    with pytest.raises(EverloopError, match="shadow sample 150: expected a percent from"):
         registry.start_rollout(store, spec, v2, "shadow", sample=150)
     with pytest.raises(EverloopError, match="a shadow answers no traffic"):
         registry.start_rollout(store, spec, v2, "shadow", share=10)

@@ -885,7 +885,7 @@ def rollout_status(project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
 
 @rollout_app.command("step")
 def rollout_step(share: float = typer.Argument(..., metavar="PERCENT",
-                                               help="the canary's new share of traffic, in (0, 100]"),
+                                               help="the canary's new share of traffic, from 0.01 to 100"),
                  reason: str = RolloutReasonOpt, project: Path = ProjectOpt, as_json: bool = JsonOpt) -> None:
     """Set the active canary's share of traffic."""
     from everloop import registry

@@ -100,7 +100,7 @@ def start_rollout(store: Store, spec: ProjectSpec, candidate: int, mode: str, *,
 
     canary: the candidate answers `share` percent of requests (default: the first of `rollout.steps`);
     shadow: it answers none and also scores `sample` percent of production's rows (default
-    `rollout.shadow_sample`). Percents in (0, 100]. The candidate must pass the offline gate
+    `rollout.shadow_sample`). Percents from MIN_PERCENT (0.01) to 100. The candidate must pass the offline gate
     (`check_gate`) unless `force` (recorded in the reason); a caller that has just run the gate (the
     loop) passes its decision as `gate` and it is not run again: the rollout starts only if production
     is still the version that decision compared with. Raises EverloopError for a bad mode or percent
@@ -172,7 +172,7 @@ def start_rollout(store: Store, spec: ProjectSpec, candidate: int, mode: str, *,
 def step_rollout(store: Store, rollout_id: int, share: float, *, reason: str,
                  evidence: dict[str, Any] | None = None, actor: str | None = None,
                  lease: Lease | None = None, then: Then | None = None) -> Rollout:
-    """Set an active canary's share of traffic to `share` percent, in (0, 100]; `evidence` (if given)
+    """Set an active canary's share of traffic to `share` percent, from MIN_PERCENT to 100; `evidence` (if given)
     replaces the recorded one. Raises EverloopError for a bad share or a shadow rollout (it answers no
     traffic), NotFoundError for an unknown id, ConflictError when it is no longer active."""
     share = _percent("canary share", share)
@@ -277,10 +277,13 @@ def _not_active(rollout: Rollout) -> ConflictError:
                          "changed")
 
 
+MIN_PERCENT = 0.01  # the service splits traffic in 10,000 buckets: a smaller share would answer no request
+
+
 def _percent(name: str, value: float) -> float:
     value = float(value)
-    if not 0 < value <= 100:  # NaN fails this too
-        raise EverloopError(f"{name} {value:g}: expected a percent in (0, 100]")
+    if not MIN_PERCENT <= value <= 100:  # NaN fails this too
+        raise EverloopError(f"{name} {value:g}: expected a percent from {MIN_PERCENT:g} to 100")
     return value
 
 

@@ -353,14 +353,15 @@ class RolloutSpec(_Strict):
         "path, then promoted when judged live; canary: answers steps of the traffic, stepped up when judged live")
     steps: list[float] = Field([10, 50, 100], min_length=1, description="canary: percent of traffic per step, "
                                "increasing, ending at 100")
-    shadow_sample: float = Field(100, gt=0, le=100, description="shadow: percent of production's rows the "
+    shadow_sample: float = Field(100, ge=0.01, le=100, description="shadow: percent of production's rows the "
                                  "candidate also scores")
 
     @field_validator("steps")
     @classmethod
     def _increasing(cls, steps: list[float]) -> list[float]:
-        if any(not 0 < s <= 100 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])) or steps[-1] != 100:
-            raise ValueError("steps must be percents in (0, 100], increasing, ending at 100 (e.g. [10, 50, 100])")
+        # 0.01: the service splits traffic in 10,000 buckets (a smaller share would answer no request)
+        if any(not 0.01 <= s <= 100 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])) or steps[-1] != 100:
+            raise ValueError("steps must be percents from 0.01 to 100, increasing, ending at 100 (e.g. [10, 50, 100])")
         return steps
 
 

@@ -184,18 +184,18 @@ def _whole(form: dict[str, str], name: str, required: bool = True) -> Any:
 
 
 def _percent(form: dict[str, str], name: str, required: bool) -> Any:
-    """The field `name` as a percent in (0, 100] (None when empty and not `required`); else 422 naming it."""
+    """The field `name` as a percent from 0.01 to 100 (None when empty and not `required`); else 422 naming it."""
     text = form.get(name, "").strip()
     if not text:
         if required:
-            raise Refused(422, f"{name}: missing; give a percent in (0, 100]")
+            raise Refused(422, f"{name}: missing; give a percent from 0.01 to 100")
         return None
     try:
         value = float(text)
     except ValueError:
-        raise Refused(422, f"{name} {text!r}: expected a percent in (0, 100]") from None
-    if not math.isfinite(value) or not 0 < value <= 100:
-        raise Refused(422, f"{name} {text!r}: expected a percent in (0, 100]")
+        raise Refused(422, f"{name} {text!r}: expected a percent from 0.01 to 100") from None
+    if not math.isfinite(value) or not 0.01 <= value <= 100:
+        raise Refused(422, f"{name} {text!r}: expected a percent from 0.01 to 100")
     return value
 
 
