@@ -18,7 +18,7 @@ from everloop.monitor._monitor import (
     send_alert,
 )
 from everloop.monitor._windows import Window
-from everloop.monitor._report import (feature_distribution, feature_heatmap, over_time, prediction_over_time,
+from everloop.monitor._report import (drift_columns, feature_distribution, feature_heatmap, over_time, prediction_over_time,
                                       write_report)
 from everloop.monitor._history import MAX_WINDOWS, WindowPage, recent_windows, service_per_minute, window_result
 from everloop.monitor._service_views import latest_window, lost_predictions, recent_service
@@ -29,5 +29,5 @@ __all__ = ["ColumnDrift", "ColumnProfile", "DriftDetector", "DriftReport", "Moni
            "Window", "decay_threshold", "health_alerts", "judge", "judge_labelled", "labelled_decay", "labelled_rows_limit", "list_runs", "monitor", "reference_profiles", "send_alert", "service_errors",
            "replay_skew", "skew_alert", "unknown_settings", "write_report",
            "latest_window", "lost_predictions", "recent_service",
-           "MAX_WINDOWS", "WindowPage", "feature_distribution", "feature_heatmap", "over_time", "prediction_over_time",
+           "MAX_WINDOWS", "WindowPage", "drift_columns", "feature_distribution", "feature_heatmap", "over_time", "prediction_over_time",
            "recent_windows", "service_per_minute", "window_result"]

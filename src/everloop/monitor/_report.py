@@ -167,7 +167,7 @@ def report_figures(runs: list[dict[str, Any]], *, spec: ProjectSpec | None = Non
     if not runs:
         return figures
     figures["over_time"] = _over_time(runs, spec)
-    if any(_columns(r) for r in runs):
+    if any(drift_columns(r) for r in runs):
         figures["heatmap"] = _feature_heatmap(runs)
     focus = focus if focus is not None else _focus(runs)
     if focus is not None and _dict(focus.get("distributions")):
@@ -609,14 +609,14 @@ def feature_heatmap(runs: list[dict[str, Any]], *, run_ids: list[int] | None = N
         names = list(dict.fromkeys(str(n) for n in features))
     else:
         for run in reversed(runs):  # the latest run's order first, then features only older runs had
-            names += [n for n in (str(c.get("column")) for c in _columns(run)) if n not in names]
+            names += [n for n in (str(c.get("column")) for c in drift_columns(run)) if n not in names]
     row_of = {n: i for i, n in enumerate(names)}
     z: list[list[float | None]] = [[None] * len(x) for _ in names]
     hover = [[""] * len(x) for _ in names]
     ignored: dict[str, bool] = {}
     marks_x, marks_y, marks_id = [], [], []
     for j, run in enumerate(runs):
-        for c in _columns(run):
+        for c in drift_columns(run):
             i = row_of.get(str(c.get("column")))
             if i is None:
                 continue
@@ -666,7 +666,7 @@ def _distributions(run: dict[str, Any]) -> go.Figure:
     """Reference vs window shares per bin for the run's stored features (the most drifted ones)."""
     stored = _dict(run.get("distributions"))
     names = [n for n, d in stored.items() if isinstance(d, dict)][:MAX_DISTRIBUTIONS]
-    columns = {str(c.get("column")): c for c in _columns(run)}
+    columns = {str(c.get("column")): c for c in drift_columns(run)}
     titles = []
     for name in names:
         c = columns.get(name, {})
@@ -801,7 +801,8 @@ def _old_format(d: Any) -> bool:
     return isinstance(d, dict) and d.get("kind") != "categorical" and "below" not in d
 
 
-def _columns(run: dict[str, Any]) -> list[dict[str, Any]]:
+def drift_columns(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stored monitor result's per-feature drift entries (dicts with "column"), [] when it has none."""
     return [c for c in _dict(run.get("drift")).get("columns") or [] if isinstance(c, dict) and "column" in c]
 
 

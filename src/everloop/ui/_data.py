@@ -16,13 +16,13 @@ from plotly.subplots import make_subplots
 from everloop import data, registry
 from everloop.errors import EverloopError, NotFoundError
 from everloop.ui._models import version_param
-from everloop.ui._web import BadParameter, chart, render, spec, store
+from everloop.ui._web import BadParameter, chart, error_page, render, spec, store
 
 router = APIRouter()
 
 
 def _error(request: Request, status: int, message: str) -> HTMLResponse:
-    return render(request, "data_error.html", status_code=status, status=status, message=message)
+    return error_page(request, status, message, "data", ("/data", "All dataset versions"))
 
 
 @router.get("/data", response_class=HTMLResponse)

@@ -13,7 +13,7 @@ from markupsafe import Markup
 from everloop import registry
 from everloop.errors import EverloopError, NotFoundError
 from everloop.store import Store
-from everloop.ui._web import BadParameter, chart, render, store, url, whole
+from everloop.ui._web import BadParameter, chart, error_page, render, store, url, whole
 
 router = APIRouter()
 
@@ -38,7 +38,7 @@ def version_param(text: str | None, name: str, *, required: bool = True,
 
 
 def _error(request: Request, status: int, message: str) -> HTMLResponse:
-    return render(request, "models_error.html", status_code=status, status=status, message=message)
+    return error_page(request, status, message, "models", ("/models", "All model versions"))
 
 
 @router.get("/models", response_class=HTMLResponse)

@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from everloop.monitor import (MAX_WINDOWS, feature_distribution, feature_heatmap, over_time, prediction_over_time,
+from everloop.monitor import (MAX_WINDOWS, drift_columns, feature_distribution, feature_heatmap, over_time, prediction_over_time,
                               recent_windows, service_per_minute, window_result)
 from everloop.ui._web import MAX_ID, BadParameter, chart, render, spec, store, url, whole
 
@@ -64,7 +64,7 @@ def monitoring(request: Request) -> HTMLResponse:
         values["rows"] = [_row(run) for run in reversed(runs)]  # newest first
         latest = runs[-1]
         values["latest"] = latest
-        values["latest_drifted"] = [c for c in _columns(latest) if c.get("drifted")]
+        values["latest_drifted"] = [c for c in drift_columns(latest) if c.get("drifted")]
     return render(request, "monitoring.html", **values)
 
 
@@ -73,7 +73,7 @@ def _charts(request: Request, runs: list[dict[str, Any]]) -> dict[str, Any]:
     versions = len({r.get("model_version") for r in runs}) > 1
     charts: dict[str, Any] = {}
     features = _heatmap_features(runs)
-    shown = len({str(c.get("column")) for r in runs for c in _columns(r)})
+    shown = len({str(c.get("column")) for r in runs for c in drift_columns(r)})
     if features:
         # a click opens the cell's window (its run id is the cell's customdata) at its feature (y)
         charts["heatmap"] = chart(feature_heatmap(runs, run_ids=[r["run_id"] for r in runs], features=features,
@@ -95,11 +95,6 @@ def _charts(request: Request, runs: list[dict[str, Any]]) -> dict[str, Any]:
             "service_minutes": len(minutes), "service_span": (start, end)}
 
 
-def _columns(run: dict[str, Any]) -> list[dict[str, Any]]:
-    drift = run.get("drift") if isinstance(run.get("drift"), dict) else {}
-    return [c for c in drift.get("columns") or [] if isinstance(c, dict) and "column" in c]
-
-
 def _effect(column: dict[str, Any]) -> float:
     effect = column.get("effect")
     return float(effect) if isinstance(effect, (int, float)) and effect == effect else 0.0
@@ -108,12 +103,12 @@ def _effect(column: dict[str, Any]) -> float:
 def _heatmap_features(runs: list[dict[str, Any]]) -> list[str]:
     """Every feature up to MAX_FEATURES; beyond that the ones that drifted in a window shown, then those
     with the largest effect, in the latest window's order."""
-    order = list(dict.fromkeys(str(c.get("column")) for run in reversed(runs) for c in _columns(run)))
+    order = list(dict.fromkeys(str(c.get("column")) for run in reversed(runs) for c in drift_columns(run)))
     if len(order) <= MAX_FEATURES:
         return order
     score: dict[str, tuple[bool, float]] = {}
     for run in runs:
-        for c in _columns(run):
+        for c in drift_columns(run):
             name = str(c.get("column"))
             drifted, best = score.get(name, (False, 0.0))
             score[name] = (drifted or bool(c.get("drifted")), max(best, _effect(c)))
@@ -160,7 +155,7 @@ def _row(run: dict[str, Any]) -> dict[str, Any]:
     window = run.get("window") if isinstance(run.get("window"), dict) else {}
     drift = run.get("drift") if isinstance(run.get("drift"), dict) else {}
     perf = run.get("performance") if isinstance(run.get("performance"), dict) else {}
-    counted = [c for c in _columns(run) if not c.get("ignored")]
+    counted = [c for c in drift_columns(run) if not c.get("ignored")]
     return {"id": run["run_id"], "version": run.get("model_version"), "index": window.get("index"),
             "span": _span_text(window.get("from"), window.get("to")), "rows": window.get("rows"),
             "complete": window.get("complete"), "status": run.get("status") or "-",
@@ -188,7 +183,7 @@ def window(request: Request, run_id: str) -> HTMLResponse:
     run = window_result(store(request), number) if 1 <= number <= MAX_ID else None
     if run is None:
         return _problem(request, BadParameter(404, f"window id {number}: no monitoring window has that id"))
-    columns = _columns(run)
+    columns = drift_columns(run)
     feature = request.query_params.get("feature")
     column = None
     figure = None

@@ -50,6 +50,13 @@ def render(request: Request, name: str, status_code: int = 200, **values: Any) -
     return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
+def error_page(request: Request, status: int, message: str, section: str, back: tuple[str, str]) -> HTMLResponse:
+    """A page saying why a request cannot be shown (`status`: 404, 422), in nav `section`, linking
+    `back` = (path under the prefix, link text)."""
+    return render(request, "error.html", status_code=status, status=status, message=message, section=section,
+                  back=back)
+
+
 def url(request: Request, path: str) -> str:
     """An absolute path under the dashboard's prefix ("" for `everloop ui`, "/ui" under `serve --ui`)."""
     return request.scope.get("root_path", "").rstrip("/") + path
