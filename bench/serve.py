@@ -576,6 +576,21 @@ def lua_script(folder: Path, name: str, body: bytes) -> Path:
     return script
 
 
+def load_cell(wrk: str, url: str, script: Path, connections: int, seconds: float, warmup: float, running: Any) -> dict:
+    """One wrk cell against the running server (after `warmup` seconds of load), with the server's CPU
+    per request; raises RuntimeError when the server died under the load."""
+    if warmup > 0:
+        run_wrk(wrk, url, script, connections, warmup)
+    cpu = group_cpu_seconds(running.process.pid)
+    cell = run_wrk(wrk, url, script, connections, seconds)
+    if running.process.poll() is not None:
+        raise RuntimeError(f"the server died under load:\n{running.log_tail()}")
+    if cpu is not None and cell["requests"]:
+        cell["cpu_us_per_request"] = round((group_cpu_seconds(running.process.pid) - cpu)
+                                           / cell["requests"] * 1e6, 1)
+    return cell
+
+
 def run_wrk(wrk: str, url: str, script: Path, connections: int, seconds: float) -> dict[str, Any]:
     threads = min(2, connections)
     command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "--latency",
@@ -608,15 +623,7 @@ def measure(server: Server, fixture: Fixture, wrk: str, seconds: float, warmup: 
             path, body = server.body(fixture, rows)
             script = lua_script(fixture.work / "wrk", f"{server.key}_{rows}", json.dumps(body).encode())
             url = running.url + path
-            if warmup > 0:
-                run_wrk(wrk, url, script, connections, warmup)
-            cpu = group_cpu_seconds(running.process.pid)
-            cell = run_wrk(wrk, url, script, connections, seconds)
-            if running.process.poll() is not None:
-                raise RuntimeError(f"the server died under load:\n{running.log_tail()}")
-            if cpu is not None and cell["requests"]:
-                cell["cpu_us_per_request"] = round((group_cpu_seconds(running.process.pid) - cpu)
-                                                   / cell["requests"] * 1e6, 1)
+            cell = load_cell(wrk, url, script, connections, seconds, warmup, running)
             cells[(rows, connections)] = cell
             say(f"    {rows:>3} row(s) x {connections:>2} conn: {cell['rps']:>9.1f} req/s  p50 {_fmt_ms(cell['p50_ms'])}"
                 f"  p99 {_fmt_ms(cell['p99_ms'])}  errors {cell['errors']}"
@@ -918,15 +925,7 @@ def measure_shadow(fixture: Fixture, candidate: int, wrk: str, seconds: float, w
                         wait_rollout(running, rollout["id"])
                         wait_idle(running)
                         check_answers(server, fixture, running)  # the shadow changes no answer
-                    if warmup > 0:
-                        run_wrk(wrk, url, script, connections, warmup)
-                    cpu = group_cpu_seconds(running.process.pid)
-                    cell = run_wrk(wrk, url, script, connections, seconds)
-                    if running.process.poll() is not None:
-                        raise RuntimeError(f"the server died under load:\n{running.log_tail()}")
-                    if cpu is not None and cell["requests"]:
-                        cell["cpu_us_per_request"] = round((group_cpu_seconds(running.process.pid) - cpu)
-                                                           / cell["requests"] * 1e6, 1)
+                    cell = load_cell(wrk, url, script, connections, seconds, warmup, running)
                     cell["shadow"] = shadow
                     note = ""
                     if shadow:
